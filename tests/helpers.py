@@ -1,0 +1,42 @@
+"""Test data built by the tests themselves: a prepared emoji-format folder of synthetic images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vtp_fast.data.emoji import STYLES
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _draw(shape: str, rgb: tuple[int, int, int], size: int, style_index: int) -> np.ndarray:
+    img = np.full((size, size, 3), 255, dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    r = 0.3 + 0.04 * style_index  # styles differ slightly in scale
+    inside = {"circle": xx**2 + yy**2 < r**2,
+              "square": (abs(xx) < r * 0.9) & (abs(yy) < r * 0.9),
+              "triangle": (yy > -r) & (yy < r) & (abs(xx) < (yy + r) / 2)}[shape]
+    img[inside] = rgb
+    return img
+
+
+def make_prepared_emoji(root: Path, size: int = 64, styles=STYLES) -> Path:
+    """A folder in prepare_emoji's format: every (colour, shape) pair in every style, captions like
+    "red circle", category = shape."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s_idx, style in enumerate(styles):
+        rows, images = [], []
+        for colour, rgb in COLOURS.items():
+            for shape in SHAPES:
+                key = f"{colour}-{shape}"
+                rows.append({"key": key, "unified": key, "caption": f"{colour} {shape}", "category": shape,
+                             "subcategory": colour, "short_names": [key]})
+                images.append(_draw(shape, rgb, size, s_idx))
+        np.save(root / f"images_{style}.npy", np.stack(images))
+        (root / f"index_{style}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "manifest.json").write_text(json.dumps({"format": 1, "size": size, "categories": sorted(SHAPES)}))
+    return root

@@ -1,0 +1,128 @@
+"""The vtp-fast command: info, the main job (smoke), reconstruct, encode, and one-line errors on bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers import make_prepared_emoji
+from vtp_fast import VTP, save_pretrained, vtp_config
+from vtp_fast.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vtp_fast.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_info_reports_native_extension_and_backends():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    assert "native extension vtp_fast._C: loaded" in r.stdout
+    assert "masked_gather  -> native" in r.stdout and "attention      -> sdpa" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt") / "nano"
+    torch.manual_seed(0)
+    save_pretrained(VTP(vtp_config("vtp-nano")), d)
+    return d
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    rng = np.random.default_rng(0)
+    for i, mode in enumerate(["RGB", "RGBA", "L"]):
+        arr = rng.integers(0, 255, (32, 48, {"RGB": 3, "RGBA": 4, "L": 1}[mode]), dtype=np.uint8)
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_reconstruct_writes_images_grid_and_psnr(ckpt_dir, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["reconstruct", *images, "--checkpoint", str(ckpt_dir), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("PSNR") == 3 and "grid" in text
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "img0_recon.png", "img1_recon.png", "img2_recon.png"]
+    assert Image.open(out / "img0_recon.png").size == (48, 32)
+    assert Image.open(out / "grid.png").size == (3 * 50 + 2, 2 * 34 + 2)
+
+
+def test_encode_writes_latents(ckpt_dir, images, tmp_path):
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", *images, "--checkpoint", str(ckpt_dir), "--out", str(out)]) == 0
+    assert load_file(out)["latents"].shape == (3, 64, 2, 3)
+
+
+@pytest.mark.parametrize("problem", ["size", "unreadable", "missing", "pickle", "truncated", "missing_key"])
+def test_bad_input_is_one_clear_line_and_writes_nothing(problem, ckpt_dir, images, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir, ckpt)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img0_recon.png").write_bytes(b"keep me")
+    imgs = list(images)
+    expect = {"size": "not a multiple of the patch size 16", "unreadable": "unreadable image",
+              "missing": "no such file", "pickle": "pickle", "truncated": "truncated",
+              "missing_key": "missing keys (1): trunk.norm.weight"}[problem]
+    if problem == "size":
+        Image.new("RGB", (40, 33)).save(tmp_path / "odd.png")
+        imgs.append(str(tmp_path / "odd.png"))
+    elif problem == "unreadable":
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        imgs.append(str(tmp_path / "bad.png"))
+    elif problem == "missing":
+        imgs.append(str(tmp_path / "nope.png"))
+    else:
+        sd = {k: v.clone() for k, v in load_file(ckpt / "model.safetensors").items()}
+        if problem == "pickle":
+            torch.save(sd, ckpt / "model.safetensors")
+        elif problem == "truncated":
+            data = (ckpt / "model.safetensors").read_bytes()
+            (ckpt / "model.safetensors").write_bytes(data[:1000])
+        else:
+            from safetensors.torch import save_file
+
+            sd.pop("trunk.norm.weight")
+            save_file(sd, str(ckpt / "model.safetensors"))
+    r = run_cli("reconstruct", *imgs, "--checkpoint", str(ckpt), "--out", str(out))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vtp-fast: error:") and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["img0_recon.png"]
+    assert (out / "img0_recon.png").read_bytes() == b"keep me"
+
+
+def test_bad_config_key_is_one_line(tmp_path):
+    r = run_cli("train-ae", "optim.lrr=1", f"run.out_dir={tmp_path}")
+    assert r.returncode == 2 and "unknown config key optim.lrr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_ae_smoke(tmp_path, capsys):
+    root = make_prepared_emoji(tmp_path / "emoji", size=32)
+    out = tmp_path / "run"
+    assert main(["train-ae", f"data.root={root}", "data.image_size=32", f"run.out_dir={out}", "model=vtp-nano",
+                 "run.steps=6", "run.batch_size=8", "run.log_every=2", "run.eval_every=3"]) == 0
+    text = capsys.readouterr().out
+    for name in ("checkpoint", "reconstructions.png", "loss.png", "psnr.png", "metrics.jsonl", "config.yaml"):
+        assert (out / name).exists() and str(out / name) in text, name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "eval_psnr" in r] == [0, 3, 6]
+    assert all(np.isfinite(r.get("loss", 0)) for r in rows)
+    from vtp_fast import load_pretrained
+
+    m = load_pretrained(out / "checkpoint")
+    assert not m.config.train_clip and m.config.image_size == 32

@@ -1,0 +1,213 @@
+"""The `vtp-fast` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes with arguments, configs, checkpoints, images or data: one line, no traceback
+    (set VTP_FAST_DEBUG=1 for the traceback). ConfigError and ImageError are ValueErrors."""
+    from vtp_fast.data.emoji import EmojiDataError
+    from vtp_fast.models.pretrained import CheckpointError
+    from vtp_fast.ops.registry import BackendUnavailable
+
+    return (ValueError, OSError, CheckpointError, EmojiDataError, BackendUnavailable)
+
+
+def _fail(message: str) -> int:
+    print(f"vtp-fast: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from vtp_fast import __version__, optional
+    from vtp_fast.ops import default_device
+    from vtp_fast.ops.registry import summary
+
+    print(f"vtp_fast {__version__}  python {platform.python_version()}  torch {torch.__version__}"
+          f"  (CUDA build {torch.version.cuda or 'none'})")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"device: {default_device()}  (GPU: {cuda}; CPU threads: {torch.get_num_threads()})")
+    if optional.available("native"):
+        native = optional.module("native")
+        cuda_note = (f"CUDA sources compiled for {native.cuda_archs()}" if native.cuda_compiled()
+                     else "CUDA sources not compiled")
+        print(f"native extension vtp_fast._C: loaded, CPU ops registered; {cuda_note}")
+    else:
+        print(f"native extension vtp_fast._C: not loaded ({optional.reason('native')})")
+    for name in optional.NAMES:
+        if name != "native":
+            print(f"  {name:10s} {'available' if optional.available(name) else optional.reason(name)}")
+    if optional.triton_interpreter():
+        print("  TRITON_INTERPRET=1: Triton kernels run on the CPU through the interpreter")
+    device = args.device or default_device()
+    print(f"ops on {device} (resolved backend; every backend's state):")
+    for row in summary(device):
+        states = ", ".join(f"{k}={v}" for k, v in row["backends"].items())
+        print(f"  {row['op']:14s} -> {row['resolved']:10s} [{states}]")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- images io
+def _load_images(paths: Sequence[str], patch: int, size: int | None):
+    """Every image first (so a bad one fails before anything is written): list of (3, H, W) in [0, 1]."""
+    from vtp_fast.data.images import ImageError, load_image
+
+    images = []
+    for p in paths:
+        img = load_image(p, size)
+        if img.shape[1] % patch or img.shape[2] % patch:
+            raise ImageError(f"{p}: size {img.shape[2]}x{img.shape[1]} is not a multiple of the patch size "
+                             f"{patch}; pass --size N to resize and center-crop")
+        images.append(img)
+    return images
+
+
+def _model(args: argparse.Namespace):
+    from vtp_fast.models.pretrained import load_pretrained
+
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    return load_pretrained(args.checkpoint, device=device)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from vtp_fast.data.images import save_image
+    from vtp_fast.eval.metrics import psnr
+    from vtp_fast.eval.plots import image_grid
+
+    model = _model(args)
+    images = _load_images(args.images, model.config.vision_patch_size, args.size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".reconstruct-", dir=out))
+    try:
+        pairs = []
+        with torch.no_grad():
+            for path, img in tqdm(list(zip(args.images, images, strict=True)), desc="reconstruct", unit="img",
+                                  disable=len(images) < 4):
+                x = model.normalize(img[None].to(model.pixel_mean.device))
+                rec = model.denormalize(model.decode(model.encode(x))).clamp(0, 1).cpu()
+                name = f"{Path(path).stem}_recon.png"
+                save_image(rec[0], staging / name)
+                pairs.append((path, name, img, rec[0], psnr(rec, img[None]).item()))
+        shapes = {tuple(p[2].shape) for p in pairs}
+        if len(shapes) == 1:
+            image_grid([torch.stack([p[2] for p in pairs]), torch.stack([p[3] for p in pairs])],
+                       staging / "grid.png")
+        for f in staging.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for path, name, _, _, value in pairs:
+        print(f"{path}: PSNR {value:.2f} dB -> {out / name}")
+    if len(shapes) == 1:
+        print(f"grid (originals above, reconstructions below): {out / 'grid.png'}")
+    else:
+        print("no grid: the images differ in size (pass --size N for one)")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    model = _model(args)
+    images = _load_images(args.images, model.config.vision_patch_size, args.size)
+    if len({tuple(i.shape) for i in images}) != 1:
+        raise ValueError("the images differ in size; pass --size N to resize and center-crop them all")
+    with torch.no_grad():
+        x = model.normalize(torch.stack(images).to(model.pixel_mean.device))
+        latents = torch.cat([model.encode(x[i:i + 64]) for i in range(0, len(x), 64)]).cpu().contiguous()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({"latents": latents}, str(tmp), metadata={"files": json.dumps(list(args.images)),
+                                                         "checkpoint": str(args.checkpoint)})
+    os.replace(tmp, out)
+    print(f"latents {tuple(latents.shape)} -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- training
+def cmd_train_ae(args: argparse.Namespace) -> int:
+    from vtp_fast.config import load_config
+    from vtp_fast.train.ae import AEConfig, train_ae
+
+    train_ae(load_config(AEConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from vtp_fast.data.emoji import default_cache_dir, load_emoji, prepare_emoji
+
+    root = prepare_emoji(Path(args.cache) if args.cache else default_cache_dir(), size=args.size)
+    data = load_emoji(root)
+    print(f"emoji set: {len(data)} images, {len(data.category_names)} categories -> {root}")
+    print(f"licences: {root / 'LICENSES.md'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtp-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, device, native extension, resolved op backends")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="resolve the ops for this device")
+    p.set_defaults(func=cmd_info)
+
+    for name, func, help_text in (("reconstruct", cmd_reconstruct, "encode + decode images, PSNR per image"),
+                                  ("encode", cmd_encode, "encode images to latents in a safetensors file")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("images", nargs="+", help="image files")
+        p.add_argument("--checkpoint", required=True, help="a directory with config.json + model.safetensors")
+        p.add_argument("--out", required=True,
+                       help="output directory" if name == "reconstruct" else "output .safetensors file")
+        p.add_argument("--size", type=int, help="resize (shorter side) and center-crop to SIZE x SIZE")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("train-ae", help="the first main job: reconstruction-only tiny tokenizer on emoji")
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 optim.lr=5e-4")
+    p.set_defaults(func=cmd_train_ae)
+
+    p = sub.add_parser("data", help="prepare bundled data sets")
+    data_sub = p.add_subparsers(dest="dataset", required=True)
+    q = data_sub.add_parser("emoji", help="fetch (npm) and render the multi-style emoji set")
+    q.add_argument("--cache", help="cache directory (default $VTP_FAST_CACHE or ~/.cache/vtp_fast)")
+    q.add_argument("--size", type=int, default=64, help="image size in pixels")
+    q.set_defaults(func=cmd_data_emoji)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except user_errors() as e:
+        if os.environ.get("VTP_FAST_DEBUG"):
+            raise
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Checkpoints in the published layout: a directory with `config.json` and `model.safetensors`.
+
+`load_pretrained` is strict (every missing, unexpected or mis-shaped key is an error naming it) and never
+executes code from the file (safetensors only; a pickle is refused). `save_pretrained` writes the same layout
+atomically, so the reference implementation reads what we save and a failed save never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vtp_fast.config import ConfigError, from_dict
+from vtp_fast.models.vtp import VTP, VTPConfig
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+# Hugging Face bookkeeping fields that carry no architecture.
+_HF_METADATA = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+                "auto_map", "decoder_use_qk_norm_eps"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read as the published layout; the message names the file and the problem."""
+
+
+def read_config(path: Path) -> VTPConfig:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a checkpoint directory holds {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    if data.get("model_type", "vtp") != "vtp":
+        raise CheckpointError(f"{path}: model_type is {data['model_type']!r}, expected 'vtp'")
+    fields = {f.name for f in dataclasses.fields(VTPConfig)}
+    unknown = sorted(set(data) - fields - _HF_METADATA)
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown config fields {unknown}", stacklevel=2)
+    try:
+        return from_dict(VTPConfig, {k: v for k, v in data.items() if k in fields})
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unsupported model config: {e}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; pickles, truncated and corrupt files raise CheckpointError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a checkpoint directory holds {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME})") from None
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(f"{path}: this is a pickle (torch.save) file, not safetensors; it is not loaded "
+                              "because unpickling can run code. Convert it with safetensors.torch.save_file.")
+    if len(head) < 8 or struct.unpack("<Q", head)[0] + 8 > size:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `module` (casting dtypes); any missing, unexpected or mis-shaped key raises."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                       for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("mis-shaped keys", misshaped)) if keys]
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model; " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(state[k])
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", rope_dtype: str = "bf16") -> VTP:
+    """A VTP model from a directory in the published layout (any size), in eval mode, on `device`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    config = read_config(path / CONFIG_NAME)
+    state = read_safetensors(path / WEIGHTS_NAME)
+    model = VTP(config, rope_dtype=rope_dtype)
+    load_state_strict(model, state, str(path / WEIGHTS_NAME))
+    return model.to(device).eval()
+
+
+def config_json(config: VTPConfig) -> dict:
+    return {"architectures": ["VTPModel"], "model_type": "vtp", "dtype": "float32",
+            **dataclasses.asdict(config)}
+
+
+def save_pretrained(model: VTP, path: str | Path) -> Path:
+    """Write `model` as config.json + model.safetensors under `path`, atomically (temp dir + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_json(model.config), indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,59 @@
+"""Transformer blocks: the pre-norm ViT block (trunk and pixel decoder) and the OpenCLIP text block."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vtp_fast.nn.attention import Rope, SelfAttention, TextAttention
+from vtp_fast.nn.mlp import SwiGLU, gelu_mlp
+from vtp_fast.nn.norms import LayerNorm, make_norm
+
+
+class Block(nn.Module):
+    """x + attn(norm1(x)), then + mlp(norm2(x)); SwiGLU MLP; no LayerScale, no QK-norm (as published).
+
+    `forward_list` runs several token sets of different lengths (multi-crop views) at once: norms, qkv, the
+    output projection and the MLP run on all tokens concatenated; attention runs per view.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, norm: str):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:  # (B, N, D) -> (B, N, D)
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_list(self, xs: list[Tensor], ropes: list[Rope | None]) -> list[Tensor]:
+        """xs[i]: (B_i, N_i, D) -> same shapes."""
+        if len(xs) == 1:
+            return [self(xs[0], ropes[0])]
+        shapes = [x.shape for x in xs]
+        sizes = [s[0] * s[1] for s in shapes]
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])  # (sum B_i N_i, D)
+        qkv = self.attn.qkv(self.norm1(flat)).split(sizes)  # each (B_i N_i, 3D)
+        attended = [self.attn.attend(q.view(*s[:2], -1), r).reshape(n, -1)
+                    for q, s, r, n in zip(qkv, shapes, ropes, sizes, strict=True)]
+        flat = flat + self.attn.proj(torch.cat(attended))
+        flat = flat + self.mlp(self.norm2(flat))
+        return [t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
+
+
+class TextBlock(nn.Module):
+    """OpenCLIP ResidualAttentionBlock: ln_1, causal attn, ln_2, GELU mlp (c_fc, c_proj)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, causal: bool = True,
+                 quick_gelu: bool = False):
+        super().__init__()
+        self.ln_1 = LayerNorm(dim)
+        self.attn = TextAttention(dim, num_heads, causal=causal)
+        self.ln_2 = LayerNorm(dim)
+        self.mlp = gelu_mlp(dim, int(dim * mlp_ratio), quick_gelu)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, L, D)
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))

@@ -1,0 +1,70 @@
+"""2-D axial rotary position embedding (DINOv3 style), with the published model's bf16 numerics.
+
+Patch tokens of an (H, W) grid get per-axis coordinates in [-1, 1] ("separate" normalisation, so non-square
+grids work); prefix tokens (CLS) are not rotated. `periods[i] = base ** (2i / (head_dim / 2))`, i < head_dim / 4.
+In 'bf16' mode (the published numerics, needed for checkpoint parity) the angles, sin/cos and the rotation
+are computed in bfloat16 and q/k are cast to bf16 and back, exactly as the reference does. 'fp32' mode does
+all of it in float32: more accurate, faster on some devices, not bit-compatible with the published model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+ROPE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def rope_periods(head_dim: int, base: float, dtype: torch.dtype, device=None) -> Tensor:
+    """(head_dim // 4,) periods, computed in `dtype` as the reference does."""
+    return base ** (2 * torch.arange(head_dim // 4, dtype=dtype, device=device) / (head_dim // 2))
+
+
+class Rope2D(nn.Module):
+    def __init__(self, head_dim: int, base: float = 100.0, dtype: str = "bf16"):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+        if dtype not in ROPE_DTYPES:
+            raise ValueError(f"rope dtype must be one of {list(ROPE_DTYPES)}, got {dtype!r}")
+        self.head_dim, self.base, self.dtype = head_dim, base, ROPE_DTYPES[dtype]
+        # Stored in bf16, as in the published checkpoints (part of their state dict).
+        self.register_buffer("periods", rope_periods(head_dim, base, torch.bfloat16), persistent=True)
+
+    def forward(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """sin, cos for an (h, w) grid: each (h * w, head_dim) in the rope dtype."""
+        dd = {"device": self.periods.device, "dtype": self.dtype}
+        periods = (self.periods if self.dtype == torch.bfloat16
+                   else rope_periods(self.head_dim, self.base, self.dtype, self.periods.device))
+        coords_h = torch.arange(0.5, h, **dd) / h
+        coords_w = torch.arange(0.5, w, **dd) / w
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)  # (hw, 2)
+        coords = 2.0 * coords - 1.0
+        angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # (hw, 2, hd/4)
+        angles = angles.flatten(1, 2).tile(2)  # (hw, hd): [h-angles, w-angles] twice
+        return torch.sin(angles), torch.cos(angles)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate the last sin.shape[0] tokens of q and k: (B, H, N, hd) each; the N - hw prefix tokens stay.
+
+    q and k are cast to the rope dtype (all tokens, as the reference does) and back.
+    """
+    dtype = q.dtype
+    q, k = q.to(sin.dtype), k.to(sin.dtype)
+    prefix = q.shape[-2] - sin.shape[-2]
+    if prefix < 0:
+        raise ValueError(f"rope for {sin.shape[-2]} tokens applied to a sequence of {q.shape[-2]}")
+
+    def rotate(x: Tensor) -> Tensor:
+        body = x[:, :, prefix:]
+        return torch.cat((x[:, :, :prefix], body * cos + rotate_half(body) * sin), dim=-2)
+
+    return rotate(q).to(dtype), rotate(k).to(dtype)

@@ -1,0 +1,134 @@
+"""The op registry: every fast op has named backends; one is resolved once, when a layer is built.
+
+Auto mode picks the available backend with the highest priority for the device and falls back silently. An
+explicit request, by environment variable (`VTP_FAST_BACKEND_<OP>=triton`) or by `use_backend(op, name)` in
+code and tests, must be honoured: a requested backend that cannot run raises `BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+DEVICES = ("cpu", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op. `impl` exposes the op's functions with the reference's signatures."""
+
+    name: str
+    impl: SimpleNamespace
+    priority: int
+    devices: tuple[str, ...]
+    available: bool = True
+    reason: str = ""  # why it is unavailable
+
+
+@dataclass
+class Op:
+    name: str
+    backends: dict[str, Backend] = field(default_factory=dict)
+
+    def register(self, name: str, impl: SimpleNamespace, *, priority: int, devices: tuple[str, ...] = DEVICES,
+                 available: bool = True, reason: str = "") -> None:
+        if name in self.backends:
+            raise ValueError(f"op {self.name}: backend {name!r} registered twice")
+        self.backends[name] = Backend(name, impl, priority, tuple(devices), available, reason)
+
+    @property
+    def env_var(self) -> str:
+        return f"VTP_FAST_BACKEND_{self.name.upper()}"
+
+    def requested(self) -> str | None:
+        """The backend asked for by `use_backend` or the environment, None in auto mode."""
+        name = _overrides.get(self.name) or os.environ.get(self.env_var, "").strip() or None
+        return None if name == "auto" else name
+
+    def runnable(self, device: str) -> list[Backend]:
+        """Available backends for `device`, best first."""
+        ok = [b for b in self.backends.values() if b.available and device in b.devices]
+        return sorted(ok, key=lambda b: -b.priority)
+
+    def resolve(self, device: str | torch.device | None = None) -> Backend:
+        """The backend to use on `device` (default: the process's default device, see `default_device`)."""
+        device = torch.device(device).type if device is not None else default_device()
+        name = self.requested()
+        if name is None:
+            return self.runnable(device)[0]  # the reference runs everywhere, so this is never empty
+        backend = self.backends.get(name)
+        if backend is None:
+            raise BackendUnavailable(
+                f"op {self.name}: unknown backend {name!r} (requested via {self.env_var} or use_backend); "
+                f"choices: {', '.join(self.backends)}")
+        if not backend.available:
+            raise BackendUnavailable(f"op {self.name}: backend {name!r} was requested but is unavailable: "
+                                     f"{backend.reason}")
+        if device not in backend.devices:
+            raise BackendUnavailable(f"op {self.name}: backend {name!r} was requested but does not run on "
+                                     f"{device} (it runs on: {', '.join(backend.devices) or 'nothing here'})")
+        return backend
+
+
+REGISTRY: dict[str, Op] = {}
+_overrides: dict[str, str] = {}
+
+
+def new_op(name: str, reference: SimpleNamespace) -> Op:
+    """Create and register an op whose lowest-priority backend is the pure-PyTorch `reference`."""
+    if name in REGISTRY:
+        raise ValueError(f"op {name} defined twice")
+    op = REGISTRY[name] = Op(name)
+    op.register("reference", reference, priority=0)
+    return op
+
+
+@contextmanager
+def use_backend(op_name: str, backend: str) -> Iterator[None]:
+    """Request `backend` for `op_name` inside the block (layers built inside resolve to it, or raise)."""
+    if op_name not in REGISTRY:
+        raise KeyError(f"unknown op {op_name!r}; ops: {', '.join(REGISTRY)}")
+    previous = _overrides.get(op_name)
+    _overrides[op_name] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            _overrides.pop(op_name, None)
+        else:
+            _overrides[op_name] = previous
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' ($VTP_FAST_DEVICE overrides)."""
+    forced = os.environ.get("VTP_FAST_DEVICE")
+    if forced:
+        return torch.device(forced).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def summary(device: str | None = None) -> list[dict]:
+    """One row per op: the backend it resolves to on `device` and every registered backend's state."""
+    device = device or default_device()
+    rows = []
+    for op in REGISTRY.values():
+        try:
+            chosen = op.resolve(device).name
+        except BackendUnavailable as e:
+            chosen = f"ERROR: {e}"
+        rows.append({
+            "op": op.name, "device": device, "resolved": chosen,
+            "backends": {b.name: ("ok" if b.available and device in b.devices
+                                  else (b.reason or f"not on {device}"))
+                         for b in op.backends.values()},
+        })
+    return rows

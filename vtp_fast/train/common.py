@@ -1,0 +1,94 @@
+"""Pieces every training job shares: run/optimiser configs, device and seeding, metric logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vtp_fast.config import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate after warm-up
+    min_lr: float = 1e-5  # end of the cosine decay
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self) -> None:
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/ae-tiny"
+    steps: int = 700
+    batch_size: int = 64
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "log_every", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name} requested but no CUDA device is visible")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for the job's own sampling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class MetricsLog:
+    """Append-only JSONL metrics (one object per line, flushed), read back for plots."""
+
+    def __init__(self, path: str | Path, fresh: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and self.path.exists():
+            self.path.unlink()
+        self.start = time.perf_counter()
+
+    def write(self, **row: Any) -> None:
+        row = {"time": round(time.perf_counter() - self.start, 3), **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        rows = [r for r in self.read() if key in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]

@@ -1,0 +1,45 @@
+"""AdamW with parameter groups, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vtp_fast import optional
+
+# Parameters that never get weight decay, besides every 1-D tensor (norm weights, biases, logit scale).
+_NO_DECAY_NAMES = ("cls_token", "mask_token", "positional_embedding", "token_embedding", "logit_scale")
+
+
+def param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict]:
+    """Two AdamW groups over the trainable parameters of `modules`: decayed matrices, and the rest (norms,
+    biases, tokens, embeddings, logit scale) without decay."""
+    decay, no_decay = [], []
+    for prefix, module in modules.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or any(part in _NO_DECAY_NAMES for part in f"{prefix}.{name}".split("."))
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.Optimizer:
+    """NVIDIA apex FusedAdam (AdamW mode) when importable and on CUDA, else torch's fused (CUDA) or foreach
+    AdamW."""
+    params = [p for g in groups for p in g["params"]]
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if on_cuda and optional.available("apex"):
+        return optional.module("apex").FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None,
+                             foreach=None if on_cuda else True)
+
+
+def cosine_schedule(step: int, total: int, warmup: int, peak: float, final: float) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
