@@ -45,6 +45,12 @@ def find_cuda_home() -> Path | None:
     return home if (home / "include" / "cuda_runtime.h").exists() else None
 
 
+def tool(name: str) -> str:
+    """A build tool from this Python environment (pip's cmake/ninja) before the one on the PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -72,15 +78,14 @@ class CMakeBuild(build_ext):
             args += [
                 f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
-                f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",  # torch's Caffe2 config still uses FindCUDA
                 f"-DVTP_FAST_CUDA_ARCHS={os.environ.get('VTP_FAST_CUDA_ARCHS', '80;90a')}",
             ]
-        if shutil.which("ninja"):
-            args.append("-GNinja")
+        if Path(tool("ninja")).exists():
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}"]
         print(f"vtp_fast: building _C ({'C++ + CUDA from ' + str(cuda_home) if cuda_home else 'C++ only'})")
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, env=env, check=True)
+        subprocess.run([tool("cmake"), str(ROOT), *args], cwd=build_dir, env=env, check=True)
         jobs = str(max(1, os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, env=env, check=True)
+        subprocess.run([tool("cmake"), "--build", ".", "--parallel", jobs], cwd=build_dir, env=env, check=True)
 
 
 ext_modules = [] if _truthy("VTP_FAST_NO_NATIVE") else [CMakeExtension("vtp_fast._C")]
