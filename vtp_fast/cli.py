@@ -153,6 +153,19 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from vtp_fast.config import load_config
+    from vtp_fast.train.pretrain import PretrainConfig, pretrain
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    if args.init:
+        overrides.append(f"model.init={args.init}")
+    pretrain(load_config(PretrainConfig, args.config, overrides))
+    return 0
+
+
 def cmd_data_emoji(args: argparse.Namespace) -> int:
     from vtp_fast.data.emoji import default_cache_dir, load_emoji, prepare_emoji
 
@@ -187,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 optim.lr=5e-4")
     p.set_defaults(func=cmd_train_ae)
+
+    p = sub.add_parser("pretrain", help="the main job: VTP pretraining (reconstruction + CLIP + DINO/iBOT)")
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
+    p.add_argument("--resume", help="'auto' (newest checkpoint of run.out_dir) or a checkpoint directory")
+    p.add_argument("--init", help="continue from a published checkpoint directory (adds heads and teacher)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 objective.clip=0")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("data", help="prepare bundled data sets")
     data_sub = p.add_subparsers(dest="dataset", required=True)

@@ -60,15 +60,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; pickles, truncated and corrupt files raise CheckpointError."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)  # u64 header length, then the JSON header's "{"
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (a checkpoint directory holds {CONFIG_NAME} and "
                               f"{WEIGHTS_NAME})") from None
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(f"{path}: this is a pickle (torch.save) file, not safetensors; it is not loaded "
-                              "because unpickling can run code. Convert it with safetensors.torch.save_file.")
-    if len(head) < 8 or struct.unpack("<Q", head)[0] + 8 > size:
+    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] + 8 > size:
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise CheckpointError(f"{path}: this is a pickle (torch.save) file, not safetensors; it is not loaded "
+                                  "because unpickling can run code. Convert it with safetensors.torch.save_file.")
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes)")
     try:
         return load_file(path)

@@ -86,7 +86,7 @@ class VisionTrunk(nn.Module):
         xs = list(xs)
         ropes = [self.rope_embed(*g) for g in grids]
         for block in self.blocks:
-            xs = block.forward_list(xs, ropes)
+            xs = block(xs, ropes)
         outs = []
         for x, grid in zip(xs, grids, strict=True):
             x = self.norm(x)

@@ -13,8 +13,9 @@ from vtp_fast.nn.norms import LayerNorm, make_norm
 class Block(nn.Module):
     """x + attn(norm1(x)), then + mlp(norm2(x)); SwiGLU MLP; no LayerScale, no QK-norm (as published).
 
-    `forward_list` runs several token sets of different lengths (multi-crop views) at once: norms, qkv, the
-    output projection and the MLP run on all tokens concatenated; attention runs per view.
+    Given a list of token sets of different lengths (multi-crop views), it runs them at once: norms, qkv, the
+    output projection and the MLP on all tokens concatenated, attention per view. Lists go through `forward`
+    too, so a compiled block (`torch.compile` of the module) covers both.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, norm: str):
@@ -24,12 +25,14 @@ class Block(nn.Module):
         self.norm2 = make_norm(norm, dim)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
-    def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:  # (B, N, D) -> (B, N, D)
+    def forward(self, x: Tensor | list[Tensor], rope: Rope | None | list[Rope | None] = None):
+        """(B, N, D) -> (B, N, D); or a list of (B_i, N_i, D) with a list of ropes -> a list of the same shapes."""
+        if isinstance(x, list):
+            return self._forward_list(x, rope)
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
-    def forward_list(self, xs: list[Tensor], ropes: list[Rope | None]) -> list[Tensor]:
-        """xs[i]: (B_i, N_i, D) -> same shapes."""
+    def _forward_list(self, xs: list[Tensor], ropes: list[Rope | None]) -> list[Tensor]:
         if len(xs) == 1:
             return [self(xs[0], ropes[0])]
         shapes = [x.shape for x in xs]

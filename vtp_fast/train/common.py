@@ -22,6 +22,7 @@ class OptimConfig:
     min_lr: float = 1e-5  # end of the cosine decay
     warmup_steps: int = 50
     weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine schedule to this value (DINOv2: 0.04 -> 0.2); null: constant
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
@@ -83,6 +84,13 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run logs those steps again)."""
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            self.path.write_text("".join(line + "\n" for line in keep))
 
     def read(self) -> list[dict]:
         if not self.path.exists():

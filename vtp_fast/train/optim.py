@@ -38,8 +38,9 @@ def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: f
 
 
 def cosine_schedule(step: int, total: int, warmup: int, peak: float, final: float) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to `final` at `total`."""
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay reaching `final` at the last step
+    (total - 1)."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,186 @@
+"""Each loss against its formula written out independently here (float64 loops), values and gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vtp_fast.config import ConfigError
+from vtp_fast.losses.clip import ClipLoss, clip_loss_global
+from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss, mask_weights, sinkhorn_knopp
+from vtp_fast.losses.objective import Objective, ObjectiveConfig
+from vtp_fast.losses.reconstruction import LPIPS, ReconstructionLoss
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def log_softmax_row(row):
+    m = max(row)
+    return [v - m - math.log(sum(math.exp(u - m) for u in row)) for v in row]
+
+
+def test_clip_loss_matches_written_out_cross_entropy():
+    g = gen()
+    img = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    logit_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    loss = ClipLoss()(img, txt, logit_scale)
+    s = math.exp(logit_scale.item())
+    sim = [[s * float(img[i] @ txt[j]) for j in range(5)] for i in range(5)]
+    i2t = -sum(log_softmax_row(sim[i])[i] for i in range(5)) / 5
+    t2i = -sum(log_softmax_row([sim[j][i] for j in range(5)])[i] for i in range(5)) / 5
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-12)
+    # gradients equal those of the plain global formula
+    loss.backward()
+    grads = [t.grad.clone() for t in (img, txt, logit_scale)]
+    for t in (img, txt, logit_scale):
+        t.grad = None
+    clip_loss_global(img, txt, logit_scale.exp()).backward()
+    for a, t in zip(grads, (img, txt, logit_scale), strict=True):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_clip_logit_scale_clamped_at_100():
+    g = gen(1)
+    img, txt = (F.normalize(torch.randn(4, 6, generator=g), dim=-1) for _ in range(2))
+    big = torch.tensor(math.log(1000.0), requires_grad=True)
+    loss = ClipLoss()(img, txt, big)
+    assert loss.item() == pytest.approx(clip_loss_global(img, txt, torch.tensor(100.0)).item(), rel=1e-6)
+    loss.backward()
+    assert big.grad.item() == 0.0
+
+
+def ce(t_row, s_row, temp):
+    ls = log_softmax_row([v / temp for v in s_row])
+    return -sum(p * l for p, l in zip(t_row, ls, strict=True))
+
+
+def test_dino_loss_cross_view_pairing():
+    g = gen(2)
+    n, k, temp = 3, 7, 0.1
+    sg = [torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(2)]
+    sl = [torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(3)]
+    tg = [torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1) for _ in range(2)]
+    loss = DINOLoss(k, student_temp=temp)(sg, sl, tg)
+    pairs = [(s, tg[1 - i]) for i, s in enumerate(sg)] + [(s, t) for s in sl for t in tg]
+    expect = sum(sum(ce(t[b].tolist(), s[b].tolist(), temp) for b in range(n)) / n for s, t in pairs) / len(pairs)
+    assert len(pairs) == 2 + 2 * 3
+    assert loss.item() == pytest.approx(expect, rel=1e-10)
+
+
+def test_teacher_centring_and_center_ema():
+    g = gen(3)
+    k, temp = 5, 0.04
+    loss = DINOLoss(k, center_momentum=0.9)
+    loss.center.copy_(torch.randn(1, k, generator=g))
+    c0 = loss.center.clone()
+    t = torch.randn(4, k, generator=g)
+    probs = loss.teacher_targets(t, temp)
+    torch.testing.assert_close(probs, torch.softmax((t - c0) / temp, -1))
+    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True))
+
+
+def test_sinkhorn_knopp_balances_prototypes():
+    g = gen(4)
+    b, k = 64, 8
+    logits = torch.randn(b, k, generator=g)
+    q = sinkhorn_knopp(logits, 0.5, torch.tensor(float(b)), iterations=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(b), rtol=1e-5, atol=1e-5)  # each row a distribution
+    torch.testing.assert_close(q.sum(0), torch.full((k,), b / k), rtol=1e-3, atol=1e-3)  # prototypes equally used
+    loss = DINOLoss(k, centering="sinkhorn_knopp")
+    assert torch.allclose(loss.teacher_targets(logits, 0.1).sum(1), torch.ones(b), atol=1e-5)
+    assert torch.count_nonzero(loss.center) == 0, "sinkhorn mode keeps no centre"
+
+
+def test_ibot_loss_weights_and_normalisation():
+    g = gen(5)
+    masks = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)  # 3 crops, one unmasked
+    w = mask_weights(masks)
+    assert w.tolist() == [0.5, 0.5, 1.0]
+    k, temp = 6, 0.1
+    s = torch.randn(3, k, generator=g, dtype=torch.float64)
+    t = torch.softmax(torch.randn(3, k, generator=g, dtype=torch.float64), -1)
+    loss = IBOTPatchLoss(k, student_temp=temp)(s, t, w, n_images=3)
+    expect = sum(w[m].item() * ce(t[m].tolist(), s[m].tolist(), temp) for m in range(3)) / 3
+    assert loss.item() == pytest.approx(expect, rel=1e-10)
+
+
+def test_koleo_nearest_neighbour_distance():
+    g = gen(6)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = KoLeoLoss()(x)
+    xn = F.normalize(x.detach(), dim=-1)
+    total = 0.0
+    for i in range(6):
+        d = min(float((xn[i] - xn[j]).norm()) for j in range(6) if j != i)
+        total += -math.log(d + 1e-8)
+    assert loss.item() == pytest.approx(total / 6, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_objective_weights_and_inactive_terms():
+    cfg = ObjectiveConfig(perceptual=0.0, clip=0.0)
+    obj = Objective(cfg.term_weights())
+    assert "rec_lpips" not in obj and "clip" not in obj and "dino" in obj
+    assert obj.weights == {"rec_l1": 0.1, "dino": 1.0, "ibot": 1.0, "koleo": 0.1}
+    values = {"rec_l1": torch.tensor(2.0, requires_grad=True), "dino": torch.tensor(3.0), "ibot": torch.tensor(1.0),
+              "koleo": torch.tensor(-1.0), "clip": torch.tensor(100.0)}
+    total, logs = obj(values)
+    assert total.item() == pytest.approx(0.2 + 3 + 1 - 0.1)
+    assert "clip" not in logs and logs["total"].item() == pytest.approx(total.item())
+    assert not logs["rec_l1"].requires_grad
+    with pytest.raises(KeyError, match="ibot"):
+        obj({"rec_l1": torch.tensor(1.0), "dino": torch.tensor(1.0), "koleo": torch.tensor(1.0)})
+    with pytest.raises(ConfigError, match="unknown objective term"):
+        Objective({"gan": 1.0})
+    with pytest.raises(ConfigError, match="objective.clip: weights must be >= 0"):
+        ObjectiveConfig(clip=-1).validate()
+
+
+def test_default_weights_are_the_published_ones():
+    w = ObjectiveConfig().term_weights()
+    assert (w["rec_l1"], w["clip"], w["dino"], w["ibot"]) == (0.1, 1.0, 1.0, 1.0)
+
+
+def test_perceptual_without_weights_refuses_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"objective.perceptual > 0 needs LPIPS-VGG weights.*vgg16-397923af.pth.*"
+                                          r"objective.perceptual=0"):
+        ReconstructionLoss(perceptual=True)
+    assert ReconstructionLoss(perceptual=False).lpips is None
+
+
+@pytest.fixture
+def lpips_files(tmp_path):
+    """A VGG16 state dict (random weights, torchvision's layout) and LPIPS heads in the lpips package layout."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16-397923af.pth"
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), vgg)
+    heads = tmp_path / "heads.pth"
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 128, 256, 512, 512])},
+               heads)
+    return vgg, heads
+
+
+def test_lpips_code_path_with_supplied_weights(lpips_files, monkeypatch):
+    vgg, heads = lpips_files
+    monkeypatch.setattr("vtp_fast.losses.reconstruction.find_lpips_heads", lambda: heads)
+    rec = ReconstructionLoss(perceptual=True, vgg_path=str(vgg))
+    assert isinstance(rec.lpips, LPIPS) and not any(p.requires_grad for p in rec.lpips.parameters())
+    g = gen(7)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    y = (x + 0.5 * torch.randn(2, 3, 32, 32, generator=g)).requires_grad_()
+    same = rec.lpips(x.tanh(), x.tanh())
+    assert torch.allclose(same, torch.zeros(2), atol=1e-6)
+    out = rec(y, x)
+    assert out["rec_lpips"].item() > 0 and out["rec_l1"].item() == pytest.approx((y - x).abs().mean().item())
+    out["rec_lpips"].backward()
+    assert y.grad.abs().sum() > 0
+    rec.train()
+    assert not rec.lpips.training, "the perceptual network stays in eval mode"

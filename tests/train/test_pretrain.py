@@ -1,0 +1,218 @@
+"""Pretraining: batches, views and masks, one step, non-finite steps, resume bit for bit (also after SIGKILL),
+continuing from a published checkpoint."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import make_prepared_emoji
+from vtp_fast.config import ConfigError, load_config
+from vtp_fast.data.pairs import BatchShape, StepBatches, emoji_pairs
+from vtp_fast.data.views import ViewConfig, block_mask
+from vtp_fast.train.pretrain import PretrainConfig, TrainingDiverged, build_trainer, pretrain, schedules, train_step
+
+SMALL = ["model.preset=vtp-nano", "data.image_size=32", "data.eval_images=24", "batch.size=8", "batch.ssl=4",
+         "batch.rec=4", "ssl.views.global_size=32", "ssl.views.local_size=16", "ssl.views.local_crops=2",
+         "ssl.prototypes=64", "ssl.hidden=32", "ssl.bottleneck=16", "objective.perceptual=0", "run.log_every=1",
+         "run.eval_every=3", "run.tensorboard=false", "run.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def emoji_root(tmp_path_factory):
+    return make_prepared_emoji(tmp_path_factory.mktemp("emoji") / "prepared", size=32)
+
+
+def small_config(root, out, *extra) -> PretrainConfig:
+    return load_config(PretrainConfig, [], [*SMALL, f"data.root={root}", f"run.out_dir={out}", *extra])
+
+
+def loss_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss/total" in r]
+
+
+def test_batches_are_deterministic_and_split_ranks(emoji_root):
+    pairs = emoji_pairs(emoji_root, ("google", "twitter"), 16)
+    shape = BatchShape(size=4, ssl=2, rec=2)
+    views = ViewConfig(global_size=32, local_size=16, local_crops=2)
+    single = StepBatches(pairs, BatchShape(size=8, ssl=2, rec=2), views, seed=3)
+    ranks = [StepBatches(pairs, shape, views, seed=3, rank=r, world=2) for r in range(2)]
+    for step in range(6):
+        ids = [rb.positions(step)[0] for rb in ranks]
+        assert torch.equal(torch.cat(ids), single.positions(step)[0]), "ranks slice the global batch"
+    a, b = ranks[0][1], ranks[0][1]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # every sample exactly once per epoch (24 pairs, 8 per global step)
+    seen = torch.cat([single.positions(s)[0] for s in range(3)])
+    assert sorted(seen.tolist()) == list(range(24))
+    batch = ranks[1][0]
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["tokens"].shape == (4, 16)
+    assert batch["global_crops"].shape == (4, 3, 32, 32) and batch["local_crops"].shape == (4, 3, 16, 16)
+    assert batch["masks"].shape == (4, 4) and batch["mask_index"].numel() == batch["masks"].sum()
+
+
+def test_views_do_not_depend_on_the_batch_a_sample_lands_in(emoji_root):
+    """Per-sample seeding: a sample's crops are the same whether it is on rank 0 or in a one-process batch."""
+    pairs = emoji_pairs(emoji_root, ("google",), 16)
+    views = ViewConfig(global_size=32, local_size=16, local_crops=1)
+    single = StepBatches(pairs, BatchShape(size=4, ssl=4, rec=1), views, seed=1)
+    rank1 = StepBatches(pairs, BatchShape(size=2, ssl=2, rec=1), views, seed=1, rank=1, world=2)
+    full, half = single[0], rank1[0]
+    assert torch.equal(full["ids"][2:], half["ids"])
+    # view 0 of samples 2, 3 in the single batch == view 0 of rank 1's samples 0, 1
+    assert torch.equal(full["global_crops"][2:4], half["global_crops"][0:2])
+    assert torch.equal(full["masks"][6:8], half["masks"][2:4])
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 16])
+def test_block_mask_has_exactly_the_requested_tokens(count):
+    g = torch.Generator().manual_seed(count)
+    m = block_mask(4, 4, count, g)
+    assert m.shape == (4, 4) and int(m.sum()) == count
+
+
+def test_mask_ratio_and_probability(emoji_root):
+    pairs = emoji_pairs(emoji_root, ("google", "twitter", "fluent", "openmoji"), 16)
+    views = ViewConfig(global_size=64, local_size=16, local_crops=0, mask_ratio=(0.25, 0.5), mask_probability=0.5)
+    data = StepBatches(pairs, BatchShape(size=48, ssl=48, rec=1, patch=16), views, seed=0)
+    masks = torch.cat([data[s]["masks"] for s in range(4)])  # 384 global crops of 16 tokens
+    masked = masks.any(1)
+    assert 0.4 < masked.float().mean().item() < 0.6
+    ratios = masks[masked].float().mean(1)
+    assert ratios.min() >= 0.25 - 1 / 16 and ratios.max() <= 0.5 + 1 / 32
+
+
+def test_schedules_endpoints():
+    cfg = load_config(PretrainConfig, [], ["run.steps=101", "optim.warmup_steps=10", "optim.weight_decay=0.04",
+                                           "optim.weight_decay_end=0.2", "ssl.teacher_temp_warmup_steps=20"])
+    first, last = schedules(cfg, 0), schedules(cfg, 100)
+    assert first["momentum"] == pytest.approx(0.992) and last["momentum"] == pytest.approx(1.0)
+    assert first["weight_decay"] == pytest.approx(0.04) and last["weight_decay"] == pytest.approx(0.2)
+    assert first["teacher_temp"] == pytest.approx(0.04) and schedules(cfg, 20)["teacher_temp"] == pytest.approx(0.07)
+    assert first["lr"] == pytest.approx(1e-4) and last["lr"] == pytest.approx(1e-5)
+
+
+def test_bad_batch_config_names_the_key():
+    with pytest.raises(ConfigError, match="batch.ssl: 80 must be between 0 and batch.size=64"):
+        load_config(PretrainConfig, [], ["batch.ssl=80"])
+    with pytest.raises(ConfigError, match="objective.rec"):
+        load_config(PretrainConfig, [], ["objective.rec=-1"])
+    with pytest.raises(ConfigError, match="batch.size: 10 is not divisible"):
+        load_config(PretrainConfig, [], ["batch.size=10", "batch.accumulation=4", "batch.ssl=4", "batch.rec=4"]
+                    ).batch.per_rank(1)
+
+
+def _trainer(root, tmp_path, *extra):
+    cfg = small_config(root, tmp_path / "run", *extra)
+    torch.manual_seed(0)
+    t = build_trainer(cfg, torch.device("cpu"))
+    pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
+    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0)
+    return t, cfg, data
+
+
+def test_one_step_trains_every_part_and_moves_the_teacher_by_ema(emoji_root, tmp_path):
+    t, cfg, data = _trainer(emoji_root, tmp_path)
+    before = {k: v.clone() for k, v in t.student.state_dict().items()}
+    teacher_before = [p.clone() for p in t.teacher.parameters()]
+    sched = schedules(cfg, 5)
+    logs, finite = train_step(t, [data[0]], sched)
+    assert finite and set(logs) >= {"clip", "rec_l1", "dino", "ibot", "koleo", "total", "grad_norm"}
+    changed = {k.split(".")[1] for k, v in t.student.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])}
+    assert {"trunk", "pixel_decoder", "text_transformer", "visual_proj"} <= changed  # model.<part>
+    assert "head.mlp.0.weight" in {k for k, v in t.student.state_dict().items() if not torch.equal(v, before[k])}
+    m = sched["momentum"]
+    mine, theirs = t.teacher.pairs(t.student)
+    for new, old, s in zip(mine, teacher_before, theirs, strict=True):
+        torch.testing.assert_close(new, m * old + (1 - m) * s.detach())
+
+
+def test_non_finite_step_changes_nothing_and_the_run_stops(emoji_root, tmp_path, monkeypatch):
+    t, cfg, data = _trainer(emoji_root, tmp_path)
+    before = {k: v.clone() for k, v in t.student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+    original = type(t.student).forward
+
+    def poisoned(self, batch, targets=None):
+        terms = original(self, batch, targets)
+        terms["ibot"] = terms["ibot"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(type(t.student), "forward", poisoned)
+    logs, finite = train_step(t, [data[0]], schedules(cfg, 0))
+    assert not finite and logs["bad_terms"] == ["ibot", "total"]
+    for k, v in t.student.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
+    for k, v in t.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert all(p.grad is None for p in t.student.parameters())
+
+    out = tmp_path / "diverge"
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps with non-finite losses \\(ibot, total\\)"):
+        pretrain(small_config(emoji_root, out, "run.steps=10", "run.max_bad_steps=3"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [1, 2, 3]
+
+
+def test_resume_continues_bit_for_bit(emoji_root, tmp_path):
+    full = tmp_path / "full"
+    pretrain(small_config(emoji_root, full, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5"))
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000006")
+    pretrain(small_config(emoji_root, part, "run.steps=6", "run.checkpoint_every=3", "run.resume=auto"))
+    a, b = loss_rows(full), loss_rows(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: v for k, v in ra.items() if k.startswith("loss/")} == \
+               {k: v for k, v in rb.items() if k.startswith("loss/")}, ra["step"]
+
+
+def test_sigkill_at_any_moment_then_resume_matches(emoji_root, tmp_path):
+    """A run killed with SIGKILL (here: as soon as its first checkpoint exists, i.e. while it is writing the
+    next steps or the next checkpoint) and resumed produces the uninterrupted run's loss trajectory exactly."""
+    args = [*SMALL, f"data.root={emoji_root}", "run.steps=8", "run.checkpoint_every=2", "run.keep_checkpoints=3"]
+    ref = tmp_path / "ref"
+    cmd = [sys.executable, "-m", "vtp_fast.cli", "pretrain"]
+    subprocess.run([*cmd, *args, f"run.out_dir={ref}"], check=True, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, *args, f"run.out_dir={out}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_00000002").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    r = subprocess.run([*cmd, *args, f"run.out_dir={out}", "--resume", "auto"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming at step" in r.stdout
+    strip = lambda rows: [{k: v for k, v in x.items() if k.startswith("loss/") or k == "step"} for x in rows]  # noqa: E731
+    assert strip(loss_rows(out)) == strip(loss_rows(ref))
+    assert not list((out / "checkpoints").glob(".step_*")), "interrupted temp dirs are swept"
+
+
+def test_init_from_a_published_checkpoint(emoji_root, tmp_path):
+    from vtp_fast import VTP, load_pretrained, save_pretrained, vtp_config
+
+    torch.manual_seed(1)
+    published = save_pretrained(VTP(vtp_config("vtp-nano", image_size=32)), tmp_path / "published")
+    cfg = small_config(emoji_root, tmp_path / "run", f"model.init={published}")
+    t = build_trainer(cfg, torch.device("cpu"))
+    ref = load_pretrained(published)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(t.model.state_dict()[k], v), k
+    assert t.teacher is not None and t.student.head is not None
+    for (k, v), (k2, v2) in zip(t.teacher.trunk.state_dict().items(), ref.trunk.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), "the teacher starts as the published trunk"

@@ -1,0 +1,26 @@
+"""`apply_compile`: torch.compile every transformer block of a built model, in place.
+
+Per-block compilation keeps compile times short and graphs reusable across blocks of one shape, and, done with
+`nn.Module.compile` (in place), keeps state-dict keys free of `_orig_mod.` prefixes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vtp_fast.models.vtp import VTP
+
+
+def transformer_blocks(model: VTP) -> list[nn.Module]:
+    blocks = list(model.trunk.blocks)
+    if model.pixel_decoder is not None:
+        blocks += list(model.pixel_decoder.blocks)
+    if model.config.train_clip:
+        blocks += list(model.text_transformer.resblocks)
+    return blocks
+
+
+def apply_compile(model: VTP, **options) -> VTP:
+    for block in transformer_blocks(model):
+        block.compile(**options)
+    return model

@@ -1,0 +1,136 @@
+"""Multi-crop views (DINOv2 recipe) and iBOT block masks, seeded per sample.
+
+Every random choice for a sample comes from a generator seeded by (seed, epoch, sample id), never from global
+RNG state, so views are identical whichever rank, worker or resumed run builds them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+from vtp_fast.config import ConfigError
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(*parts: int) -> int:
+    """Mix integers into a 63-bit seed (splitmix64 steps)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & _MASK64)) & _MASK64
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+@dataclass
+class ViewConfig:
+    global_size: int = 64  # global crops (pixels); the paper's 224/256 on real data
+    local_size: int = 32  # local crops (DINOv2: 96)
+    local_crops: int = 4  # local crops per image (DINOv2: 8)
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    jitter_prob: float = 0.8  # colour jitter (brightness 0.4, contrast 0.4, saturation 0.2)
+    grayscale_prob: float = 0.2
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: fraction of a masked crop's tokens
+    mask_probability: float = 0.5  # fraction of global crops that get a mask
+
+    def validate(self) -> None:
+        for key in ("global_scale", "local_scale", "mask_ratio"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"ssl.views.{key}: need 0 < low <= high <= 1, got {(lo, hi)}")
+        if not 0 <= self.mask_probability <= 1:
+            raise ConfigError(f"ssl.views.mask_probability: must be in [0, 1], got {self.mask_probability}")
+        if self.local_crops < 0:
+            raise ConfigError(f"ssl.views.local_crops: must be >= 0, got {self.local_crops}")
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def random_resized_crop(img: Tensor, size: int, scale: tuple[float, float], gen: torch.Generator) -> Tensor:
+    """(3, H, W) float -> (3, size, size): a random area fraction in `scale`, aspect in [3/4, 4/3], bilinear
+    (antialiased), as torchvision's RandomResizedCrop."""
+    _, h, w = img.shape
+    area = h * w
+    for _ in range(10):
+        target = area * _uniform(gen, *scale)
+        ratio = math.exp(_uniform(gen, math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (), generator=gen))
+            break
+    else:  # fall back to the whole image
+        top, left, ch, cw = 0, 0, h, w
+    return TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+
+
+def photometric(img: Tensor, cfg: ViewConfig, gen: torch.Generator) -> Tensor:
+    """Random flip, colour jitter and grayscale on a (3, H, W) image in [0, 1]."""
+    if torch.rand((), generator=gen) < 0.5:
+        img = img.flip(-1)
+    if torch.rand((), generator=gen) < cfg.jitter_prob:
+        img = TF.adjust_brightness(img, _uniform(gen, 0.6, 1.4))
+        img = TF.adjust_contrast(img, _uniform(gen, 0.6, 1.4))
+        img = TF.adjust_saturation(img, _uniform(gen, 0.8, 1.2))
+    if torch.rand((), generator=gen) < cfg.grayscale_prob:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    return img.clamp(0, 1)
+
+
+def block_mask(h: int, w: int, count: int, gen: torch.Generator, max_attempts: int = 10) -> Tensor:
+    """(h, w) bool with exactly `count` True tokens, grown as random rectangles (iBOT / BEiT block masking):
+    rectangles of random area and log-uniform aspect in [0.3, 1/0.3] are added while they fit the remaining
+    budget; tokens still missing after that are picked at random."""
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    count = min(count, h * w)
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    while int(mask.sum()) < count:
+        left_to_mask, grew = count - int(mask.sum()), False
+        for _ in range(max_attempts):
+            area = _uniform(gen, 1, left_to_mask)
+            aspect = math.exp(_uniform(gen, *log_aspect))
+            bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < bh <= h and 0 < bw <= w:
+                top = int(torch.randint(0, h - bh + 1, (), generator=gen))
+                left = int(torch.randint(0, w - bw + 1, (), generator=gen))
+                new = (~mask[top:top + bh, left:left + bw]).sum()
+                if 0 < new <= left_to_mask:
+                    mask[top:top + bh, left:left + bw] = True
+                    grew = True
+                    break
+        if not grew:
+            free = (~mask).flatten().nonzero().squeeze(1)
+            pick = free[torch.randperm(free.numel(), generator=gen)[:left_to_mask]]
+            mask.view(-1)[pick] = True
+    return mask
+
+
+def ssl_views(img: Tensor, cfg: ViewConfig, grid: tuple[int, int], gen: torch.Generator):
+    """One sample's SSL views: (2, 3, G, G) global crops, (L, 3, l, l) local crops, (2, gh * gw) iBOT masks.
+
+    img: (3, H, W) in [0, 1]; grid: the global crops' token grid.
+    """
+    globals_ = torch.stack([photometric(random_resized_crop(img, cfg.global_size, cfg.global_scale, gen), cfg, gen)
+                            for _ in range(2)])
+    locals_ = torch.stack([photometric(random_resized_crop(img, cfg.local_size, cfg.local_scale, gen), cfg, gen)
+                           for _ in range(cfg.local_crops)]) if cfg.local_crops else img.new_zeros(0, 3, 1, 1)
+    masks = []
+    for _ in range(2):
+        n = grid[0] * grid[1]
+        if torch.rand((), generator=gen) < cfg.mask_probability:
+            count = max(1, round(n * _uniform(gen, *cfg.mask_ratio)))
+            masks.append(block_mask(*grid, count, gen).flatten())
+        else:
+            masks.append(torch.zeros(n, dtype=torch.bool))
+    return globals_, locals_, torch.stack(masks)

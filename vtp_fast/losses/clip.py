@@ -1,0 +1,40 @@
+"""CLIP image-text contrastive loss with the local-loss + all-gather-with-gradient scheme (OpenCLIP)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vtp_fast.distributed import all_gather_with_grad, rank
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def clip_loss_global(image_features: Tensor, text_features: Tensor, scale: Tensor) -> Tensor:
+    """Plain softmax CLIP loss over one (N, E) x (N, E) batch of L2-normalised pairs; `scale` is exp(logit
+    scale). The reference the distributed and fused versions must equal."""
+    logits = scale * image_features @ text_features.T  # (N, N)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class ClipLoss(nn.Module):
+    """forward(image_features (n, E), text_features (n, E), logit_scale ()) -> scalar.
+
+    Features are this rank's L2-normalised pairs; `logit_scale` is the learnable log-scale, exponentiated and
+    clamped at 100. Each rank gathers every rank's features (the gather's backward sums the gradient slices
+    across ranks) and builds only its local x global logits (n, world * n); the mean of the local losses, with
+    DDP's gradient averaging, has the value and gradients of `clip_loss_global` on the global batch.
+    """
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+        scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+        all_image, all_text = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+        n = image_features.shape[0]
+        labels = torch.arange(n, device=image_features.device) + n * rank()
+        logits_image = scale * image_features @ all_text.T  # (n, world * n)
+        logits_text = scale * text_features @ all_image.T
+        return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2

@@ -1,0 +1,101 @@
+"""Training checkpoints that survive being killed.
+
+`<run>/checkpoints/step_00000100/` holds
+  model/              the tokenizer in the published layout (load_pretrained reads it)
+  modules.safetensors SSL head, teacher, loss centres, discriminator: every other module's state
+  train_state.pt      optimizer, step, data position, RNG states, resolved config (torch.load weights_only)
+A checkpoint is built in a temp dir and renamed into place in one atomic step, so a run killed at any moment
+leaves either the previous checkpoints or a complete new one; temp dirs are never picked up and are swept at
+start. The newest `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from vtp_fast.models.pretrained import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_state_strict,
+    read_safetensors,
+    save_pretrained,
+)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root, self.keep = Path(root), max(1, keep)
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def sweep(self) -> None:
+        """Remove temp dirs of saves that were interrupted."""
+        if self.root.is_dir():
+            for p in self.root.glob(".step_*.tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def save(self, step: int, model: nn.Module, modules: dict[str, nn.Module], state: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / step_dir_name(step)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
+        try:
+            save_pretrained(model, tmp / "model")
+            flat = {f"{name}.{k}": v.detach().cpu().contiguous()
+                    for name, module in modules.items() for k, v in module.state_dict().items()}
+            save_file(flat, str(tmp / "modules.safetensors"))
+            torch.save(state, tmp / "train_state.pt")
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():  # a re-run of the same step after a resume: replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path, model: nn.Module, modules: dict[str, nn.Module]) -> dict:
+        """Restore weights into `model` and `modules` strictly; return the train state (not yet applied)."""
+        path = Path(path)
+        load_state_strict(model, read_safetensors(path / "model" / WEIGHTS_NAME), str(path / "model"))
+        flat = read_safetensors(path / "modules.safetensors")
+        for name, module in modules.items():
+            prefix = f"{name}."
+            part = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            load_state_strict(module, part, f"{path / 'modules.safetensors'} [{name}]")
+        extra = sorted({k.split(".", 1)[0] for k in flat} - set(modules))
+        if extra:
+            raise CheckpointError(f"{path / 'modules.safetensors'}: holds modules this run does not have: {extra} "
+                                  "(was it written with a different objective?)")
+        try:
+            return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+            raise CheckpointError(f"{path / 'train_state.pt'}: unreadable ({type(e).__name__}: {e})") from None

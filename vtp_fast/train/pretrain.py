@@ -1,0 +1,439 @@
+"""`vtp-fast pretrain`: multi-objective VTP pretraining (reconstruction + CLIP + DINO/iBOT), the main job.
+
+Runs on one CPU or GPU, or under `torchrun` (DDP by default, FSDP2 as an option). Checkpoints are atomic and
+`run.resume=auto` continues bit for bit; metrics go to JSONL and TensorBoard; at the end the run writes the
+tokenizer in the published layout, loss / zero-shot / PSNR curves and a reconstruction grid.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vtp_fast import distributed as dist
+from vtp_fast.config import ConfigError, save_config, to_dict
+from vtp_fast.data.emoji import STYLES, default_cache_dir, load_emoji, prepare_emoji
+from vtp_fast.data.pairs import BatchShape, PairSet, StepBatches, emoji_pairs, normalize_u8
+from vtp_fast.eval.metrics import psnr
+from vtp_fast.eval.plots import image_grid, plot_curves
+from vtp_fast.eval.zeroshot import zero_shot_names
+from vtp_fast.losses.objective import Objective, ObjectiveConfig
+from vtp_fast.models.presets import vtp_config
+from vtp_fast.models.pretrained import load_pretrained, save_pretrained
+from vtp_fast.models.vtp import VTP
+from vtp_fast.train.checkpoint import Checkpointer
+from vtp_fast.train.common import MetricsLog, OptimConfig, pick_device, seed_everything
+from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
+from vtp_fast.train.step import SSLConfig, Student, Teacher
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vtp-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # VTPConfig fields
+    rope_dtype: Literal["bf16", "fp32"] = "bf16"
+    init: str | None = None  # continue from a published checkpoint directory (adds heads and teacher)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # a prepared emoji dir; null: prepare it in the cache ($VTP_FAST_CACHE)
+    image_size: int = 64
+    train_styles: tuple[str, ...] = ("google", "twitter", "fluent")
+    eval_styles: tuple[str, ...] = ("openmoji",)  # held out: never trained on
+    eval_images: int = 512
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        for key in ("train_styles", "eval_styles"):
+            bad = [s for s in getattr(self, key) if s not in STYLES]
+            if bad or not getattr(self, key):
+                raise ConfigError(f"data.{key}: {list(getattr(self, key))} must be a non-empty subset of "
+                                  f"{list(STYLES)}")
+        if set(self.train_styles) & set(self.eval_styles):
+            raise ConfigError("data.eval_styles: must not overlap data.train_styles (held-out evaluation)")
+
+
+@dataclass
+class BatchConfig:
+    """Global sizes per optimizer step (all ranks, all accumulation micro-steps). Balanced batch: every pair
+    feeds CLIP; SSL and reconstruction use subsets (paper: 16k / 4k / 2k)."""
+
+    size: int = 64
+    ssl: int = 16
+    rec: int = 32
+    accumulation: int = 1
+
+    def validate(self) -> None:
+        if self.size < 1 or self.accumulation < 1:
+            raise ConfigError("batch.size and batch.accumulation: must be >= 1")
+        for key in ("ssl", "rec"):
+            if not 0 <= getattr(self, key) <= self.size:
+                raise ConfigError(f"batch.{key}: {getattr(self, key)} must be between 0 and batch.size={self.size} "
+                                  "(subsets of the CLIP batch)")
+
+    def per_rank(self, world: int) -> BatchShape:
+        parts = world * self.accumulation
+        for key in ("size", "ssl", "rec"):
+            if getattr(self, key) % parts:
+                raise ConfigError(f"batch.{key}: {getattr(self, key)} is not divisible by world size x accumulation "
+                                  f"= {parts}")
+        return BatchShape(self.size // parts, self.ssl // parts, self.rec // parts)
+
+
+@dataclass
+class PretrainRunConfig:
+    out_dir: str = "runs/pretrain-tiny"
+    steps: int = 300
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50  # zero-shot accuracy and PSNR on the held-out style
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | auto (newest checkpoint in out_dir, if any) | a checkpoint directory
+    device: str = "auto"
+    threads: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: bool = False  # torch.compile every transformer block
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for key in ("steps", "log_every", "eval_every", "checkpoint_every", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
+
+    def validate(self) -> None:
+        uses_ssl = self.objective.ssl > 0 and (self.objective.dino or self.objective.ibot or self.objective.koleo)
+        if uses_ssl and self.batch.ssl == 0:
+            raise ConfigError("batch.ssl: must be > 0 when objective.ssl > 0")
+        if self.batch.rec == 0:
+            raise ConfigError("batch.rec: must be > 0 (reconstruction is always on)")
+        if uses_ssl and self.ssl.views.global_size % 16:
+            raise ConfigError("ssl.views.global_size: must be a multiple of the patch size 16")
+        if uses_ssl and self.ssl.views.local_crops and self.ssl.views.local_size % 16:
+            raise ConfigError("ssl.views.local_size: must be a multiple of the patch size 16")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with non-finite losses; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def schedules(cfg: PretrainConfig, step: int) -> dict[str, float]:
+    o, s, total = cfg.optim, cfg.ssl, cfg.run.steps
+    progress = min(1.0, step / max(1, total - 1))
+    wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+    warm = s.teacher_temp_warmup_steps
+    return {
+        "lr": cosine_schedule(step, total, o.warmup_steps, o.lr, o.min_lr),
+        "weight_decay": wd_end + 0.5 * (o.weight_decay - wd_end) * (1 + math.cos(math.pi * progress)),
+        "momentum": s.momentum_end - 0.5 * (s.momentum_end - s.momentum_start) * (1 + math.cos(math.pi * progress)),
+        "teacher_temp": (s.teacher_temp_warmup + (s.teacher_temp - s.teacher_temp_warmup) * step / warm
+                         if step < warm else s.teacher_temp),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- building
+@dataclass
+class Trainer:
+    """Everything a step needs, built from a config (also used by `vtp-fast profile` and `bench`)."""
+
+    cfg: PretrainConfig
+    device: torch.device
+    objective: Objective
+    student: Student
+    wrapped: torch.nn.Module  # the student under DDP / FSDP (itself on one process)
+    teacher: Teacher | None
+    optimizer: torch.optim.Optimizer
+    shape: BatchShape
+
+    @property
+    def model(self) -> VTP:
+        return self.student.model
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Checkpointed modules besides the published model."""
+        mods: dict[str, torch.nn.Module] = {}
+        if self.student.uses_ssl:
+            mods.update(head=self.student.head, dino_loss=self.student.dino_loss, ibot_loss=self.student.ibot_loss,
+                        teacher=self.teacher)
+        return mods
+
+    def autocast(self):
+        bf16 = self.cfg.run.precision == "bf16" or (self.cfg.run.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
+    objective = Objective(cfg.objective.term_weights())
+    overrides = {**cfg.model.overrides, "train_clip": "clip" in objective, "train_reconstruction": True,
+                 "image_size": cfg.data.image_size}
+    if cfg.model.init:
+        model = load_pretrained(cfg.model.init, rope_dtype=cfg.model.rope_dtype)
+        if "clip" in objective and not model.config.train_clip:
+            raise ConfigError(f"model.init: {cfg.model.init} has no text tower but objective.clip > 0")
+    else:
+        model = VTP(vtp_config(cfg.model.preset, **overrides), rope_dtype=cfg.model.rope_dtype)
+    world = dist.world_size()
+    shape = cfg.batch.per_rank(world)
+    student = Student(model, objective, cfg.ssl, n_rec=shape.rec, lpips_vgg_path=cfg.objective.lpips_vgg_path)
+    student.to(device)
+    teacher = Teacher(student).to(device) if student.uses_ssl else None
+    # fixed order: compile, then shard/wrap, then the optimizer (FSDP replaces the parameters)
+    if cfg.run.compile:
+        from vtp_fast.compile import apply_compile
+
+        apply_compile(model)
+    if world > 1 and cfg.run.distributed == "fsdp":
+        from vtp_fast.compile import transformer_blocks
+
+        wrapped = dist.apply_fsdp(student, transformer_blocks(model), mixed_precision=device.type == "cuda")
+        if teacher is not None:
+            dist.apply_fsdp(teacher, list(teacher.trunk.blocks), mixed_precision=device.type == "cuda")
+    else:
+        wrapped = dist.apply_ddp(student, device)
+    optimizer = make_adamw(param_groups({"student": student}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas)
+    return Trainer(cfg, device, objective, student, wrapped, teacher, optimizer, shape)
+
+
+def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet, Path]:
+    root = Path(cfg.data.root) if cfg.data.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
+    pairs = emoji_pairs(root, cfg.data.train_styles, context_length)
+    if pairs.images.shape[1] != cfg.data.image_size:
+        raise ConfigError(f"data.image_size: {cfg.data.image_size} but {root} holds {pairs.images.shape[1]} px images")
+    return pairs, root
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> tuple[dict, bool]:
+    """One optimizer step over `accumulation` micro-batches. Returns (detached logs, finite?). A non-finite step
+    changes nothing: gradients are dropped, the optimizer, EMA and loss centres are left as they were."""
+    for group in t.optimizer.param_groups:
+        group["lr"] = sched["lr"]
+        if group["weight_decay"] > 0:
+            group["weight_decay"] = sched["weight_decay"]
+    saved_centers = ([m.center.clone() for m in (t.student.dino_loss, t.student.ibot_loss)]
+                     if t.student.uses_ssl else [])
+    logs_sum: dict[str, torch.Tensor] = {}
+    n_micro = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        sync = i == n_micro - 1 or not hasattr(t.wrapped, "no_sync")
+        with (nullcontext() if sync else t.wrapped.no_sync()), t.autocast():
+            targets = t.teacher.targets(batch, t.student, sched["teacher_temp"]) if t.teacher is not None else None
+            total, logs = t.objective(t.wrapped(batch, targets))
+        (total / n_micro).backward()
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0) + v.float() / n_micro
+    values = torch.stack(list(logs_sum.values()))
+    finite = torch.isfinite(values).all().float()
+    finite = bool(dist.all_reduce_sum(finite.clone()).item() == dist.world_size())  # the one sync per step
+    if finite:
+        clip = t.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), clip if clip > 0 else float("inf"))
+        t.optimizer.step()
+        if t.teacher is not None:
+            t.teacher.update(t.student, sched["momentum"])
+        logs_sum["grad_norm"] = grad_norm.detach()
+    else:
+        for module, center in zip((t.student.dino_loss, t.student.ibot_loss), saved_centers, strict=False):
+            module.center.copy_(center)
+        logs_sum["bad_terms"] = [k for k, v in logs_sum.items() if not torch.isfinite(v).all()]
+    t.optimizer.zero_grad(set_to_none=True)
+    return logs_sum, finite
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: VTP, eval_u8: torch.Tensor, eval_captions: list[str], device: torch.device) -> dict:
+    was_training = model.training
+    model.eval()
+    images = normalize_u8(eval_u8).to(device)
+    recon = torch.cat([model.decode(model.encode(images[i:i + 128])) for i in range(0, len(images), 128)])
+    result = {"eval_psnr": psnr(model.denormalize(recon), model.denormalize(images)).mean().item()}
+    if model.config.train_clip:
+        zs = zero_shot_names(model, images, eval_captions)
+        result.update(zero_shot_top1=zs["top1"], zero_shot_top5=zs["top5"], zero_shot_chance=zs["chance"])
+    model.train(was_training)
+    return result
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
+    device = dist.init_from_env() if dist.launched_distributed() else pick_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    rank, world, main = dist.rank(), dist.world_size(), dist.rank() == 0
+    out = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    t = build_trainer(cfg, device)
+    pairs, root = load_pairs(cfg, t.model.config.text_context_length)
+    held_out = load_emoji(root, cfg.data.eval_styles)
+    eval_idx = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[: cfg.data.eval_images]
+    eval_u8, eval_captions = held_out.images[eval_idx], [held_out.captions[i] for i in eval_idx.tolist()]
+
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.run.keep_checkpoints)
+    start = 0
+    resume_from = ckpt.latest() if cfg.run.resume == "auto" else (None if cfg.run.resume == "none"
+                                                                  else Path(cfg.run.resume))
+    if resume_from is not None:
+        state = Checkpointer.load(resume_from, t.model, t.modules())
+        t.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        start = int(state["step"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.sweep()
+        save_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", fresh=False) if main else None
+    if main:
+        log.truncate_after(start)  # steps after the checkpoint are redone
+    tb = _tensorboard(out / "tb") if main and cfg.run.tensorboard else None
+
+    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
+                       steps=cfg.run.steps * cfg.batch.accumulation)
+    loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    n_params = sum(p.numel() for p in t.model.parameters())
+    if main:
+        terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
+        print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
+              f"{len(pairs)} pairs ({', '.join(cfg.data.train_styles)}), held-out {', '.join(cfg.data.eval_styles)}; "
+              f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
+              f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
+              f" -> {out}")
+        if pairs.skipped and any(pairs.skipped.values()):
+            log.write(step=start, **{f"skipped_{k}": v for k, v in pairs.skipped.items()})
+        if start == 0:
+            log.write(step=0, **evaluate(t.model, eval_u8, eval_captions, device))
+
+    t.wrapped.train()
+    bad_streak, last_eval = 0, {}
+    bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", unit="step", disable=not main, dynamic_ncols=True)
+    it, tic, images_seen = iter(loader), time.perf_counter(), 0
+    for step in range(start, cfg.run.steps):
+        micro = [to_device(next(it), device) for _ in range(cfg.batch.accumulation)]
+        sched = schedules(cfg, step)
+        logs, finite = train_step(t, micro, sched)
+        images_seen += cfg.batch.size
+        done = step + 1
+        if not finite:
+            bad_streak += 1
+            if main:
+                log.write(step=done, skipped=True, bad_terms=logs["bad_terms"])
+                bar.write(f"step {done}: non-finite loss in {logs['bad_terms']}; step skipped "
+                          f"({bad_streak}/{cfg.run.max_bad_steps} in a row)")
+            if bad_streak >= cfg.run.max_bad_steps:
+                last = ckpt.latest()
+                raise TrainingDiverged(f"{bad_streak} consecutive steps with non-finite losses "
+                                       f"({', '.join(logs['bad_terms'])}); stopped at step {done}; last good "
+                                       f"checkpoint: {last or 'none written yet'}")
+            continue
+        bad_streak = 0
+        if done % cfg.run.log_every == 0 or done == cfg.run.steps:
+            values = {k: (dist.all_reduce_sum(v.float().clone()) / world).item() for k, v in logs.items()}
+            elapsed = time.perf_counter() - tic
+            row = {**{f"loss/{k}" if k not in ("grad_norm",) else k: v for k, v in values.items()}, **sched,
+                   "images_per_s": images_seen / elapsed, "memory_mb": memory_mb(device)}
+            tic, images_seen = time.perf_counter(), 0
+            if main:
+                log.write(step=done, **row)
+                _tb_write(tb, done, row)
+                bar.set_postfix(loss=f"{values['total']:.3f}", img_s=f"{row['images_per_s']:.0f}",
+                                **{k: f"{v:.3f}" for k, v in last_eval.items() if k in ("zero_shot_top1",)})
+        if main and (done % cfg.run.eval_every == 0 or done == cfg.run.steps):
+            last_eval = evaluate(t.model, eval_u8, eval_captions, device)
+            log.write(step=done, **last_eval)
+            _tb_write(tb, done, last_eval)
+        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+            if main:
+                ckpt.save(done, t.model, t.modules(), {
+                    "step": done, "optimizer": t.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                    "data_position": done * cfg.batch.accumulation, "config": to_dict(cfg)})
+            dist.barrier()
+        bar.update(1)
+    bar.close()
+    if tb is not None:
+        tb.close()
+    return _finish(t, cfg, out, log, eval_u8) if main else {}
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _tb_write(tb, step: int, row: dict) -> None:
+    if tb is not None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)):
+                tb.add_scalar(k, v, step)
+
+
+def _finish(t: Trainer, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8: torch.Tensor) -> dict[str, Path]:
+    model = t.model.eval()
+    shown = normalize_u8(eval_u8[:12]).to(t.device)
+    with torch.no_grad():
+        recon = model.denormalize(model.decode(model.encode(shown))).clamp(0, 1)
+    loss_series = {k.removeprefix("loss/"): log.series(k) for k in sorted({k for r in log.read() for k in r})
+                   if k.startswith("loss/")}
+    paths = {
+        "checkpoint": save_pretrained(model, out / "checkpoint"),
+        "reconstructions": image_grid([model.denormalize(shown).clamp(0, 1), recon], out / "reconstructions.png"),
+        "loss_curves": plot_curves(loss_series, out / "loss.png", title=f"pretrain {cfg.model.preset}: loss terms"),
+        "psnr_curve": plot_curves({"held-out PSNR (dB)": log.series("eval_psnr")}, out / "psnr.png",
+                                  title="held-out reconstruction PSNR", ylabel="dB", log_y=False),
+        "metrics": log.path,
+        "config": out / "config.yaml",
+    }
+    if model.config.train_clip:
+        paths["zero_shot_curve"] = plot_curves(
+            {"top-1": log.series("zero_shot_top1"), "top-5": log.series("zero_shot_top5"),
+             "chance": log.series("zero_shot_chance")}, out / "zero_shot.png",
+            title="zero-shot accuracy on the held-out style (emoji names)", ylabel="accuracy", log_y=False)
+    if cfg.run.tensorboard and (out / "tb").exists():
+        paths["tensorboard"] = out / "tb"
+    rows = [r for r in log.read() if "eval_psnr" in r]
+    summary = f"held-out PSNR {rows[0]['eval_psnr']:.2f} -> {rows[-1]['eval_psnr']:.2f} dB"
+    if "zero_shot_top1" in rows[-1]:
+        summary += (f"; zero-shot top-1 {rows[0]['zero_shot_top1']:.3f} -> {rows[-1]['zero_shot_top1']:.3f} "
+                    f"(chance {rows[-1]['zero_shot_chance']:.4f}), top-5 {rows[-1]['zero_shot_top5']:.3f}")
+    print(summary)
+    for name, path in paths.items():
+        print(f"  {name:16s} {path}")
+    return paths
+

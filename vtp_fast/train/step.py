@@ -1,0 +1,161 @@
+"""One multi-objective pretraining step: the student (all trainable parts and the losses) and the EMA teacher.
+
+One student pass serves every objective. The trunk runs once over a list of views: the plain images (CLIP for
+every pair, reconstruction for the first `rec`), and for the first `ssl` samples the two global crops (iBOT-
+masked) and the local crops. Semantic heads read the pre-bottleneck tokens; only reconstruction passes the 64-d
+latent. The teacher (EMA of trunk + head) sees the unmasked global crops under no_grad.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from vtp_fast.config import ConfigError
+from vtp_fast.data.views import ViewConfig
+from vtp_fast.losses.clip import ClipLoss
+from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from vtp_fast.losses.objective import Objective
+from vtp_fast.losses.reconstruction import ReconstructionLoss
+from vtp_fast.models.heads import DINOHead
+from vtp_fast.models.vtp import VTP
+from vtp_fast.ops import masked_gather as masked_gather_op
+
+N_GLOBAL = 2
+
+
+@dataclass
+class SSLConfig:
+    """DINOv2 defaults are noted; the defaults here are sized for the CPU configs."""
+
+    prototypes: int = 4096  # DINOv2: 65536
+    hidden: int = 512  # DINOv2: 2048
+    bottleneck: int = 128  # DINOv2: 256
+    head_layers: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04  # linear warm-up from this to teacher_temp
+    teacher_temp_warmup_steps: int = 100
+    momentum_start: float = 0.992  # teacher EMA momentum, cosine to momentum_end
+    momentum_end: float = 1.0
+    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+    center_momentum: float = 0.9
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.momentum_start <= self.momentum_end <= 1:
+            raise ConfigError("ssl.momentum_start/momentum_end: need 0 <= start <= end <= 1")
+        for key in ("student_temp", "teacher_temp", "teacher_temp_warmup"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"ssl.{key}: must be > 0")
+
+
+class Student(nn.Module):
+    """The trainable model, its SSL head and every loss of the objective; `forward(batch, targets)` returns the
+    value of each active term. Wrap this module in DDP/FSDP (its forward is the whole student step)."""
+
+    def __init__(self, model: VTP, objective: Objective, ssl: SSLConfig, *, n_rec: int | None = None,
+                 lpips_vgg_path: str | None = None):
+        """n_rec: reconstruction uses the first n_rec images of each batch (None: all of them)."""
+        super().__init__()
+        self.model, self.objective, self.ssl_cfg, self.n_rec = model, objective, ssl, n_rec
+        self.uses_ssl = any(t in objective for t in ("dino", "ibot", "koleo"))
+        self.uses_clip = "clip" in objective
+        if self.uses_clip and not model.config.train_clip:
+            raise ConfigError("objective.clip > 0 needs a model with a text tower (train_clip)")
+        dim = model.config.vision_embed_dim
+        if self.uses_ssl:
+            self.head = DINOHead(dim, ssl.prototypes, ssl.hidden, ssl.bottleneck, ssl.head_layers)
+            kw = {"student_temp": ssl.student_temp, "center_momentum": ssl.center_momentum,
+                  "centering": ssl.centering}
+            self.dino_loss = DINOLoss(ssl.prototypes, **kw)
+            self.ibot_loss = IBOTPatchLoss(ssl.prototypes, **kw)
+            self.koleo_loss = KoLeoLoss()
+        if self.uses_clip:
+            self.clip_loss = ClipLoss()
+        self.rec_loss = ReconstructionLoss("rec_lpips" in objective, lpips_vgg_path)
+        self.gather = masked_gather_op.OP.resolve()
+
+    def forward(self, batch: dict[str, Tensor], targets: dict | None = None) -> dict[str, Tensor]:
+        """batch: see vtp_fast.data.pairs.StepBatches; targets: Teacher.targets(...) when SSL is on."""
+        m, images = self.model, batch["images"]
+        views, masks = [images], [None]
+        if self.uses_ssl:
+            views += [batch["global_crops"], batch["local_crops"]]
+            masks += [batch["masks"], None]
+            if batch["local_crops"].shape[0] == 0:  # no local crops configured
+                views, masks = views[:2], masks[:2]
+        outs = m.trunk(views, masks)
+        plain, terms = outs[0], {}
+
+        if self.uses_clip:
+            img = m.clip_image_features_from_tokens(plain["cls"], plain["patch"])
+            txt = m.clip_text_features(batch["tokens"])
+            terms["clip"] = self.clip_loss(img, txt, m.logit_scale)
+
+        n_rec = images.shape[0] if self.n_rec is None else self.n_rec
+        recon = m.pixel_decoder(m.latents_from_patch(plain["patch"][:n_rec], plain["grid"]))
+        terms.update(self.rec_loss(recon, images[:n_rec]))
+
+        if self.uses_ssl:
+            glob = outs[1]
+            loc = outs[2] if len(outs) > 2 else None
+            n_glob = glob["cls"].shape[0]
+            packed = self.gather.impl.masked_gather(glob["patch"], batch["mask_index"])  # (M, D)
+            head_in = [glob["cls"], packed] + ([loc["cls"]] if loc is not None else [])
+            logits = self.head(torch.cat(head_in))  # one head call for every token that needs it
+            g_logits, p_logits = logits[:n_glob], logits[n_glob:n_glob + packed.shape[0]]
+            l_logits = logits[n_glob + packed.shape[0]:]
+            n_local_views = l_logits.shape[0] // (n_glob // N_GLOBAL) if n_glob else 0
+            if "dino" in self.objective:
+                terms["dino"] = self.dino_loss(list(g_logits.chunk(N_GLOBAL)),
+                                               list(l_logits.chunk(n_local_views)) if n_local_views else [],
+                                               targets["dino"])
+            if "ibot" in self.objective:
+                terms["ibot"] = self.ibot_loss(p_logits, targets["ibot"], batch["mask_weight"], n_glob)
+            if "koleo" in self.objective:  # per global view, never between two views of one image
+                terms["koleo"] = sum(self.koleo_loss(c) for c in glob["cls"].chunk(N_GLOBAL))
+        return terms
+
+
+class Teacher(nn.Module):
+    """EMA copy of the student's trunk and SSL head, never trained by gradients."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.trunk = copy.deepcopy(student.model.trunk)
+        self.head = copy.deepcopy(student.head)
+        self.requires_grad_(False)
+
+    def pairs(self, student: Student) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher params, student params) in matching order."""
+        mine = list(self.trunk.parameters()) + list(self.head.parameters())
+        theirs = list(student.model.trunk.parameters()) + list(student.head.parameters())
+        return mine, theirs
+
+    @torch.no_grad()
+    def update(self, student: Student, momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, with fused foreach ops (on the local shards
+        when both sides are FSDP-sharded alike)."""
+        mine, theirs = self.pairs(student)
+        local = lambda p: getattr(p, "_local_tensor", p).detach()  # noqa: E731 - DTensor -> its shard
+        torch._foreach_lerp_([local(p) for p in mine], [local(p) for p in theirs], 1.0 - momentum)
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor], student: Student, temp: float) -> dict:
+        """Target probabilities: 'dino' (N_GLOBAL tensors (n, K), one per global view) and 'ibot' (M, K) at the
+        student's masked tokens. Updates the loss centres."""
+        out = self.trunk(batch["global_crops"])  # unmasked
+        n_glob = out["cls"].shape[0]
+        packed = student.gather.impl.masked_gather(out["patch"], batch["mask_index"])  # (M, D)
+        logits = self.head(torch.cat([out["cls"], packed]))
+        targets = {}
+        if "dino" in student.objective:
+            targets["dino"] = list(student.dino_loss.teacher_targets(logits[:n_glob], temp).chunk(N_GLOBAL))
+        if "ibot" in student.objective:
+            targets["ibot"] = student.ibot_loss.teacher_targets(logits[n_glob:], temp)
+        return targets
