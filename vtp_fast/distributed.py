@@ -50,9 +50,9 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     across ranks (so a local loss against gathered features gets the global loss's gradient)."""
     if not is_distributed():
         return x
-    import torch.distributed.nn.functional as dist_fn
+    from torch.distributed import _functional_collectives as funcol
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return funcol.wait_tensor(funcol.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD))
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:
@@ -83,9 +83,13 @@ def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
-def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: bool) -> nn.Module:
+def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: bool,
+               reshard_root: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` every transformer block, then the root. Parameters become DTensors sharded over the
-    ranks; bf16 compute with fp32 gradient reduction when `mixed_precision`."""
+    ranks; bf16 compute with fp32 gradient reduction when `mixed_precision`. Scalar parameters (the logit scale)
+    cannot be sharded: they stay replicated and `average_replicated_grads` all-reduces their gradients.
+    `reshard_root`: free the root's gathered parameters after each forward (for a module that never runs a
+    backward, like the EMA teacher)."""
     if not is_distributed():
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -94,8 +98,59 @@ def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: bool
     kwargs = {"mp_policy": mp} if mp is not None else {}
     for block in blocks:
         fully_shard(block, **kwargs)
-    fully_shard(module, **kwargs)
+    replicated = {p for p in module.parameters() if p.ndim == 0}
+    fully_shard(module, ignored_params=replicated, reshard_after_forward=True if reshard_root else None, **kwargs)
+    module._replicated_params = sorted(replicated, key=id)
     return module
+
+
+def average_replicated_grads(module: nn.Module) -> None:
+    """Mean over ranks of the gradients of parameters FSDP leaves replicated (no-op otherwise)."""
+    for p in getattr(module, "_replicated_params", ()):
+        if p.grad is not None:
+            all_reduce_sum(p.grad)
+            p.grad /= world_size()
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor's whole value (a collective: every rank must call it in the same order); other tensors as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """`module.state_dict()` with whole tensors on the CPU (collective under FSDP)."""
+    return {k: full_tensor(v).detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def copy_full_(target: Tensor, full: Tensor) -> None:
+    """Copy a whole tensor into `target`, or into this rank's shard of it when it is a DTensor."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.copy_(full)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with whole state tensors on the CPU (collective under FSDP)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Inverse of `full_optimizer_state`: per-parameter states of sharded parameters are re-sharded alike."""
+    optimizer.load_state_dict(sd)
+    for p, state in optimizer.state.items():
+        if hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and not hasattr(v, "device_mesh"):
+                    state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -87,9 +87,11 @@ class StepBatches(Dataset):
         return ids, epochs
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
-        ids, epochs = self.positions(step)
-        batch = {"images": normalize_u8(self.pairs.images[ids]), "tokens": self.pairs.tokens[ids], "ids": ids,
-                 "step": torch.tensor(step)}
+        return self.assemble(*self.positions(step))
+
+    def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
+        """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`."""
+        batch = {"images": normalize_u8(self.pairs.images[ids]), "tokens": self.pairs.tokens[ids], "ids": ids}
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2

@@ -88,9 +88,11 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
                                     ("mis-shaped keys", misshaped)) if keys]
     if problems:
         raise CheckpointError(f"{source}: does not match the model; " + "; ".join(problems))
+    from vtp_fast.distributed import copy_full_
+
     with torch.no_grad():
         for k, t in expected.items():
-            t.copy_(state[k])
+            copy_full_(t, state[k])
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", rope_dtype: str = "bf16") -> VTP:
@@ -110,11 +112,14 @@ def config_json(config: VTPConfig) -> dict:
             **dataclasses.asdict(config)}
 
 
-def save_pretrained(model: VTP, path: str | Path) -> Path:
-    """Write `model` as config.json + model.safetensors under `path`, atomically (temp dir + rename)."""
+def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` as config.json + model.safetensors under `path`, atomically (temp dir + rename).
+
+    `state` replaces model.state_dict() (e.g. whole tensors gathered from FSDP shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if state is None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json(model.config), indent=2) + "\n")

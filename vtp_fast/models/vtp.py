@@ -96,6 +96,7 @@ class VTP(nn.Module):
         super().__init__()
         config.validate()
         self.config = c = config
+        self.rope_dtype = rope_dtype
         self.trunk = VisionTrunk(
             patch_size=c.vision_patch_size, dim=c.vision_embed_dim, depth=c.vision_depth,
             num_heads=c.vision_num_heads, mlp_ratio=c.vision_mlp_ratio, norm=c.vision_norm_layer,

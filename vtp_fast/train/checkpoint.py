@@ -57,14 +57,14 @@ class Checkpointer:
             for p in self.root.glob(".step_*.tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def save(self, step: int, model: nn.Module, modules: dict[str, nn.Module], state: dict) -> Path:
+    def save(self, step: int, model: nn.Module, model_state: dict, modules: dict[str, dict], state: dict) -> Path:
+        """model_state / modules: whole-tensor state dicts (see distributed.full_state_dict)."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / step_dir_name(step)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
         try:
-            save_pretrained(model, tmp / "model")
-            flat = {f"{name}.{k}": v.detach().cpu().contiguous()
-                    for name, module in modules.items() for k, v in module.state_dict().items()}
+            save_pretrained(model, tmp / "model", state=model_state)
+            flat = {f"{name}.{k}": v for name, sd in modules.items() for k, v in sd.items()}
             save_file(flat, str(tmp / "modules.safetensors"))
             torch.save(state, tmp / "train_state.pt")
             for f in tmp.rglob("*"):

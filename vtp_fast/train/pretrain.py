@@ -28,7 +28,7 @@ from vtp_fast.eval.plots import image_grid, plot_curves
 from vtp_fast.eval.zeroshot import zero_shot_names
 from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.models.presets import vtp_config
-from vtp_fast.models.pretrained import load_pretrained, save_pretrained
+from vtp_fast.models.pretrained import load_pretrained, load_state_strict, save_pretrained
 from vtp_fast.models.vtp import VTP
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, OptimConfig, pick_device, seed_everything
@@ -181,6 +181,18 @@ class Trainer:
                         teacher=self.teacher)
         return mods
 
+    def plain_model(self) -> VTP | None:
+        """The tokenizer with whole weights, for evaluation and export, on the main rank (None on the others).
+        Under FSDP the shards are gathered (every rank must call this) into a fresh copy."""
+        if not hasattr(self.wrapped, "reshard"):  # not FSDP-sharded
+            return self.model if dist.rank() == 0 else None
+        state = dist.full_state_dict(self.model)
+        if dist.rank() != 0:
+            return None
+        copy = VTP(self.model.config, rope_dtype=self.model.rope_dtype).to(self.device)
+        load_state_strict(copy, state, "gathered FSDP shards")
+        return copy
+
     def autocast(self):
         bf16 = self.cfg.run.precision == "bf16" or (self.cfg.run.precision == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -211,7 +223,8 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
 
         wrapped = dist.apply_fsdp(student, transformer_blocks(model), mixed_precision=device.type == "cuda")
         if teacher is not None:
-            dist.apply_fsdp(teacher, list(teacher.trunk.blocks), mixed_precision=device.type == "cuda")
+            dist.apply_fsdp(teacher, list(teacher.trunk.blocks), mixed_precision=device.type == "cuda",
+                            reshard_root=True)
     else:
         wrapped = dist.apply_ddp(student, device)
     optimizer = make_adamw(param_groups({"student": student}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas)
@@ -231,6 +244,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the step
+def forward_backward(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Teacher targets, student terms and backward for each micro-batch (gradients accumulate, synchronised
+    across ranks on the last one). Returns the detached term values averaged over the micro-batches."""
+    logs_sum: dict[str, torch.Tensor] = {}
+    n_micro = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        sync = i == n_micro - 1 or not hasattr(t.wrapped, "no_sync")
+        with (nullcontext() if sync else t.wrapped.no_sync()), t.autocast():
+            targets = t.teacher(batch, t.student, sched["teacher_temp"]) if t.teacher is not None else None
+            total, logs = t.objective(t.wrapped(batch, targets))
+        (total / n_micro).backward()
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0) + v.float() / n_micro
+    dist.average_replicated_grads(t.wrapped)
+    return logs_sum
+
+
 def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> tuple[dict, bool]:
     """One optimizer step over `accumulation` micro-batches. Returns (detached logs, finite?). A non-finite step
     changes nothing: gradients are dropped, the optimizer, EMA and loss centres are left as they were."""
@@ -240,16 +270,7 @@ def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -
             group["weight_decay"] = sched["weight_decay"]
     saved_centers = ([m.center.clone() for m in (t.student.dino_loss, t.student.ibot_loss)]
                      if t.student.uses_ssl else [])
-    logs_sum: dict[str, torch.Tensor] = {}
-    n_micro = len(micro_batches)
-    for i, batch in enumerate(micro_batches):
-        sync = i == n_micro - 1 or not hasattr(t.wrapped, "no_sync")
-        with (nullcontext() if sync else t.wrapped.no_sync()), t.autocast():
-            targets = t.teacher.targets(batch, t.student, sched["teacher_temp"]) if t.teacher is not None else None
-            total, logs = t.objective(t.wrapped(batch, targets))
-        (total / n_micro).backward()
-        for k, v in logs.items():
-            logs_sum[k] = logs_sum.get(k, 0) + v.float() / n_micro
+    logs_sum = forward_backward(t, micro_batches, sched)
     values = torch.stack(list(logs_sum.values()))
     finite = torch.isfinite(values).all().float()
     finite = bool(dist.all_reduce_sum(finite.clone()).item() == dist.world_size())  # the one sync per step
@@ -259,7 +280,7 @@ def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -
         t.optimizer.step()
         if t.teacher is not None:
             t.teacher.update(t.student, sched["momentum"])
-        logs_sum["grad_norm"] = grad_norm.detach()
+        logs_sum["grad_norm"] = dist.full_tensor(grad_norm).detach()  # a DTensor under FSDP
     else:
         for module, center in zip((t.student.dino_loss, t.student.ibot_loss), saved_centers, strict=False):
             module.center.copy_(center)
@@ -309,7 +330,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
                                                                   else Path(cfg.run.resume))
     if resume_from is not None:
         state = Checkpointer.load(resume_from, t.model, t.modules())
-        t.optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(t.optimizer, state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         start = int(state["step"])
     if main:
@@ -335,8 +356,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
               f" -> {out}")
         if pairs.skipped and any(pairs.skipped.values()):
             log.write(step=start, **{f"skipped_{k}": v for k, v in pairs.skipped.items()})
-        if start == 0:
-            log.write(step=0, **evaluate(t.model, eval_u8, eval_captions, device))
+    if start == 0:
+        model = t.plain_model()
+        if main:
+            log.write(step=0, **evaluate(model, eval_u8, eval_captions, device))
 
     t.wrapped.train()
     bad_streak, last_eval = 0, {}
@@ -372,21 +395,27 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
                 _tb_write(tb, done, row)
                 bar.set_postfix(loss=f"{values['total']:.3f}", img_s=f"{row['images_per_s']:.0f}",
                                 **{k: f"{v:.3f}" for k, v in last_eval.items() if k in ("zero_shot_top1",)})
-        if main and (done % cfg.run.eval_every == 0 or done == cfg.run.steps):
-            last_eval = evaluate(t.model, eval_u8, eval_captions, device)
-            log.write(step=done, **last_eval)
-            _tb_write(tb, done, last_eval)
-        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+        if done % cfg.run.eval_every == 0 or done == cfg.run.steps:
+            model = t.plain_model()
             if main:
-                ckpt.save(done, t.model, t.modules(), {
-                    "step": done, "optimizer": t.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                last_eval = evaluate(model, eval_u8, eval_captions, device)
+                log.write(step=done, **last_eval)
+                _tb_write(tb, done, last_eval)
+        if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
+            model_state = dist.full_state_dict(t.model)  # every rank: gathering FSDP shards is collective
+            modules = {name: dist.full_state_dict(m) for name, m in t.modules().items()}
+            optim_state = dist.full_optimizer_state(t.optimizer)
+            if main:
+                ckpt.save(done, t.model, model_state, modules, {
+                    "step": done, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
                     "data_position": done * cfg.batch.accumulation, "config": to_dict(cfg)})
             dist.barrier()
         bar.update(1)
     bar.close()
     if tb is not None:
         tb.close()
-    return _finish(t, cfg, out, log, eval_u8) if main else {}
+    model = t.plain_model()
+    return _finish(model, cfg, out, log, eval_u8, t.device) if main else {}
 
 
 def _tensorboard(path: Path):
@@ -404,9 +433,10 @@ def _tb_write(tb, step: int, row: dict) -> None:
                 tb.add_scalar(k, v, step)
 
 
-def _finish(t: Trainer, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8: torch.Tensor) -> dict[str, Path]:
-    model = t.model.eval()
-    shown = normalize_u8(eval_u8[:12]).to(t.device)
+def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8: torch.Tensor,
+            device: torch.device) -> dict[str, Path]:
+    model.eval()
+    shown = normalize_u8(eval_u8[:12]).to(device)
     with torch.no_grad():
         recon = model.denormalize(model.decode(model.encode(shown))).clamp(0, 1)
     loss_series = {k.removeprefix("loss/"): log.series(k) for k in sorted({k for r in log.read() for k in r})

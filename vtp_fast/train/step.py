@@ -146,9 +146,9 @@ class Teacher(nn.Module):
         torch._foreach_lerp_([local(p) for p in mine], [local(p) for p in theirs], 1.0 - momentum)
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor], student: Student, temp: float) -> dict:
+    def forward(self, batch: dict[str, Tensor], student: Student, temp: float) -> dict:
         """Target probabilities: 'dino' (N_GLOBAL tensors (n, K), one per global view) and 'ibot' (M, K) at the
-        student's masked tokens. Updates the loss centres."""
+        student's masked tokens. Updates the loss centres. (A forward, so FSDP's hooks gather the shards.)"""
         out = self.trunk(batch["global_crops"])  # unmasked
         n_glob = out["cls"].shape[0]
         packed = student.gather.impl.masked_gather(out["patch"], batch["mask_index"])  # (M, D)

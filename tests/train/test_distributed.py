@@ -1,0 +1,118 @@
+"""Two gloo processes on the CPU compute what one process computes on the same global batch: every loss term,
+every gradient, the teacher targets' centres."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.helpers import make_prepared_emoji
+from tests.train.test_pretrain import small_config
+from vtp_fast.data.pairs import StepBatches, emoji_pairs
+from vtp_fast.train.pretrain import build_trainer, forward_backward, schedules
+
+WORLD = 2
+EXTRA = ("batch.size=8", "batch.ssl=4", "batch.rec=4")  # per rank: 4 pairs, 2 SSL samples, 2 reconstructions
+STEP = 1
+
+
+def run_once(t, batch, sched):
+    """Terms, gradients and loss centres after the step's forward/backward."""
+    logs = forward_backward(t, [batch], sched)
+    grads = {}
+    for name, p in t.student.named_parameters():
+        g = p.grad
+        grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    centers = {n: getattr(t.student, n).center.clone() for n in ("dino_loss", "ibot_loss")}
+    return {k: v.clone() for k, v in logs.items()}, grads, centers
+
+
+def _worker(rank, root, out_dir, result_file, mode):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        cfg = small_config(root, out_dir / "run", *EXTRA, f"run.distributed={mode}")
+        torch.manual_seed(0)
+        t = build_trainer(cfg, torch.device("cpu"))
+        pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
+        data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=WORLD)
+        logs, grads, centers = run_once(t, data[STEP], schedules(cfg, STEP))
+        logs = {k: v / WORLD for k, v in logs.items()}
+        for v in logs.values():
+            dist.all_reduce(v)  # the global value is the mean over ranks of the local values
+        if rank == 0:
+            torch.save({"logs": logs, "grads": grads, "centers": centers}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_prepared_emoji(tmp_path_factory.mktemp("emoji") / "prepared", size=32)
+
+
+def single_process_reference(root, tmp_path):
+    cfg = small_config(root, tmp_path / "single", "batch.size=8", "batch.ssl=4", "batch.rec=4")
+    torch.manual_seed(0)
+    t = build_trainer(cfg, torch.device("cpu"))
+    pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
+    per_rank = [StepBatches(pairs, t.shape.__class__(size=4, ssl=2, rec=2), cfg.ssl.views, seed=cfg.run.seed,
+                            rank=r, world=WORLD).positions(STEP) for r in range(WORLD)]
+    # the same 8 samples, ordered so that the first 4 are the union of the ranks' SSL / reconstruction subsets
+    ids = torch.cat([p[0][:2] for p in per_rank] + [p[0][2:] for p in per_rank])
+    epochs = torch.cat([p[1][:2] for p in per_rank] + [p[1][2:] for p in per_rank])
+    t.student.n_rec = 4
+    batch = StepBatches(pairs, t.shape.__class__(size=8, ssl=4, rec=4), cfg.ssl.views,
+                        seed=cfg.run.seed).assemble(ids, epochs)
+    return run_once(t, batch, schedules(cfg, STEP))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_on_the_global_batch(root, tmp_path, mode):
+    result = tmp_path / "rank0.pt"
+    mp.start_processes(_worker, args=(root, tmp_path, result, mode), nprocs=WORLD, start_method="spawn")
+    got = torch.load(result, weights_only=True)
+    logs, grads, centers = single_process_reference(root, tmp_path)
+    assert set(got["logs"]) == set(logs) >= {"clip", "dino", "ibot", "koleo", "rec_l1", "total"}
+    for k in logs:  # fp32 sums in another order: rounding-level agreement
+        torch.testing.assert_close(got["logs"][k], logs[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert set(got["grads"]) == set(grads)
+    for k in grads:
+        torch.testing.assert_close(got["grads"][k], grads[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for k in centers:
+        torch.testing.assert_close(got["centers"][k], centers[k], rtol=1e-5, atol=1e-7)
+
+
+def test_torchrun_fsdp_run_checkpoints_and_resumes_exactly(root, tmp_path):
+    """The whole job under torchrun with FSDP2: sharded state gathered into the published layout, and a resume
+    from the gathered checkpoint continues the same loss trajectory."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.train.test_pretrain import SMALL
+
+    args = [*SMALL, f"data.root={root}", *EXTRA, "run.steps=4", "run.checkpoint_every=2", "run.keep_checkpoints=3",
+            "run.distributed=fsdp"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "vtp_fast.cli", "pretrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    r = subprocess.run([*launch, *args, f"run.out_dir={full}"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from vtp_fast import load_pretrained
+
+    load_pretrained(full / "checkpoints" / "step_00000004" / "model")  # whole tensors, published layout
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000004")
+    r = subprocess.run([*launch, *args, f"run.out_dir={part}", "--resume", "auto"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = lambda d: [(x["step"], x["loss/total"]) for x in map(json.loads, (d / "metrics.jsonl").read_text()  # noqa: E731
+                                                                 .splitlines()) if "loss/total" in x]
+    assert rows(part) == rows(full) and len(rows(full)) == 4
