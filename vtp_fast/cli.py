@@ -166,6 +166,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from vtp_fast.config import load_config
+    from vtp_fast.train.pretrain import PretrainConfig
+    from vtp_fast.train.profile import profile
+
+    profile(load_config(PretrainConfig, args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+            out=args.out, trace=args.trace)
+    return 0
+
+
 def cmd_data_emoji(args: argparse.Namespace) -> int:
     from vtp_fast.data.emoji import default_cache_dir, load_emoji, prepare_emoji
 
@@ -207,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="continue from a published checkpoint directory (adds heads and teacher)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 objective.clip=0")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("profile", help="per-objective step-time profile of a pretraining config")
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--out", help="output directory (default: <run.out_dir>/profile)")
+    p.add_argument("--trace", action="store_true", help="also write a torch.profiler chrome trace")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("data", help="prepare bundled data sets")
     data_sub = p.add_subparsers(dest="dataset", required=True)

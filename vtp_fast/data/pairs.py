@@ -62,10 +62,21 @@ class BatchShape:
     patch: int = 16
 
 
+def trim_tokens(tokens: Tensor, multiple: int = 8) -> Tensor:
+    """(B, L) token ids -> (B, L') with L' the batch's longest caption rounded up to `multiple` (at most L).
+
+    Exact for a causal text tower pooled at the end-of-text token: positions after a caption's end never
+    influence it. Saves the text tower's work on padding."""
+    nonzero = (tokens != 0).any(0).nonzero()
+    length = int(nonzero[-1]) + 1 if nonzero.numel() else 1
+    return tokens[:, : min(tokens.shape[1], -(-length // multiple) * multiple)]
+
+
 class StepBatches(Dataset):
     def __init__(self, pairs: PairSet, shape: BatchShape, views: ViewConfig, *, seed: int, rank: int = 0,
-                 world: int = 1, steps: int = 1 << 40):
-        self.pairs, self.shape, self.views = pairs, shape, views
+                 world: int = 1, steps: int = 1 << 40, trim_text: bool = False):
+        """trim_text: cut token padding beyond the batch's longest caption (see `trim_tokens`)."""
+        self.pairs, self.shape, self.views, self.trim_text = pairs, shape, views, trim_text
         self.seed, self.rank, self.world, self.steps = seed, rank, world, steps
         if len(pairs) == 0:
             raise ValueError("the pair set is empty")
@@ -91,7 +102,9 @@ class StepBatches(Dataset):
 
     def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`."""
-        batch = {"images": normalize_u8(self.pairs.images[ids]), "tokens": self.pairs.tokens[ids], "ids": ids}
+        tokens = self.pairs.tokens[ids]
+        batch = {"images": normalize_u8(self.pairs.images[ids]), "tokens": trim_tokens(tokens) if self.trim_text
+                 else tokens, "ids": ids}
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from vtp_fast.config import ConfigError
 
-TERMS = ("rec_l1", "rec_lpips", "clip", "dino", "ibot", "koleo")
+TERMS = ("rec_l1", "rec_lpips", "clip", "dino", "ibot", "koleo", "gan")
 
 
 @dataclass
@@ -25,9 +25,10 @@ class ObjectiveConfig:
     dino: float = 1.0
     ibot: float = 1.0
     koleo: float = 0.1
+    gan: float = 0.0  # stage 2: weight of the adversarial term (on top of VQGAN's adaptive weight)
 
     def validate(self) -> None:
-        for key in ("rec", "clip", "ssl", "perceptual", "dino", "ibot", "koleo"):
+        for key in ("rec", "clip", "ssl", "perceptual", "dino", "ibot", "koleo", "gan"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}: weights must be >= 0, got {getattr(self, key)}")
         if self.rec == 0:
@@ -35,7 +36,8 @@ class ObjectiveConfig:
 
     def term_weights(self) -> dict[str, float]:
         return {"rec_l1": self.rec, "rec_lpips": self.rec * self.perceptual, "clip": self.clip,
-                "dino": self.ssl * self.dino, "ibot": self.ssl * self.ibot, "koleo": self.ssl * self.koleo}
+                "dino": self.ssl * self.dino, "ibot": self.ssl * self.ibot, "koleo": self.ssl * self.koleo,
+                "gan": self.gan}
 
 
 class Objective:

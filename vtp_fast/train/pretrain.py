@@ -115,7 +115,20 @@ class PretrainRunConfig:
 
 
 @dataclass
+class GANConfig:
+    """Stage 2: the PatchGAN discriminator and its optimizer."""
+
+    channels: int = 64
+    layers: int = 3
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    start_step: int = 0  # no adversarial term and no discriminator update before this step
+
+
+@dataclass
 class PretrainConfig:
+    stage: Literal[1, 2] = 1  # 1: pretraining; 2: encoder frozen, pixel decoder fine-tuned with a GAN loss
+    gan: GANConfig = field(default_factory=GANConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -125,6 +138,12 @@ class PretrainConfig:
     run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
 
     def validate(self) -> None:
+        o = self.objective
+        if self.stage == 2 and (o.gan <= 0 or o.clip > 0 or o.ssl > 0):
+            raise ConfigError("stage: 2 fine-tunes the pixel decoder only: set objective.gan > 0, objective.clip=0 "
+                              "and objective.ssl=0")
+        if self.stage == 1 and o.gan > 0:
+            raise ConfigError("objective.gan: the adversarial term belongs to stage 2 (set stage=2)")
         uses_ssl = self.objective.ssl > 0 and (self.objective.dino or self.objective.ibot or self.objective.koleo)
         if uses_ssl and self.batch.ssl == 0:
             raise ConfigError("batch.ssl: must be > 0 when objective.ssl > 0")
@@ -147,6 +166,7 @@ def schedules(cfg: PretrainConfig, step: int) -> dict[str, float]:
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
     warm = s.teacher_temp_warmup_steps
     return {
+        "step": step,
         "lr": cosine_schedule(step, total, o.warmup_steps, o.lr, o.min_lr),
         "weight_decay": wd_end + 0.5 * (o.weight_decay - wd_end) * (1 + math.cos(math.pi * progress)),
         "momentum": s.momentum_end - 0.5 * (s.momentum_end - s.momentum_start) * (1 + math.cos(math.pi * progress)),
@@ -168,10 +188,19 @@ class Trainer:
     teacher: Teacher | None
     optimizer: torch.optim.Optimizer
     shape: BatchShape
+    disc: torch.nn.Module | None = None  # stage 2
+    disc_wrapped: torch.nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
 
     @property
     def model(self) -> VTP:
         return self.student.model
+
+    @property
+    def causal_text(self) -> bool:
+        """Whether token padding may be trimmed (causal text tower pooled at the end-of-text token)."""
+        c = self.model.config
+        return c.train_clip and not c.text_no_causal_mask and c.text_pool_type == "argmax"
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Checkpointed modules besides the published model."""
@@ -179,7 +208,15 @@ class Trainer:
         if self.student.uses_ssl:
             mods.update(head=self.student.head, dino_loss=self.student.dino_loss, ibot_loss=self.student.ibot_loss,
                         teacher=self.teacher)
+        if self.disc is not None:
+            mods["discriminator"] = self.disc
         return mods
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"optimizer": self.optimizer}
+        if self.disc_optimizer is not None:
+            opts["disc_optimizer"] = self.disc_optimizer
+        return opts
 
     def plain_model(self) -> VTP | None:
         """The tokenizer with whole weights, for evaluation and export, on the main rank (None on the others).
@@ -210,7 +247,8 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
         model = VTP(vtp_config(cfg.model.preset, **overrides), rope_dtype=cfg.model.rope_dtype)
     world = dist.world_size()
     shape = cfg.batch.per_rank(world)
-    student = Student(model, objective, cfg.ssl, n_rec=shape.rec, lpips_vgg_path=cfg.objective.lpips_vgg_path)
+    student = Student(model, objective, cfg.ssl, n_rec=shape.rec, lpips_vgg_path=cfg.objective.lpips_vgg_path,
+                      freeze_encoder=cfg.stage == 2)
     student.to(device)
     teacher = Teacher(student).to(device) if student.uses_ssl else None
     # fixed order: compile, then shard/wrap, then the optimizer (FSDP replaces the parameters)
@@ -228,7 +266,15 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     else:
         wrapped = dist.apply_ddp(student, device)
     optimizer = make_adamw(param_groups({"student": student}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas)
-    return Trainer(cfg, device, objective, student, wrapped, teacher, optimizer, shape)
+    trainer = Trainer(cfg, device, objective, student, wrapped, teacher, optimizer, shape)
+    if "gan" in objective:
+        from vtp_fast.models.discriminator import PatchDiscriminator
+
+        trainer.disc = PatchDiscriminator(cfg.gan.channels, cfg.gan.layers).to(device)
+        trainer.disc_wrapped = dist.apply_ddp(trainer.disc, device)
+        trainer.disc_optimizer = make_adamw([{"params": list(trainer.disc.parameters()), "weight_decay": 0.0}],
+                                            cfg.gan.lr, cfg.gan.betas)
+    return trainer
 
 
 def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet, Path]:
@@ -244,21 +290,64 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the step
+def adversarial_term(t: Trainer, terms: dict, active: bool) -> None:
+    """Stage 2: the generator's hinge loss on the reconstructions, scaled by VQGAN's adaptive weight, as the
+    'gan' term (zero before gan.start_step). The discriminator gets no gradient from it."""
+    recon = terms.pop("_recon")
+    if not active:
+        terms["gan"] = recon.sum() * 0.0
+        return
+    from vtp_fast.losses.gan import adaptive_weight, generator_hinge
+
+    t.disc.requires_grad_(False)
+    gen = generator_hinge(t.disc(recon))
+    t.disc.requires_grad_(True)
+    rec = sum(t.objective.weights[k] * terms[k] for k in ("rec_l1", "rec_lpips") if k in t.objective)
+    weight = adaptive_weight(rec, gen, t.model.pixel_decoder.proj_out.weight)
+    terms["gan"] = weight * gen
+    terms["gan_weight"] = weight  # logged only (not an objective term)
+
+
 def forward_backward(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> dict[str, torch.Tensor]:
     """Teacher targets, student terms and backward for each micro-batch (gradients accumulate, synchronised
-    across ranks on the last one). Returns the detached term values averaged over the micro-batches."""
+    across ranks on the last one). Returns the detached term values averaged over the micro-batches; in stage 2
+    also '_fake' / '_real' images of the last micro-batch for the discriminator."""
     logs_sum: dict[str, torch.Tensor] = {}
     n_micro = len(micro_batches)
+    probe = t.student.probe
     for i, batch in enumerate(micro_batches):
         sync = i == n_micro - 1 or not hasattr(t.wrapped, "no_sync")
         with (nullcontext() if sync else t.wrapped.no_sync()), t.autocast():
-            targets = t.teacher(batch, t.student, sched["teacher_temp"]) if t.teacher is not None else None
-            total, logs = t.objective(t.wrapped(batch, targets))
-        (total / n_micro).backward()
+            with probe.region("teacher"):
+                targets = t.teacher(batch, t.student, sched["teacher_temp"]) if t.teacher is not None else None
+            terms = t.wrapped(batch, targets)
+            if t.disc is not None:
+                recon = terms["_recon"].detach()
+                adversarial_term(t, terms, sched["step"] >= t.cfg.gan.start_step)
+                if "gan_weight" in terms:
+                    logs_sum["gan_weight"] = terms.pop("gan_weight").float()
+            total, logs = t.objective(terms)
+        with probe.region("backward"):
+            (total / n_micro).backward()
         for k, v in logs.items():
             logs_sum[k] = logs_sum.get(k, 0) + v.float() / n_micro
     dist.average_replicated_grads(t.wrapped)
+    if t.disc is not None:
+        logs_sum["_fake"], logs_sum["_real"] = recon, batch["images"][: recon.shape[0]]
     return logs_sum
+
+
+def discriminator_step(t: Trainer, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """One hinge-loss update of the discriminator on real images and (detached) reconstructions."""
+    from vtp_fast.losses.gan import discriminator_hinge
+
+    with t.autocast():
+        logits = t.disc_wrapped(torch.cat([real, fake]))
+        loss = discriminator_hinge(*logits.chunk(2))
+    loss.backward()
+    t.disc_optimizer.step()
+    t.disc_optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> tuple[dict, bool]:
@@ -271,15 +360,20 @@ def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -
     saved_centers = ([m.center.clone() for m in (t.student.dino_loss, t.student.ibot_loss)]
                      if t.student.uses_ssl else [])
     logs_sum = forward_backward(t, micro_batches, sched)
+    fake, real = logs_sum.pop("_fake", None), logs_sum.pop("_real", None)
     values = torch.stack(list(logs_sum.values()))
     finite = torch.isfinite(values).all().float()
     finite = bool(dist.all_reduce_sum(finite.clone()).item() == dist.world_size())  # the one sync per step
     if finite:
-        clip = t.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), clip if clip > 0 else float("inf"))
-        t.optimizer.step()
+        with t.student.probe.region("optimizer"):
+            clip = t.cfg.optim.grad_clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), clip if clip > 0 else float("inf"))
+            t.optimizer.step()
         if t.teacher is not None:
-            t.teacher.update(t.student, sched["momentum"])
+            with t.student.probe.region("ema"):
+                t.teacher.update(t.student, sched["momentum"])
+        if fake is not None and sched["step"] >= t.cfg.gan.start_step:
+            logs_sum["disc"] = discriminator_step(t, fake, real)
         logs_sum["grad_norm"] = dist.full_tensor(grad_norm).detach()  # a DTensor under FSDP
     else:
         for module, center in zip((t.student.dino_loss, t.student.ibot_loss), saved_centers, strict=False):
@@ -330,7 +424,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
                                                                   else Path(cfg.run.resume))
     if resume_from is not None:
         state = Checkpointer.load(resume_from, t.model, t.modules())
-        dist.load_optimizer_state(t.optimizer, state["optimizer"])
+        for name, opt in t.optimizers().items():
+            dist.load_optimizer_state(opt, state[name])
         torch.set_rng_state(state["rng_cpu"])
         start = int(state["step"])
     if main:
@@ -343,7 +438,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     tb = _tensorboard(out / "tb") if main and cfg.run.tensorboard else None
 
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
-                       steps=cfg.run.steps * cfg.batch.accumulation)
+                       steps=cfg.run.steps * cfg.batch.accumulation, trim_text=t.causal_text)
     loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     n_params = sum(p.numel() for p in t.model.parameters())
@@ -387,7 +482,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         if done % cfg.run.log_every == 0 or done == cfg.run.steps:
             values = {k: (dist.all_reduce_sum(v.float().clone()) / world).item() for k, v in logs.items()}
             elapsed = time.perf_counter() - tic
-            row = {**{f"loss/{k}" if k not in ("grad_norm",) else k: v for k, v in values.items()}, **sched,
+            losses = set(t.objective.weights) | {"total", "disc"}
+            row = {**{f"loss/{k}" if k in losses else k: v for k, v in values.items()},
+                   **{k: v for k, v in sched.items() if k != "step"},
                    "images_per_s": images_seen / elapsed, "memory_mb": memory_mb(device)}
             tic, images_seen = time.perf_counter(), 0
             if main:
@@ -404,10 +501,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
             model_state = dist.full_state_dict(t.model)  # every rank: gathering FSDP shards is collective
             modules = {name: dist.full_state_dict(m) for name, m in t.modules().items()}
-            optim_state = dist.full_optimizer_state(t.optimizer)
+            optim_states = {name: dist.full_optimizer_state(opt) for name, opt in t.optimizers().items()}
             if main:
                 ckpt.save(done, t.model, model_state, modules, {
-                    "step": done, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
+                    "step": done, **optim_states, "rng_cpu": torch.get_rng_state(),
                     "data_position": done * cfg.batch.accumulation, "config": to_dict(cfg)})
             dist.barrier()
         bar.update(1)

@@ -9,6 +9,7 @@ latent. The teacher (EMA of trunk + head) sees the unmasked global crops under n
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +25,7 @@ from vtp_fast.losses.reconstruction import ReconstructionLoss
 from vtp_fast.models.heads import DINOHead
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import masked_gather as masked_gather_op
+from vtp_fast.train.probe import Probe
 
 N_GLOBAL = 2
 
@@ -59,10 +61,12 @@ class Student(nn.Module):
     value of each active term. Wrap this module in DDP/FSDP (its forward is the whole student step)."""
 
     def __init__(self, model: VTP, objective: Objective, ssl: SSLConfig, *, n_rec: int | None = None,
-                 lpips_vgg_path: str | None = None):
-        """n_rec: reconstruction uses the first n_rec images of each batch (None: all of them)."""
+                 lpips_vgg_path: str | None = None, freeze_encoder: bool = False):
+        """n_rec: reconstruction uses the first n_rec images of each batch (None: all of them).
+        freeze_encoder (stage 2): only the pixel decoder trains; the trunk runs without gradients."""
         super().__init__()
         self.model, self.objective, self.ssl_cfg, self.n_rec = model, objective, ssl, n_rec
+        self.freeze_encoder = freeze_encoder
         self.uses_ssl = any(t in objective for t in ("dino", "ibot", "koleo"))
         self.uses_clip = "clip" in objective
         if self.uses_clip and not model.config.train_clip:
@@ -78,48 +82,69 @@ class Student(nn.Module):
         if self.uses_clip:
             self.clip_loss = ClipLoss()
         self.rec_loss = ReconstructionLoss("rec_lpips" in objective, lpips_vgg_path)
+        self.expose_recon = "gan" in objective  # the adversarial term needs the reconstructions
+        if freeze_encoder:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("pixel_decoder."))
+        elif model.config.train_clip and not self.uses_clip:  # a loaded text tower the objective does not use
+            for name, p in model.named_parameters():
+                if not name.startswith(("trunk.", "pixel_decoder.")):
+                    p.requires_grad_(False)
         self.gather = masked_gather_op.OP.resolve()
+        self.probe = Probe()  # vtp-fast profile swaps in a TimingProbe
 
     def forward(self, batch: dict[str, Tensor], targets: dict | None = None) -> dict[str, Tensor]:
         """batch: see vtp_fast.data.pairs.StepBatches; targets: Teacher.targets(...) when SSL is on."""
-        m, images = self.model, batch["images"]
+        m, images, probe = self.model, batch["images"], self.probe
         views, masks = [images], [None]
         if self.uses_ssl:
             views += [batch["global_crops"], batch["local_crops"]]
             masks += [batch["masks"], None]
             if batch["local_crops"].shape[0] == 0:  # no local crops configured
                 views, masks = views[:2], masks[:2]
-        outs = m.trunk(views, masks)
+        with probe.region("trunk"), torch.no_grad() if self.freeze_encoder else nullcontext():
+            outs = m.trunk(views, masks)
         plain, terms = outs[0], {}
 
         if self.uses_clip:
-            img = m.clip_image_features_from_tokens(plain["cls"], plain["patch"])
-            txt = m.clip_text_features(batch["tokens"])
-            terms["clip"] = self.clip_loss(img, txt, m.logit_scale)
+            with probe.region("clip"):
+                cls, patch = probe.boundary("clip", plain["cls"], plain["patch"])
+                img = m.clip_image_features_from_tokens(cls, patch)
+                txt = m.clip_text_features(batch["tokens"])
+                terms["clip"] = self.clip_loss(img, txt, m.logit_scale)
 
-        n_rec = images.shape[0] if self.n_rec is None else self.n_rec
-        recon = m.pixel_decoder(m.latents_from_patch(plain["patch"][:n_rec], plain["grid"]))
-        terms.update(self.rec_loss(recon, images[:n_rec]))
+        with probe.region("rec"):
+            n_rec = images.shape[0] if self.n_rec is None else self.n_rec
+            (patch,) = probe.boundary("rec", plain["patch"][:n_rec])
+            recon = m.pixel_decoder(m.latents_from_patch(patch, plain["grid"]))
+            terms.update(self.rec_loss(recon, images[:n_rec]))
+            if self.expose_recon:
+                terms["_recon"] = recon  # not a loss term: read by the adversarial step
 
         if self.uses_ssl:
-            glob = outs[1]
-            loc = outs[2] if len(outs) > 2 else None
-            n_glob = glob["cls"].shape[0]
-            packed = self.gather.impl.masked_gather(glob["patch"], batch["mask_index"])  # (M, D)
-            head_in = [glob["cls"], packed] + ([loc["cls"]] if loc is not None else [])
-            logits = self.head(torch.cat(head_in))  # one head call for every token that needs it
-            g_logits, p_logits = logits[:n_glob], logits[n_glob:n_glob + packed.shape[0]]
-            l_logits = logits[n_glob + packed.shape[0]:]
-            n_local_views = l_logits.shape[0] // (n_glob // N_GLOBAL) if n_glob else 0
-            if "dino" in self.objective:
-                terms["dino"] = self.dino_loss(list(g_logits.chunk(N_GLOBAL)),
-                                               list(l_logits.chunk(n_local_views)) if n_local_views else [],
-                                               targets["dino"])
-            if "ibot" in self.objective:
-                terms["ibot"] = self.ibot_loss(p_logits, targets["ibot"], batch["mask_weight"], n_glob)
-            if "koleo" in self.objective:  # per global view, never between two views of one image
-                terms["koleo"] = sum(self.koleo_loss(c) for c in glob["cls"].chunk(N_GLOBAL))
+            with probe.region("ssl"):
+                self._ssl_terms(outs[1], outs[2] if len(outs) > 2 else None, batch, targets, terms)
         return terms
+
+    def _ssl_terms(self, glob: dict, loc: dict | None, batch: dict, targets: dict, terms: dict) -> None:
+        """DINO (CLS of global and local views), iBOT (masked patch tokens) and KoLeo terms into `terms`."""
+        tokens = [glob["cls"], glob["patch"]] + ([loc["cls"]] if loc is not None else [])
+        glob_cls, glob_patch, *loc_cls = self.probe.boundary("ssl", *tokens)
+        n_glob = glob_cls.shape[0]
+        packed = self.gather.impl.masked_gather(glob_patch, batch["mask_index"])  # (M, D)
+        head_in = [glob_cls, packed] + loc_cls
+        logits = self.head(torch.cat(head_in))  # one head call for every token that needs it
+        g_logits, p_logits = logits[:n_glob], logits[n_glob:n_glob + packed.shape[0]]
+        l_logits = logits[n_glob + packed.shape[0]:]
+        n_local_views = l_logits.shape[0] // (n_glob // N_GLOBAL) if n_glob else 0
+        if "dino" in self.objective:
+            terms["dino"] = self.dino_loss(list(g_logits.chunk(N_GLOBAL)),
+                                           list(l_logits.chunk(n_local_views)) if n_local_views else [],
+                                           targets["dino"])
+        if "ibot" in self.objective:
+            terms["ibot"] = self.ibot_loss(p_logits, targets["ibot"], batch["mask_weight"], n_glob)
+        if "koleo" in self.objective:  # per global view, never between two views of one image
+            terms["koleo"] = sum(self.koleo_loss(c) for c in glob_cls.chunk(N_GLOBAL))
 
 
 class Teacher(nn.Module):

@@ -1,0 +1,85 @@
+"""Stage 2 (frozen encoder, GAN-fine-tuned decoder) and the per-objective profile."""
+
+import json
+
+import pytest
+import torch
+
+from tests.train.test_pretrain import SMALL, emoji_root, small_config  # noqa: F401 - fixture
+from vtp_fast import VTP, load_pretrained, save_pretrained, vtp_config
+from vtp_fast.config import ConfigError, load_config
+from vtp_fast.losses.gan import adaptive_weight, discriminator_hinge, generator_hinge
+from vtp_fast.models.discriminator import PatchDiscriminator
+from vtp_fast.train.pretrain import PretrainConfig, pretrain
+from vtp_fast.train.profile import profile
+
+STAGE2 = ["stage=2", "objective.clip=0", "objective.ssl=0", "objective.gan=0.5", "batch.ssl=0", "batch.rec=8",
+          "gan.channels=8", "gan.layers=2", "gan.start_step=1"]
+
+
+def test_hinge_losses_and_adaptive_weight():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    assert discriminator_hinge(real, fake).item() == pytest.approx(0.5 * ((0 + 0.5) / 2 + (0 + 1) / 2))
+    assert generator_hinge(fake).item() == pytest.approx(1.0)
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(5, 4)
+    y = x @ w.T
+    rec, gen = (y - 1).abs().mean(), -(y * 3).mean()
+    g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
+    g_gen = torch.autograd.grad(gen, w, retain_graph=True)[0]
+    expect = g_rec.norm() / (g_gen.norm() + 1e-4)
+    assert adaptive_weight(rec, gen, w).item() == pytest.approx(expect.item(), rel=1e-6)
+    assert not adaptive_weight(rec, gen, w).requires_grad
+
+
+def test_discriminator_shapes():
+    d = PatchDiscriminator(channels=8, layers=3)
+    assert d(torch.randn(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_stage_config_rules():
+    with pytest.raises(ConfigError, match="stage: 2 fine-tunes the pixel decoder only"):
+        load_config(PretrainConfig, [], ["stage=2"])
+    with pytest.raises(ConfigError, match="objective.gan: the adversarial term belongs to stage 2"):
+        load_config(PretrainConfig, [], ["objective.gan=0.1"])
+
+
+def test_stage2_trains_only_decoder_and_discriminator_and_resumes(emoji_root, tmp_path):  # noqa: F811
+    torch.manual_seed(0)
+    init = save_pretrained(VTP(vtp_config("vtp-nano", image_size=32)), tmp_path / "stage1")
+    out = tmp_path / "stage2"
+    pretrain(small_config(emoji_root, out, *STAGE2, f"model.init={init}", "run.steps=4", "run.checkpoint_every=2",
+                          "run.keep_checkpoints=3"))
+    first, after = load_pretrained(init), dict(load_pretrained(out / "checkpoint").named_parameters())
+    for k, v in first.named_parameters():
+        assert torch.equal(v, after[k]) == (not k.startswith("pixel_decoder.")), f"{k}: only the decoder trains"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    gan_rows = [r for r in rows if "loss/gan" in r]
+    assert gan_rows[0]["loss/gan"] == 0.0 and "loss/disc" not in gan_rows[0], "off before gan.start_step"
+    assert all("loss/disc" in r and r["gan_weight"] > 0 for r in gan_rows[1:])
+    # the discriminator and its optimizer are checkpointed; a resume continues exactly
+    state = torch.load(out / "checkpoints" / "step_00000002" / "train_state.pt", weights_only=True)
+    assert "disc_optimizer" in state
+    part = tmp_path / "part"
+    import shutil
+
+    shutil.copytree(out, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000004")
+    pretrain(small_config(emoji_root, part, *STAGE2, f"model.init={init}", "run.steps=4", "run.checkpoint_every=2",
+                          "run.resume=auto"))
+    strip = lambda d: [(r["step"], r["loss/total"], r.get("loss/disc")) for r in  # noqa: E731
+                       map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r]
+    assert strip(part) == strip(out)
+
+
+def test_profile_reports_every_phase(emoji_root, tmp_path):  # noqa: F811
+    cfg = small_config(emoji_root, tmp_path / "run")
+    result = profile(cfg, steps=2, warmup=1, out=tmp_path / "prof")
+    phases = {r["phase"]: r for r in result["phases"]}
+    for name in ("data", "teacher forward", "trunk forward (shared)", "clip forward", "rec forward", "ssl forward",
+                 "clip backward", "rec backward", "ssl backward", "trunk (shared) backward", "optimizer", "ema"):
+        assert name in phases and phases[name]["median_ms"] >= 0, name
+    assert sum(r["median_ms"] for r in result["phases"]) <= result["step_ms"] * 1.5
+    assert result["gflop_per_image"] > 0 and result["mfu"] is None  # no known CPU peak
+    for f in ("profile.md", "profile.json", "profile.png"):
+        assert (tmp_path / "prof" / f).exists()

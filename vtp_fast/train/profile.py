@@ -1,0 +1,146 @@
+"""`vtp-fast profile`: where a multi-objective step spends its time.
+
+Runs K steps of the configured job (after warm-up) with a TimingProbe in the step and reports, for data loading,
+the teacher, each objective's forward and backward, the shared trunk's forward and backward, the optimizer and
+the EMA update, the median time and its share of the step; plus model FLOPs per image (counted with
+torch.utils.flop_counter) and MFU when the device's peak is known. Writes a markdown table, JSON, a bar chart
+and, on request, a torch.profiler trace.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vtp_fast.benchmark import env_info, markdown_table
+from vtp_fast.data.pairs import StepBatches
+from vtp_fast.train.common import pick_device, seed_everything
+from vtp_fast.train.pretrain import PretrainConfig, build_trainer, forward_backward, load_pairs, schedules, to_device
+from vtp_fast.train.pretrain import train_step as run_step
+from vtp_fast.train.probe import TimingProbe
+
+# Dense bf16 peak (TFLOP/s) by GPU name fragment, for MFU.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
+               "B200": 2250.0, "GH200": 989.4}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def count_flops(t, batch: dict, sched: dict) -> int:
+    """FLOPs of one step's forward + backward (teacher included)."""
+    with FlopCounterMode(display=False) as counter:
+        forward_backward(t, [batch], sched)
+    t.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def phase_times(probe: TimingProbe, data_ms: float, step_ms: float) -> dict[str, float]:
+    f = probe.forward_times()
+    back = probe.backward_split(probe.stamps["forward:backward:start"], probe.stamps["forward:backward:end"])
+    phases = {"data": data_ms, "teacher forward": f.get("teacher", 0.0), "trunk forward (shared)": f["trunk"]}
+    for name in ("clip", "rec", "ssl"):
+        if name in f:
+            phases[f"{name} forward"] = f[name]
+    for name, ms in back.items():
+        phases[f"{name} backward"] = ms
+    phases["optimizer"] = f.get("optimizer", 0.0)
+    phases["ema"] = f.get("ema", 0.0)
+    phases["other (losses, checks, copies)"] = max(0.0, step_ms - sum(phases.values()))
+    return phases
+
+
+def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | None = None,
+            trace: bool = False) -> dict:
+    if cfg.batch.accumulation != 1:
+        cfg.batch.accumulation = 1  # phases are per micro-batch
+    device = pick_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    t = build_trainer(cfg, device)
+    pairs, _ = load_pairs(cfg, t.model.config.text_context_length)
+    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, trim_text=t.causal_text)
+    out = Path(out or Path(cfg.run.out_dir) / "profile")
+    out.mkdir(parents=True, exist_ok=True)
+
+    flops = count_flops(t, to_device(data[0], device), schedules(cfg, 0))
+    probe = TimingProbe(device)
+    t.student.probe = probe
+    rows = []
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                       + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                if trace else None)
+    for i in range(warmup + steps):
+        if profiler is not None and i == warmup:
+            profiler.start()
+        probe.reset()
+        start = probe.stamp()
+        batch = to_device(data[i], device)
+        got_data = probe.stamp()
+        run_step(t, [batch], schedules(cfg, i))
+        end = probe.stamp()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            step_ms = end.ms_since(start)
+            rows.append({"step_ms": step_ms, **phase_times(probe, got_data.ms_since(start), step_ms)})
+    if profiler is not None:
+        profiler.stop()
+        profiler.export_chrome_trace(str(out / "trace.json"))
+
+    names = [k for k in rows[0] if k != "step_ms"]
+    step_ms = statistics.median(r["step_ms"] for r in rows)
+    table = [{"phase": n, "median_ms": statistics.median(r[n] for r in rows)} for n in names]
+    for row in table:
+        row["share_pct"] = 100 * row["median_ms"] / step_ms
+    flops_per_image = flops / cfg.batch.size
+    peak = peak_tflops(device)
+    achieved = flops / (step_ms / 1e3) / 1e12
+    result = {
+        "config": {"preset": cfg.model.preset, "batch": cfg.batch.size, "ssl": cfg.batch.ssl, "rec": cfg.batch.rec,
+                   "objective": t.objective.weights, "compile": cfg.run.compile, "precision": cfg.run.precision},
+        "steps": steps, "step_ms": step_ms, "images_per_s": cfg.batch.size / (step_ms / 1e3),
+        "gflop_per_image": flops_per_image / 1e9, "achieved_tflop_per_s": achieved,
+        "peak_tflop_per_s": peak, "mfu": achieved / peak if peak else None, "phases": table, "env": env_info(),
+    }
+    md = markdown_table(table, ["phase", "median_ms", "share_pct"])
+    summary = (f"step {step_ms:.1f} ms (median of {steps}), {result['images_per_s']:.1f} images/s, "
+               f"{result['gflop_per_image']:.2f} GFLOP/image (fwd+bwd, teacher included), "
+               f"{achieved:.3f} TFLOP/s" + (f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s" if peak else
+                                            ", MFU n/a (no known peak for this device)"))
+    (out / "profile.md").write_text(f"# step profile: {cfg.model.preset} on {env_info()['device_name']}\n\n"
+                                    f"{summary}\n\n{md}\n")
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+    _bar_chart(table, out / "profile.png", f"{cfg.model.preset}: {summary.split(',')[0]}")
+    print(md)
+    print(summary)
+    print(f"  table {out / 'profile.md'}\n  chart {out / 'profile.png'}\n  json  {out / 'profile.json'}"
+          + (f"\n  trace {out / 'trace.json'}" if trace else ""))
+    return result
+
+
+def _bar_chart(table: list[dict], path: Path, title: str) -> None:
+    from vtp_fast.eval.plots import plt
+
+    names = [r["phase"] for r in table][::-1]
+    values = [r["median_ms"] for r in table][::-1]
+    colors = ["#4c72b0" if "forward" in n else "#dd8452" if "backward" in n else "#8c8c8c" for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2), dpi=120)
+    ax.barh(names, values, color=colors)
+    total = sum(values)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.1f} ms ({100 * v / total:.0f}%)", va="center", fontsize=8)
+    ax.set(xlabel="median ms per step", title=title)
+    ax.set_xlim(0, max(values) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
