@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/vtp-fast train-ae --config configs/tokenizer/ae_tiny.yaml
+	$(VENV)/bin/vtp-fast pretrain --config configs/tokenizer/tiny.yaml
 
 test: $(STAMP)
 	VENV=$(VENV) scripts/test.sh

@@ -18,6 +18,9 @@ SHAPES = {"cpu": [(8, 6, 197, 64)], "cuda": [(64, 16, 257, 64), (16, 16, 1024, 6
 QUICK = {"cpu": [(1, 2, 17, 32)], "cuda": [(8, 16, 257, 64)]}
 
 
+TABLE_COLUMNS = ["pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     impls = {b.name: b.impl.attention for b in OP.runnable(device) if b.priority >= 0}
@@ -46,7 +49,7 @@ def main() -> None:
     args = p.parse_args()
     rows = run(args.device, args.quick)
     write_rows(rows, args.out)
-    print(markdown_table(rows, ["pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]))
+    print(markdown_table(rows, TABLE_COLUMNS))
 
 
 if __name__ == "__main__":

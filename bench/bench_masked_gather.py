@@ -19,6 +19,9 @@ SHAPES = {"cpu": [(32, 196, 384)], "cuda": [(256, 256, 768), (64, 1024, 1024)]}
 QUICK = {"cpu": [(4, 16, 64)], "cuda": [(64, 256, 768)]}
 
 
+TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "gb_per_s", "peak_mem_mb"]
+
+
 def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     impls = {b.name: b.impl for b in OP.runnable(device) if b.priority >= 0}
@@ -55,7 +58,7 @@ def main() -> None:
     args = p.parse_args()
     rows = run(args.device, args.quick)
     write_rows(rows, args.out)
-    print(markdown_table(rows, ["op", "backend", "shape", "dtype", "median_ms", "gb_per_s", "peak_mem_mb"]))
+    print(markdown_table(rows, TABLE_COLUMNS))
 
 
 if __name__ == "__main__":

@@ -106,23 +106,30 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(problem, ckpt_dir, image
 
 
 def test_bad_config_key_is_one_line(tmp_path):
-    r = run_cli("train-ae", "optim.lrr=1", f"run.out_dir={tmp_path}")
+    r = run_cli("pretrain", "optim.lrr=1", f"run.out_dir={tmp_path}")
     assert r.returncode == 2 and "unknown config key optim.lrr" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("pretrain", "batch.ssl=100", f"run.out_dir={tmp_path}")
+    assert r.returncode == 2 and "batch.ssl: 100 must be between 0 and batch.size=64" in r.stderr
 
 
-def test_train_ae_smoke(tmp_path, capsys):
+def test_pretrain_smoke(tmp_path, capsys):
+    from tests.train.test_pretrain import SMALL
+
     root = make_prepared_emoji(tmp_path / "emoji", size=32)
     out = tmp_path / "run"
-    assert main(["train-ae", f"data.root={root}", "data.image_size=32", f"run.out_dir={out}", "model=vtp-nano",
-                 "run.steps=6", "run.batch_size=8", "run.log_every=2", "run.eval_every=3"]) == 0
+    assert main(["pretrain", *SMALL, f"data.root={root}", f"run.out_dir={out}", "run.steps=4", "run.log_every=2",
+                 "run.eval_every=2", "run.tensorboard=true"]) == 0
     text = capsys.readouterr().out
-    for name in ("checkpoint", "reconstructions.png", "loss.png", "psnr.png", "metrics.jsonl", "config.yaml"):
+    for name in ("checkpoint", "reconstructions.png", "loss.png", "psnr.png", "zero_shot.png", "metrics.jsonl",
+                 "config.yaml", "tb"):
         assert (out / name).exists() and str(out / name) in text, name
+    assert list((out / "tb").glob("events.out.tfevents.*")), "TensorBoard event files"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
-    assert [r["step"] for r in rows if "eval_psnr" in r] == [0, 3, 6]
-    assert all(np.isfinite(r.get("loss", 0)) for r in rows)
+    assert [r["step"] for r in rows if "loss/total" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval_psnr" in r] == [0, 2, 4]
+    assert all(np.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss/"))
+    assert {"lr", "grad_norm", "images_per_s", "memory_mb", "loss/clip", "loss/dino", "loss/ibot"} <= set(rows[1])
     from vtp_fast import load_pretrained
 
     m = load_pretrained(out / "checkpoint")
-    assert not m.config.train_clip and m.config.image_size == 32
+    assert m.config.train_clip and m.config.image_size == 32

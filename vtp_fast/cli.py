@@ -145,14 +145,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def cmd_train_ae(args: argparse.Namespace) -> int:
-    from vtp_fast.config import load_config
-    from vtp_fast.train.ae import AEConfig, train_ae
-
-    train_ae(load_config(AEConfig, args.config, args.overrides))
-    return 0
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
     from vtp_fast.train.pretrain import PretrainConfig, pretrain
@@ -173,6 +165,48 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     profile(load_config(PretrainConfig, args.config, args.overrides), steps=args.steps, warmup=args.warmup,
             out=args.out, trace=args.trace)
+    return 0
+
+
+def bench_dir() -> Path:
+    """bench/ of the source tree this package runs from (benchmarks are not installed with the package)."""
+    path = Path(__file__).resolve().parents[1] / "bench"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: the benchmarks live in the source tree's bench/; run from a checkout")
+    return path
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    import json
+
+    import torch
+
+    from vtp_fast.benchmark import markdown_table, write_rows
+
+    if args.report:
+        rows = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines() if line.strip()]
+        columns = [c for c in ("bench", "op", "pass", "mode", "backend", "shape", "dtype", "median_ms", "gb_per_s",
+                               "tflop_per_s", "images_per_s", "peak_mem_mb", "device_name", "git")
+                   if any(c in r for r in rows)]
+        print(markdown_table(rows, columns))
+        return 0
+    names = sorted(p.stem.removeprefix("bench_") for p in bench_dir().glob("bench_*.py"))
+    chosen = args.names or names
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choices: {', '.join(names)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in chosen:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir() / f"bench_{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rows = module.run(device, args.quick)
+        write_rows(rows, args.out)
+        print(f"\n## {name} ({device})\n")
+        print(markdown_table(rows, module.TABLE_COLUMNS))
+    if args.out:
+        print(f"\nrows appended to {args.out}")
     return 0
 
 
@@ -206,11 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("train-ae", help="the first main job: reconstruction-only tiny tokenizer on emoji")
-    p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 optim.lr=5e-4")
-    p.set_defaults(func=cmd_train_ae)
-
     p = sub.add_parser("pretrain", help="the main job: VTP pretraining (reconstruction + CLIP + DINO/iBOT)")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
     p.add_argument("--resume", help="'auto' (newest checkpoint of run.out_dir) or a checkpoint directory")
@@ -226,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true", help="also write a torch.profiler chrome trace")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="benchmarks of bench/: every backend vs the reference and torch.compile")
+    p.add_argument("names", nargs="*", help="benchmarks to run (bench/bench_<name>.py; default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    p.add_argument("--out", help="append JSONL rows (device, versions, git revision) to this file")
+    p.add_argument("--report", nargs="+", metavar="JSONL", help="render rows of earlier runs as a markdown table")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="prepare bundled data sets")
     data_sub = p.add_subparsers(dest="dataset", required=True)

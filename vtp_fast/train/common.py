@@ -1,4 +1,4 @@
-"""Pieces every training job shares: run/optimiser configs, device and seeding, metric logs."""
+"""Pieces every training job shares: the optimiser config, device and seeding, metric logs."""
 
 from __future__ import annotations
 
@@ -32,23 +32,6 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
-
-
-@dataclass
-class RunConfig:
-    out_dir: str = "runs/ae-tiny"
-    steps: int = 700
-    batch_size: int = 64
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    device: str = "auto"  # auto: cuda when available, else cpu
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-
-    def validate(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "eval_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
 
 
 def pick_device(name: str) -> torch.device:
