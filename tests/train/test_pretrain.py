@@ -216,3 +216,31 @@ def test_init_from_a_published_checkpoint(emoji_root, tmp_path):
     assert t.teacher is not None and t.student.head is not None
     for (k, v), (k2, v2) in zip(t.teacher.trunk.state_dict().items(), ref.trunk.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), "the teacher starts as the published trunk"
+
+
+def test_gradient_accumulation_equals_the_whole_batch(emoji_root, tmp_path):
+    """Reconstruction only (a mean over images): two micro-batches accumulate the whole batch's gradient."""
+    from vtp_fast.train.pretrain import forward_backward
+
+    rec_only = ["objective.clip=0", "objective.ssl=0", "batch.ssl=0", "batch.rec=8"]
+    grads = {}
+    for accumulation in (1, 2):
+        cfg = small_config(emoji_root, tmp_path / f"acc{accumulation}", *rec_only, f"batch.accumulation={accumulation}")
+        torch.manual_seed(0)
+        t = build_trainer(cfg, torch.device("cpu"))
+        pairs = emoji_pairs(emoji_root, cfg.data.train_styles, 16)
+        data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0)
+        micro = [data[i] for i in range(accumulation)]  # optimizer step 0 = micro-steps 0..accumulation-1
+        forward_backward(t, micro, schedules(cfg, 0))
+        grads[accumulation] = {k: p.grad.clone() for k, p in t.student.named_parameters() if p.grad is not None}
+    assert set(grads[1]) == set(grads[2]) and grads[1]
+    for k in grads[1]:
+        torch.testing.assert_close(grads[2][k], grads[1][k], rtol=1e-4, atol=1e-7)
+
+
+def test_corrupt_images_from_preparation_are_counted(tmp_path):
+    root = make_prepared_emoji(tmp_path / "prep", size=32)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["styles"] = {"google": {"corrupt": 2}, "twitter": {"corrupt": 1}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert emoji_pairs(root, ("google", "twitter"), 16).skipped == {"empty_caption": 0, "corrupt_image": 3}

@@ -8,6 +8,7 @@ endless stream of per-epoch permutations of the data set; rank r takes its conti
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,13 @@ class PairSet:
 
 
 def emoji_pairs(root: Path, styles, context_length: int) -> PairSet:
-    """The prepared emoji set as pairs; samples with an empty caption are dropped and counted."""
+    """The prepared emoji set as pairs. Samples with an empty caption are dropped and counted; images that were
+    corrupt when the set was prepared (skipped then) are counted from its manifest."""
     data = load_emoji(root, styles)
     keep = [i for i, c in enumerate(data.captions) if c.strip()]
-    skipped = {"empty_caption": len(data) - len(keep)}
+    stats = json.loads((Path(root) / "manifest.json").read_text()).get("styles", {})
+    skipped = {"empty_caption": len(data) - len(keep),
+               "corrupt_image": sum(stats.get(s, {}).get("corrupt", 0) for s in styles)}
     captions = [data.captions[i] for i in keep]
     idx = torch.tensor(keep, dtype=torch.long)
     return PairSet(data.images[idx], tokenize(captions, context_length), captions, data.labels[idx], skipped)
