@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vtp_fast.nn.block import Block
+from vtp_fast.nn.block import Block, PackedViews
 from vtp_fast.nn.mlp import swiglu_hidden
 from vtp_fast.nn.norms import make_norm
 from vtp_fast.nn.rope import Rope2D
@@ -49,6 +49,7 @@ class VisionTrunk(nn.Module):
         self.rope_embed = Rope2D(dim // num_heads, dtype=rope_dtype)
         hidden = swiglu_hidden(dim, mlp_ratio)
         self.blocks = nn.ModuleList(Block(dim, num_heads, hidden, norm) for _ in range(depth))
+        self.packs_views = self.blocks[0].attn.packs_views if depth else False  # resolved at construction
         self.norm = make_norm(norm, dim)
         # As published: no bottleneck layer when it would keep the width (the latents are the normed tokens).
         self.feature_bottleneck = nn.Linear(dim, bottleneck, bias=False) if bottleneck != dim else nn.Identity()
@@ -85,6 +86,8 @@ class VisionTrunk(nn.Module):
         xs, grids = zip(*(self.tokens(v, m) for v, m in zip(views, masks, strict=True)), strict=True)
         xs = list(xs)
         ropes = [self.rope_embed(*g) for g in grids]
+        if self.packs_views and len(xs) > 1:  # one varlen attention launch per block for all views
+            ropes = PackedViews.build([x.shape[:2] for x in xs], ropes, xs[0].device)
         for block in self.blocks:
             xs = block(xs, ropes)
         outs = []

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vtp_fast.nn.rope import apply_rope
 from vtp_fast.ops import attention as attention_op
 
 Rope = tuple[Tensor, Tensor]  # (sin, cos), each (h * w, head_dim)
@@ -24,15 +23,26 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.backend = attention_op.OP.resolve()
 
+    @property
+    def packs_views(self) -> bool:
+        """Whether the resolved backend runs several views of different lengths in one packed call."""
+        return getattr(self.backend.impl, "packs_views", False)
+
     def attend(self, qkv: Tensor, rope: Rope | None) -> Tensor:
         """qkv: (B, N, 3 * D) -> attention output (B, N, D), before the output projection."""
         b, n, three_d = qkv.shape
         qkv = qkv.view(b, n, 3, self.num_heads, three_d // (3 * self.num_heads))  # (B, N, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
-        if rope is not None:
-            q, k = apply_rope(q, k, *rope)
-        out = self.backend.impl.attention(q, k, v)  # (B, H, N, hd)
+        out = self.backend.impl.attention(q, k, v, rope=rope)  # (B, H, N, hd), RoPE applied inside
         return out.transpose(1, 2).reshape(b, n, three_d // 3)
+
+    def attend_packed(self, qkv: Tensor, seq_start: Tensor, seq_len: Tensor, max_len: int,
+                      rope: Rope | None) -> Tensor:
+        """Packed views: qkv (T, 3 * D) -> (T, D); rope per token (T, hd); one call for all views."""
+        t, three_d = qkv.shape
+        q, k, v = qkv.view(t, 3, self.num_heads, three_d // (3 * self.num_heads)).unbind(1)  # each (T, H, hd)
+        out = self.backend.impl.attention_varlen(q, k, v, seq_start, seq_len, max_len, rope=rope)
+        return out.reshape(t, three_d // 3)
 
     def forward(self, x: Tensor, rope: Rope | None = None) -> Tensor:  # (B, N, D) -> (B, N, D)
         return self.proj(self.attend(self.qkv(x), rope))

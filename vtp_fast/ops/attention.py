@@ -1,9 +1,16 @@
-"""Scaled dot-product attention over heads.
+"""Scaled dot-product attention over heads, with the 2-D RoPE rotation of q and k.
 
-  attention(q, k, v, causal=False) -> out;  q, k, v, out: (B, H, N, head_dim), scale head_dim ** -0.5.
+  attention(q, k, v, causal=False, rope=None) -> out
+      q, k, v, out: (B, H, N, D); scale D ** -0.5. rope = (sin, cos), each (R, D) in the rope dtype, rotates the
+      last R tokens of q and k (N - R prefix tokens, e.g. CLS, stay unrotated); q and k pass through the rope
+      dtype as in the published model (see vtp_fast.nn.rope).
+  attention_varlen(q, k, v, seq_start, seq_len, max_len, rope=None) -> out
+      Packed sequences of different lengths (multi-crop views) in one call: q, k, v, out (T, H, D); seq_start,
+      seq_len (S,) int32 (token offsets and lengths); max_len = max(seq_len) as a Python int; rope = (sin, cos),
+      each (T, D) per token (prefix tokens: sin 0, cos 1). Non-causal.
 
-Backends: PyTorch SDPA (the default everywhere), flash-attn and xformers on CUDA when importable (fp16/bf16),
-and the pure-PyTorch reference (fp32 math). Issue-4 kernels register here too.
+Backends: PyTorch SDPA (the default), flash-attn and xformers on CUDA when importable, the fused Triton kernel
+(RoPE inside, one launch for all packed views), and the pure-PyTorch reference (fp32 math).
 """
 
 from __future__ import annotations
@@ -15,49 +22,190 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtp_fast import optional
+from vtp_fast.nn.rope import apply_rope, rotate_half
 from vtp_fast.ops.registry import new_op
 
+Rope = tuple[Tensor, Tensor]
 
-def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention: q, k, v must share one (B, H, N, head_dim) shape, got "
+
+def _check(q: Tensor, k: Tensor, v: Tensor, rope: Rope | None, dims: int = 4) -> None:
+    layout = "(B, H, N, head_dim)" if dims == 4 else "(T, H, head_dim)"
+    if q.dim() != dims or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention: q, k, v must share one {layout} shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+    if rope is not None:
+        sin, cos = rope
+        rows = q.shape[-2] if dims == 4 else q.shape[0]
+        if sin.shape != cos.shape or sin.dim() != 2 or sin.shape[1] != q.shape[-1] or sin.shape[0] > rows:
+            raise ValueError(f"attention: rope sin/cos must be (R <= {rows}, {q.shape[-1]}), got "
+                             f"{tuple(sin.shape)}, {tuple(cos.shape)}")
 
 
-def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v computed in fp32; (B, H, N, hd) -> (B, H, N, hd) in q's dtype."""
-    _check(q, k, v)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+def rotate_packed(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Per-token rotation of packed tokens: x (T, H, D), sin/cos (T, D), in the rope dtype and back."""
+    xr = x.to(sin.dtype)
+    return (xr * cos[:, None] + rotate_half(xr) * sin[:, None]).to(x.dtype)
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: Rope | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v in fp32 (or wider); (B, H, N, D) -> (B, H, N, D) in q's dtype."""
+    _check(q, k, v, rope)
+    if rope is not None:
+        q, k = apply_rope(q, k, *rope)
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math (float64 stays float64)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, N, N)
     if causal:
         n = q.shape[-2]
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    return (scores.softmax(-1) @ v.to(acc)).to(q.dtype)
 
 
-def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
-    _check(q, k, v)
+def _check_varlen(q: Tensor, seq_start: Tensor, seq_len: Tensor, max_len: int) -> None:
+    if seq_start.shape != seq_len.shape or seq_start.dim() != 1 or seq_start.dtype != torch.int32 or \
+            seq_len.dtype != torch.int32:
+        raise ValueError("attention_varlen: seq_start and seq_len must be (S,) int32 tensors")
+    if max_len < 1:
+        raise ValueError(f"attention_varlen: max_len must be >= 1, got {max_len}")
+
+
+def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, seq_start: Tensor, seq_len: Tensor, max_len: int,
+                         rope: Rope | None = None) -> Tensor:
+    """Packed (T, H, D) sequences -> (T, H, D): each sequence attends within itself (the reference: one dense
+    call per sequence)."""
+    _check(q, k, v, rope, dims=3)
+    _check_varlen(q, seq_start, seq_len, max_len)
+    if rope is not None:
+        q, k = rotate_packed(q, *rope), rotate_packed(k, *rope)
+    out = torch.empty_like(q)
+    for s, n in zip(seq_start.tolist(), seq_len.tolist(), strict=True):
+        part = [t[s:s + n].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, n, D)
+        out[s:s + n] = attention_ref(*part)[0].transpose(0, 1)
+    return out
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: Rope | None = None) -> Tensor:
+    _check(q, k, v, rope)
+    if rope is not None:
+        q, k = apply_rope(q, k, *rope)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _attention_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
-    _check(q, k, v)
+def _attention_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: Rope | None = None) -> Tensor:
+    _check(q, k, v, rope)
+    if rope is not None:
+        q, k = apply_rope(q, k, *rope)
     flash = optional.module("flash_attn")
-    # flash-attn wants (B, N, H, hd)
+    # flash-attn wants (B, N, H, D)
     out = flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
     return out.transpose(1, 2)
 
 
-def _attention_xformers(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
-    _check(q, k, v)
+def _attention_xformers(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: Rope | None = None) -> Tensor:
+    _check(q, k, v, rope)
+    if rope is not None:
+        q, k = apply_rope(q, k, *rope)
     xops = optional.module("xformers")
     bias = xops.LowerTriangularMask() if causal else None
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
-    return out.transpose(1, 2)  # (B, N, H, hd) -> (B, H, N, hd)
+    return out.transpose(1, 2)  # (B, N, H, D) -> (B, H, N, D)
 
 
-OP = new_op("attention", SimpleNamespace(attention=attention_ref))
+OP = new_op("attention", SimpleNamespace(attention=attention_ref, attention_varlen=attention_varlen_ref))
 OP.register("sdpa", SimpleNamespace(attention=attention_sdpa), priority=10)
 for _name, _fn in (("flash_attn", _attention_flash), ("xformers", _attention_xformers)):
     _ok = optional.available(_name) and torch.cuda.is_available()
     OP.register(_name, SimpleNamespace(attention=_fn), priority=5, devices=("cuda",), available=_ok,
                 reason="" if _ok else (optional.reason(_name) or "no CUDA device"))
+
+
+def full_rope(rope: Rope, n: int) -> Rope:
+    """(R, D) tables for the last R of n tokens -> (n, D) tables with identity rows (sin 0, cos 1) first."""
+    sin, cos = rope
+    prefix = n - sin.shape[0]
+    if prefix == 0:
+        return sin.contiguous(), cos.contiguous()
+    return (torch.cat([sin.new_zeros(prefix, sin.shape[1]), sin]).contiguous(),
+            torch.cat([cos.new_ones(prefix, cos.shape[1]), cos]).contiguous())
+
+
+if optional.available("triton"):
+    from vtp_fast.kernels import attention as _kernels
+
+    _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+    def _fake_fwd(q, k, v, sin, cos, seq_start, seq_len, max_len: int, causal: bool, varlen: bool):
+        if varlen:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        else:
+            b, h, n, d = q.shape
+            out = q.new_empty(b, n, h, d).permute(0, 2, 1, 3)
+        return out, q.new_empty(seq_len.shape[0] * q.shape[1], max(max_len, 1), dtype=torch.float32)
+
+    @torch.library.custom_op("vtp_fast::attention_triton", mutates_args=())
+    def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, sin: Tensor | None, cos: Tensor | None, seq_start: Tensor,
+                       seq_len: Tensor, max_len: int, causal: bool, varlen: bool) -> tuple[Tensor, Tensor]:
+        return _kernels.forward(q, k, v, sin, cos, seq_start, seq_len, max_len, causal,
+                                "varlen" if varlen else "dense")
+
+    @torch.library.custom_op("vtp_fast::attention_triton_backward", mutates_args=())
+    def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sin: Tensor | None,
+                       cos: Tensor | None, seq_start: Tensor, seq_len: Tensor, max_len: int, causal: bool,
+                       varlen: bool) -> tuple[Tensor, Tensor, Tensor]:
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        return _kernels.backward(do, q, k, v, out, lse, sin, cos, seq_start, seq_len, max_len, causal,
+                                 "varlen" if varlen else "dense")
+
+    _attention_fwd.register_fake(_fake_fwd)
+    _attention_bwd.register_fake(lambda do, q, k, v, *rest: (torch.empty_like(q), torch.empty_like(q),
+                                                              torch.empty_like(q)))
+
+    def _setup(ctx, inputs, output):
+        q, k, v, sin, cos, seq_start, seq_len, max_len, causal, varlen = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], sin, cos, seq_start, seq_len)
+        ctx.args = (max_len, causal, varlen)
+
+    def _backward(ctx, do, _dlse):
+        q, k, v, out, lse, sin, cos, seq_start, seq_len = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(do, q, k, v, out, lse, sin, cos, seq_start, seq_len, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(_attention_fwd, _backward, setup_context=_setup)
+
+    def _prepare(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"attention (triton): q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, "
+                             f"{v.dtype}")
+        d = q.shape[-1]
+        if d < 32 or d & (d - 1):
+            raise ValueError(f"attention (triton): head_dim must be a power of two >= 32, got {d}")
+        if q.stride(-1) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return q, k, v
+
+    def _attention_triton(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: Rope | None = None) -> Tensor:
+        _check(q, k, v, rope)
+        q, k, v = _prepare(q, k, v)
+        b, _, n, _ = q.shape
+        sin, cos = full_rope(rope, n) if rope is not None else (None, None)
+        seq_start = torch.zeros(b, dtype=torch.int32, device=q.device)
+        seq_len = torch.full((b,), n, dtype=torch.int32, device=q.device)
+        return _attention_fwd(q, k, v, sin, cos, seq_start, seq_len, n, causal, False)[0]
+
+    def _attention_varlen_triton(q: Tensor, k: Tensor, v: Tensor, seq_start: Tensor, seq_len: Tensor, max_len: int,
+                                 rope: Rope | None = None) -> Tensor:
+        _check(q, k, v, rope, dims=3)
+        _check_varlen(q, seq_start, seq_len, max_len)
+        q, k, v = _prepare(q, k, v)
+        sin, cos = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (None, None)
+        return _attention_fwd(q, k, v, sin, cos, seq_start, seq_len, max_len, False, True)[0]
+
+    # Below SDPA on CUDA until H200 measurements show it ahead (bench/bench_attention.py); request it with
+    # VTP_FAST_BACKEND_ATTENTION=triton. Never automatic under the CPU interpreter (too slow).
+    _interp = optional.triton_interpreter()
+    OP.register("triton", SimpleNamespace(attention=_attention_triton, attention_varlen=_attention_varlen_triton,
+                                          packs_views=True),
+                priority=-1 if _interp else 8, devices=("cpu",) if _interp else ("cuda",))
+else:
+    OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))
