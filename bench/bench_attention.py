@@ -1,43 +1,110 @@
-"""Benchmark: attention backends (forward + backward) vs the reference and torch.compile of it.
+"""Benchmark: attention backends, forward and forward + backward, against the reference, torch.compile of it
+and every PyTorch SDPA backend (flash, efficient, cuDNN, math) on a GPU.
 
-    python bench/bench_attention.py [--device cuda] [--out rows.jsonl] [--quick]
+    python bench/bench_attention.py [--device cuda] [--out rows.jsonl] [--quick] [--plot attention.png]
 
-TFLOP/s counts 4 * B * H * N^2 * hd for the forward and 2.5x that for forward + backward.
+Cases: "plain" (no RoPE), "rope" (ViT attention with 2-D RoPE: the fused Triton kernel against RoPE applied in
+PyTorch before each other backend), "multicrop" (2 global + 8 local views of different lengths: the Triton varlen
+kernel in one launch against one call per view). TFLOP/s counts 4 * B * H * N^2 * D per forward (2.5x that
+more for the backward), summed over views.
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 import torch
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
-from vtp_fast.ops.attention import OP, attention_ref
+from vtp_fast.benchmark import markdown_table, measure, plot_scaling, write_rows
+from vtp_fast.nn.rope import Rope2D
+from vtp_fast.ops.attention import OP, attention_ref, full_rope
 
-SHAPES = {"cpu": [(8, 6, 197, 64)], "cuda": [(64, 16, 257, 64), (16, 16, 1024, 64)]}
-QUICK = {"cpu": [(1, 2, 17, 32)], "cuda": [(8, 16, 257, 64)]}
+TABLE_COLUMNS = ["case", "pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
+# (B, H, grid side, D): N = side^2 + 1 tokens (CLS + patches)
+DENSE = {"cpu": [(2, 4, 8, 64)], "cuda": [(64, 16, 16, 64), (256, 16, 4, 64), (16, 16, 32, 64), (4, 16, 64, 64),
+                                          (32, 8, 16, 128)]}
+QUICK = {"cpu": [(1, 2, 2, 32)], "cuda": [(8, 16, 16, 64)]}
+CROPS = {"cpu": (2, 4, (4, 2), 64), "cuda": (32, 16, (16, 6), 64)}  # (B, H, (global, local) grid sides, D)
 
 
-TABLE_COLUMNS = ["pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
+def _sdpa_backends(device: str) -> dict[str, object]:
+    """SDPA pinned to each of its kernels (GPU), besides the registry's auto SDPA."""
+    if device != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return {f"sdpa_{b.name.lower()}": sdpa_kernel(b) for b in
+            (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)}
+
+
+def _timed(fn, device: str, quick: bool) -> dict | None:
+    try:
+        return measure(fn, device, warmup=1 if quick else 3, repeat=2 if quick else 10)
+    except RuntimeError as e:  # an SDPA kernel that does not support this shape/dtype
+        return {"error": str(e).splitlines()[0][:120]}
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    impls = {b.name: b.impl.attention for b in OP.runnable(device) if b.priority >= 0}
-    impls["compiled_reference"] = torch.compile(attention_ref)
+    backends = {b.name: b.impl for b in OP.runnable(device) if b.priority >= 0}
+    compiled = torch.compile(attention_ref)
     rows = []
-    for shape in (QUICK if quick else SHAPES)[device]:
-        b, h, n, d = shape
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        grad = torch.randn(shape, device=device, dtype=dtype)
+    for b, h, side, d in (QUICK if quick else DENSE)[device]:
+        n = side * side + 1
+        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(b, h, n, d, device=device, dtype=dtype)
+        sin, cos = Rope2D(d)(side, side)
+        rope = (sin.to(device), cos.to(device))
         flops = 4 * b * h * n * n * d
-        for name, fn in impls.items():
-            for pass_name, call, f in (("fwd", lambda fn=fn: fn(q, k, v), flops),
-                                       ("fwd+bwd", lambda fn=fn: fn(q, k, v).backward(grad), 3.5 * flops)):
-                t = measure(call, device, warmup=1 if quick else 3, repeat=2 if quick else 10)
-                rows.append({"bench": "attention", "pass": pass_name, "backend": name, "shape": list(shape),
-                             "dtype": str(dtype).removeprefix("torch."), **t,
-                             "tflop_per_s": f / t["median_ms"] / 1e9})
+        calls = {name: (impl.attention, nullcontext()) for name, impl in backends.items()}
+        calls["compiled_reference"] = (compiled, nullcontext())
+        for name, ctx in _sdpa_backends(device).items():
+            calls[name] = (backends["sdpa"].attention, ctx)
+        for case, r in (("plain", None), ("rope", rope)):
+            for name, (fn, ctx) in calls.items():
+                for pass_name, f in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
+                    def call(fn=fn, ctx=ctx, pass_name=pass_name, r=r):
+                        with ctx:
+                            out = fn(q, k, v, rope=r)
+                            if pass_name == "fwd+bwd":
+                                out.backward(grad)
+                    t = _timed(call, device, quick)
+                    rows.append({"bench": "attention", "case": case, "pass": pass_name, "backend": name,
+                                 "shape": [b, h, n, d], "seq_len": n, "dtype": str(dtype).removeprefix("torch."),
+                                 **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
+    rows += _multicrop(device, dtype, backends, quick)
+    return rows
+
+
+def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> list[dict]:
+    """2 global + 8 local views per image: packed varlen (one launch) vs one dense call per view."""
+    b, h, (g_side, l_side), d = CROPS[device]
+    views = [(2 * b, g_side), (8 * b, l_side)] if not quick else [(2, g_side), (4, l_side)]
+    qkv = [tuple(torch.randn(nb, h, s * s + 1, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+           for nb, s in views]
+    ropes = [tuple(t.to(device) for t in Rope2D(d)(s, s)) for _, s in views]
+    flops = sum(4 * nb * h * (s * s + 1) ** 2 * d for nb, s in views)
+    rows = []
+    calls = {f"{name} (per view)": (lambda impl=impl: [impl.attention(*t, rope=r) for t, r in zip(qkv, ropes)])
+             for name, impl in backends.items()}
+    if "triton" in backends:
+        from vtp_fast.nn.block import PackedViews
+
+        packed = PackedViews.build([(nb, s * s + 1) for nb, s in views], ropes, torch.device(device))
+        flat = [torch.cat([t[j].transpose(1, 2).reshape(-1, h, d) for t in qkv]).detach().requires_grad_()
+                for j in range(3)]
+        calls["triton (packed varlen)"] = lambda: [backends["triton"].attention_varlen(*flat, *packed)]
+    for name, fn in calls.items():
+        for pass_name, f in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
+            def call(fn=fn, pass_name=pass_name):
+                outs = fn()
+                if pass_name == "fwd+bwd":
+                    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            t = _timed(call, device, quick)
+            rows.append({"bench": "attention", "case": "multicrop", "pass": pass_name, "backend": name,
+                         "shape": [[nb, h, s * s + 1, d] for nb, s in views], "dtype": str(dtype).removeprefix("torch."),
+                         **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
     return rows
 
 
@@ -46,10 +113,15 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--plot", help="PNG: fwd+bwd TFLOP/s against sequence length per backend (rope case)")
     args = p.parse_args()
     rows = run(args.device, args.quick)
     write_rows(rows, args.out)
     print(markdown_table(rows, TABLE_COLUMNS))
+    if args.plot:
+        picked = [r for r in rows if r.get("case") == "rope" and r["pass"] == "fwd+bwd" and r.get("tflop_per_s")]
+        plot_scaling(picked, "seq_len", "tflop_per_s", "backend", args.plot,
+                     title="attention with 2-D RoPE, fwd+bwd", xlabel="tokens per sequence", ylabel="TFLOP/s")
 
 
 if __name__ == "__main__":

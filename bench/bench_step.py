@@ -14,8 +14,7 @@ import torch
 
 from vtp_fast.benchmark import markdown_table, measure, write_rows
 from vtp_fast.config import load_config
-from vtp_fast.data.pairs import PairSet, StepBatches
-from vtp_fast.data.text import tokenize
+from vtp_fast.data.pairs import StepBatches, synthetic_pairs
 from vtp_fast.train.pretrain import PretrainConfig, build_trainer, schedules, to_device, train_step
 
 TABLE_COLUMNS = ["mode", "preset", "batch", "median_ms", "steps_per_s", "images_per_s", "speedup_vs_eager"]
@@ -26,15 +25,6 @@ QUICK = ["model.preset=vtp-nano", "data.image_size=32", "batch.size=4", "batch.s
 GPU = ["model.preset=vtp-b", "data.image_size=256", "batch.size=256", "batch.ssl=64", "batch.rec=32",
        "ssl.views.global_size=256", "ssl.views.local_size=96", "ssl.views.local_crops=8", "ssl.prototypes=65536",
        "ssl.hidden=2048", "ssl.bottleneck=256", "objective.perceptual=0", "run.precision=bf16"]
-
-
-def synthetic_pairs(n: int, size: int, context: int) -> PairSet:
-    g = torch.Generator().manual_seed(0)
-    words = ["red", "green", "smiling", "cat", "face", "heart", "flag", "of", "with", "eyes", "hand", "star"]
-    captions = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(torch.randint(2, 7, ())),), generator=g))
-                for _ in range(n)]
-    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
-    return PairSet(images, tokenize(captions, context), captions, torch.zeros(n, dtype=torch.long))
 
 
 def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = None) -> list[dict]:

@@ -50,6 +50,19 @@ def emoji_pairs(root: Path, styles, context_length: int) -> PairSet:
     return PairSet(data.images[idx], tokenize(captions, context_length), captions, data.labels[idx], skipped)
 
 
+def synthetic_pairs(n: int, size: int, context: int, seed: int = 0) -> PairSet:
+    """Random pixels and random token ids shaped like short CLIP captions (start, 3-12 words, end-of-text): for
+    benchmarks and profiles that need neither a data set nor the BPE tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, context, dtype=torch.long)
+    lengths = torch.randint(3, min(12, context - 2) + 1, (n,), generator=g)
+    for i, length in enumerate(lengths.tolist()):
+        tokens[i, 0], tokens[i, length + 1] = 49406, 49407  # start / end of text
+        tokens[i, 1:length + 1] = torch.randint(300, 40000, (length,), generator=g)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    return PairSet(images, tokens, [""] * n, torch.zeros(n, dtype=torch.long))
+
+
 def normalize_u8(images: Tensor) -> Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in the ImageNet-normalised space."""
     return (images.permute(0, 3, 1, 2).float() / 255 - MEAN) / STD

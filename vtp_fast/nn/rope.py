@@ -36,7 +36,8 @@ class Rope2D(nn.Module):
     def forward(self, h: int, w: int) -> tuple[Tensor, Tensor]:
         """sin, cos for an (h, w) grid: each (h * w, head_dim) in the rope dtype."""
         dd = {"device": self.periods.device, "dtype": self.dtype}
-        periods = (self.periods if self.dtype == torch.bfloat16
+        # model.to(dtype) converts the stored buffer too; its values are bf16 numbers, so casting back is exact
+        periods = (self.periods.to(torch.bfloat16) if self.dtype == torch.bfloat16
                    else rope_periods(self.head_dim, self.base, self.dtype, self.periods.device))
         coords_h = torch.arange(0.5, h, **dd) / h
         coords_w = torch.arange(0.5, w, **dd) / w

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast.config import ConfigError, save_config, to_dict
 from vtp_fast.data.emoji import STYLES, default_cache_dir, load_emoji, prepare_emoji
-from vtp_fast.data.pairs import BatchShape, PairSet, StepBatches, emoji_pairs, normalize_u8
+from vtp_fast.data.pairs import BatchShape, PairSet, StepBatches, emoji_pairs, normalize_u8, synthetic_pairs
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.plots import image_grid, plot_curves
 from vtp_fast.eval.zeroshot import zero_shot_names
@@ -52,6 +52,7 @@ class DataConfig:
     eval_styles: tuple[str, ...] = ("openmoji",)  # held out: never trained on
     eval_images: int = 512
     num_workers: int = 0
+    synthetic: bool = False  # random pixels and tokens instead of the emoji set (benchmarks, profiles, GPUs offline)
 
     def validate(self) -> None:
         for key in ("train_styles", "eval_styles"):
@@ -277,7 +278,9 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     return trainer
 
 
-def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet, Path]:
+def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet, Path | None]:
+    if cfg.data.synthetic:
+        return synthetic_pairs(max(4096, 4 * cfg.batch.size), cfg.data.image_size, context_length, cfg.run.seed), None
     root = Path(cfg.data.root) if cfg.data.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
     pairs = emoji_pairs(root, cfg.data.train_styles, context_length)
     if pairs.images.shape[1] != cfg.data.image_size:
@@ -385,13 +388,13 @@ def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: VTP, eval_u8: torch.Tensor, eval_captions: list[str], device: torch.device) -> dict:
+def evaluate(model: VTP, eval_u8: torch.Tensor, eval_captions: list[str] | None, device: torch.device) -> dict:
     was_training = model.training
     model.eval()
     images = normalize_u8(eval_u8).to(device)
     recon = torch.cat([model.decode(model.encode(images[i:i + 128])) for i in range(0, len(images), 128)])
     result = {"eval_psnr": psnr(model.denormalize(recon), model.denormalize(images)).mean().item()}
-    if model.config.train_clip:
+    if model.config.train_clip and eval_captions is not None:
         zs = zero_shot_names(model, images, eval_captions)
         result.update(zero_shot_top1=zs["top1"], zero_shot_top5=zs["top5"], zero_shot_chance=zs["chance"])
     model.train(was_training)
@@ -414,9 +417,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     seed_everything(cfg.run.seed)
     t = build_trainer(cfg, device)
     pairs, root = load_pairs(cfg, t.model.config.text_context_length)
-    held_out = load_emoji(root, cfg.data.eval_styles)
-    eval_idx = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[: cfg.data.eval_images]
-    eval_u8, eval_captions = held_out.images[eval_idx], [held_out.captions[i] for i in eval_idx.tolist()]
+    if root is None:  # synthetic data: reconstruction of unseen random images only, no zero-shot
+        eval_u8 = synthetic_pairs(cfg.data.eval_images, cfg.data.image_size, 8, seed=cfg.run.seed + 1).images
+        eval_captions = None
+    else:
+        held_out = load_emoji(root, cfg.data.eval_styles)
+        eval_idx = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[: cfg.data.eval_images]
+        eval_u8, eval_captions = held_out.images[eval_idx], [held_out.captions[i] for i in eval_idx.tolist()]
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.run.keep_checkpoints)
     start = 0
@@ -445,7 +452,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     if main:
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
-              f"{len(pairs)} pairs ({', '.join(cfg.data.train_styles)}), held-out {', '.join(cfg.data.eval_styles)}; "
+              f"{len(pairs)} pairs ({'synthetic' if root is None else ', '.join(cfg.data.train_styles)}), held-out "
+              f"{'synthetic' if root is None else ', '.join(cfg.data.eval_styles)}; "
               f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
               f" -> {out}")
@@ -547,7 +555,7 @@ def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8
         "metrics": log.path,
         "config": out / "config.yaml",
     }
-    if model.config.train_clip:
+    if log.series("zero_shot_top1")[0]:
         paths["zero_shot_curve"] = plot_curves(
             {"top-1": log.series("zero_shot_top1"), "top-5": log.series("zero_shot_top5"),
              "chance": log.series("zero_shot_chance")}, out / "zero_shot.png",

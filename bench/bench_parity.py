@@ -1,0 +1,52 @@
+"""Parity report: the published-layout fixture checkpoint run on a device in fp32 and bf16 against the
+reference implementation's outputs (tests/fixtures/vtp_official_tiny), max |error| per tensor.
+
+    python bench/bench_parity.py [--device cuda] [--out rows.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vtp_fast import load_pretrained
+from vtp_fast.benchmark import markdown_table, write_rows
+
+TABLE_COLUMNS = ["device", "dtype", "tensor", "max_abs_error", "max_abs_value"]
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vtp_official_tiny"
+
+
+@torch.no_grad()
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    expected = load_file(FIXTURE / "expected.safetensors")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_pretrained(FIXTURE, device=device).to(dtype)
+        e = {k: v.to(device) for k, v in expected.items()}
+        x, x96 = e["x"].to(dtype), e["x96"].to(dtype)
+        img, txt = model.clip_image_features(x), model.clip_text_features(e["text"])
+        cls, patch = model.features(x)
+        got = {"latents": model.encode(x), "latents96": model.encode(x96), "decoded": model.decode(e["latents"].to(dtype)),
+               "clip_img": img, "clip_txt": txt, "last_cls": cls, "last_patch": patch}
+        for name, value in got.items():
+            rows.append({"bench": "parity", "device": device, "dtype": str(dtype).removeprefix("torch."),
+                         "tensor": name, "max_abs_error": (value.float() - e[name]).abs().max().item(),
+                         "max_abs_value": e[name].abs().max().item(), "median_ms": 0.0})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out")
+    args = p.parse_args()
+    rows = run(args.device)
+    write_rows(rows, args.out)
+    print(markdown_table(rows, TABLE_COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

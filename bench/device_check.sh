@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (../shared/GPU.md): build for this machine, the CUDA tests, the op, tokenizer and
+# whole-step benchmarks, a per-objective profile; JSONL rows, logs and a markdown report under $OUT.
+# Budget: about 8 minutes on one H200. Each stage has its own timeout, so one slow stage cannot eat the rest.
+#   via the device tool:  bash bench/device_check.sh        (OUT is set by the tool)
+#   by hand:              OUT=bench/results/h200/$(date +%F) bash bench/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/local}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+PY=${PYTHON:-python}
+T0=$SECONDS
+stage() { echo; echo "=== [$((SECONDS - T0))s] $*"; }
+
+stage "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+# pure-Python wheels that travel with the tree (open_clip and its deps), when present
+[ -d wheelhouse ] && $PY -m pip install -q --no-index --find-links wheelhouse open_clip_torch ftfy 2>&1 | tail -1
+
+stage "build the native extension for this GPU (sm_90a)"
+VTP_FAST_CUDA_ARCHS=90a timeout 300 $PY -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+$PY -m vtp_fast.cli info | tee "$OUT/info.txt"
+
+stage "CUDA tests"
+timeout 240 $PY -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests 2>&1 | tail -15
+
+stage "parity (fp32 / bf16 against the reference outputs)"
+timeout 60 $PY bench/bench_parity.py --device cuda --out "$OUT/parity.jsonl"
+
+stage "op benchmarks"
+for op in masked_gather attention clip_loss prototype_ce pixel_shuffle_l1; do
+  [ -f "bench/bench_$op.py" ] || continue
+  timeout 150 $PY -m vtp_fast.cli bench "$op" --device cuda --out "$OUT/ops.jsonl" 2>&1 | tail -40
+done
+timeout 120 $PY bench/bench_attention.py --device cuda --quick --plot "$OUT/attention_scaling.png" >/dev/null 2>&1 || true
+
+stage "tokenizer encode + decode (VTP-L, 256 px, bf16): SDPA vs math"
+timeout 120 $PY -m vtp_fast.cli bench tokenizer --device cuda --out "$OUT/tokenizer.jsonl"
+
+stage "whole step, eager vs compiled (VTP-B, 256 px, bf16)"
+timeout 240 $PY -m vtp_fast.cli bench step --device cuda --out "$OUT/step.jsonl"
+
+stage "per-objective profile (VTP-B, 256 px, bf16)"
+timeout 180 $PY -m vtp_fast.cli profile --steps 5 --warmup 3 --out "$OUT/profile" model.preset=vtp-b \
+  data.image_size=256 batch.size=256 batch.ssl=64 batch.rec=32 ssl.views.global_size=256 ssl.views.local_size=96 \
+  ssl.views.local_crops=8 ssl.prototypes=65536 ssl.hidden=2048 ssl.bottleneck=256 objective.perceptual=0 \
+  run.precision=bf16 data.synthetic=true data.num_workers=8 2>&1 | tail -25
+
+stage "report"
+$PY -m vtp_fast.cli bench --report "$OUT"/*.jsonl > "$OUT/report.md" 2>&1
+echo "done in $((SECONDS - T0))s; rows and report in $OUT"
