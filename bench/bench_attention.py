@@ -86,7 +86,7 @@ def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> 
     ropes = [tuple(t.to(device) for t in Rope2D(d)(s, s)) for _, s in views]
     flops = sum(4 * nb * h * (s * s + 1) ** 2 * d for nb, s in views)
     rows = []
-    calls = {f"{name} (per view)": (lambda impl=impl: [impl.attention(*t, rope=r) for t, r in zip(qkv, ropes)])
+    calls = {f"{name} (per view)": (lambda impl=impl: [impl.attention(*t, rope=r) for t, r in zip(qkv, ropes, strict=True)])
              for name, impl in backends.items()}
     if "triton" in backends:
         from vtp_fast.nn.block import PackedViews
@@ -103,7 +103,8 @@ def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> 
                     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             t = _timed(call, device, quick)
             rows.append({"bench": "attention", "case": "multicrop", "pass": pass_name, "backend": name,
-                         "shape": [[nb, h, s * s + 1, d] for nb, s in views], "dtype": str(dtype).removeprefix("torch."),
+                         "shape": [[nb, h, s * s + 1, d] for nb, s in views],
+                         "dtype": str(dtype).removeprefix("torch."),
                          **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
     return rows
 

@@ -29,7 +29,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         x, x96 = e["x"].to(dtype), e["x96"].to(dtype)
         img, txt = model.clip_image_features(x), model.clip_text_features(e["text"])
         cls, patch = model.features(x)
-        got = {"latents": model.encode(x), "latents96": model.encode(x96), "decoded": model.decode(e["latents"].to(dtype)),
+        got = {"latents": model.encode(x), "latents96": model.encode(x96),
+               "decoded": model.decode(e["latents"].to(dtype)),
                "clip_img": img, "clip_txt": txt, "last_cls": cls, "last_patch": patch}
         for name, value in got.items():
             rows.append({"bench": "parity", "device": device, "dtype": str(dtype).removeprefix("torch."),
