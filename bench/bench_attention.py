@@ -18,7 +18,7 @@ import torch
 
 from vtp_fast.benchmark import markdown_table, measure, plot_scaling, write_rows
 from vtp_fast.nn.rope import Rope2D
-from vtp_fast.ops.attention import OP, attention_ref, full_rope
+from vtp_fast.ops.attention import OP, attention_ref
 
 TABLE_COLUMNS = ["case", "pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
 # (B, H, grid side, D): N = side^2 + 1 tokens (CLS + patches)
@@ -86,8 +86,10 @@ def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> 
     ropes = [tuple(t.to(device) for t in Rope2D(d)(s, s)) for _, s in views]
     flops = sum(4 * nb * h * (s * s + 1) ** 2 * d for nb, s in views)
     rows = []
-    calls = {f"{name} (per view)": (lambda impl=impl: [impl.attention(*t, rope=r) for t, r in zip(qkv, ropes, strict=True)])
-             for name, impl in backends.items()}
+    def per_view(impl):
+        return lambda: [impl.attention(*t, rope=r) for t, r in zip(qkv, ropes, strict=True)]
+
+    calls = {f"{name} (per view)": per_view(impl) for name, impl in backends.items()}
     if "triton" in backends:
         from vtp_fast.nn.block import PackedViews
 
