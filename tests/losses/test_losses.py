@@ -175,12 +175,13 @@ def test_lpips_code_path_with_supplied_weights(lpips_files, monkeypatch):
     assert isinstance(rec.lpips, LPIPS) and not any(p.requires_grad for p in rec.lpips.parameters())
     g = gen(7)
     x = torch.randn(2, 3, 32, 32, generator=g)
-    y = (x + 0.5 * torch.randn(2, 3, 32, 32, generator=g)).requires_grad_()
+    tokens = torch.randn(2, 4, 3 * 16 * 16, generator=g).requires_grad_()  # a 2x2 grid of 16x16 patches
+    y = rec.image(tokens, (2, 2))
     same = rec.lpips(x.tanh(), x.tanh())
     assert torch.allclose(same, torch.zeros(2), atol=1e-6)
-    out = rec(y, x)
+    out = rec(tokens, x)
     assert out["rec_lpips"].item() > 0 and out["rec_l1"].item() == pytest.approx((y - x).abs().mean().item())
     out["rec_lpips"].backward()
-    assert y.grad.abs().sum() > 0
+    assert tokens.grad.abs().sum() > 0
     rec.train()
     assert not rec.lpips.training, "the perceptual network stays in eval mode"

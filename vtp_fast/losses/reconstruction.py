@@ -17,6 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
+from vtp_fast.ops import pixel_shuffle_l1 as pixel_shuffle_op
 
 VGG_FILE = "vgg16-397923af.pth"
 # End of each LPIPS stage in torchvision's vgg16().features: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
@@ -71,13 +72,17 @@ class LPIPS(nn.Module):
 
 
 class ReconstructionLoss(nn.Module):
-    """forward(recon, target) -> {'rec_l1': L1 in the model's normalised space, 'rec_lpips': LPIPS in pixels}.
+    """forward(tokens, target) -> {'rec_l1': L1 in the model's normalised space, 'rec_lpips': LPIPS in pixels}.
 
-    Images are (n, 3, H, W) in the ImageNet-normalised input space; `mean`/`std` map them back to [0, 1].
+    tokens: the pixel decoder's pre-shuffle output (n, h * w, 3 * p * p); target: images (n, 3, h * p, w * p) in
+    the ImageNet-normalised input space. The L1 term goes through the fused pixel-shuffle + L1 op, so the
+    reconstruction is only assembled as an image when LPIPS (or the caller, via `image`) needs it.
     """
 
-    def __init__(self, perceptual: bool, vgg_path: str | None = None):
+    def __init__(self, perceptual: bool, vgg_path: str | None = None, patch: int = 16):
         super().__init__()
+        self.patch = patch
+        self.shuffle = pixel_shuffle_op.OP.resolve()
         self.lpips = None
         if perceptual:
             vgg, heads = find_vgg_weights(vgg_path), find_lpips_heads()
@@ -95,9 +100,14 @@ class ReconstructionLoss(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, recon: Tensor, target: Tensor) -> dict[str, Tensor]:
-        out = {"rec_l1": F.l1_loss(recon, target)}
+    def image(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(n, h * w, 3 * p * p) -> (n, 3, h * p, w * p)."""
+        return self.shuffle.impl.pixel_shuffle(tokens, grid, self.patch)
+
+    def forward(self, tokens: Tensor, target: Tensor) -> dict[str, Tensor]:
+        out = {"rec_l1": self.shuffle.impl.pixel_shuffle_l1(tokens, target, self.patch)}
         if self.lpips is not None:
+            recon = self.image(tokens, (target.shape[2] // self.patch, target.shape[3] // self.patch))
             to_pm1 = lambda x: (x * self.std + self.mean) * 2 - 1  # noqa: E731 - normalised -> [-1, 1]
             out["rec_lpips"] = self.lpips(to_pm1(recon).float(), to_pm1(target).float()).mean()
         return out

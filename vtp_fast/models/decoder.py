@@ -10,16 +10,7 @@ from vtp_fast.nn.block import Block
 from vtp_fast.nn.mlp import swiglu_hidden
 from vtp_fast.nn.norms import make_norm
 from vtp_fast.nn.rope import Rope2D
-
-
-def tokens_to_image(tokens: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
-    """PixelShuffle on token layout: (B, h * w, 3 * p * p) -> (B, 3, h * p, w * p).
-
-    Channel c * p * p + i * p + j of token (y, x) becomes pixel (c, y * p + i, x * p + j), as nn.PixelShuffle.
-    """
-    b, (h, w) = tokens.shape[0], grid
-    x = tokens.view(b, h, w, 3, patch, patch)  # (B, h, w, 3, p, p)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, h * patch, w * patch)
+from vtp_fast.ops import pixel_shuffle_l1 as pixel_shuffle_op
 
 
 class PixelDecoder(nn.Module):
@@ -33,6 +24,7 @@ class PixelDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, hidden, norm) for _ in range(depth))
         self.norm = make_norm(norm, dim)
         self.proj_out = nn.Conv2d(dim, 3 * patch_size**2, kernel_size=1)
+        self.shuffle = pixel_shuffle_op.OP.resolve()  # PixelShuffle(p) on token layout
 
     def init_weights(self) -> None:
         for m in self.modules():
@@ -54,4 +46,5 @@ class PixelDecoder(nn.Module):
 
     def forward(self, latents: Tensor) -> Tensor:
         """Latents (B, C, h, w) -> image (B, 3, h * p, w * p)."""
-        return tokens_to_image(self.forward_tokens(latents), tuple(latents.shape[2:]), self.patch_size)
+        grid = (latents.shape[2], latents.shape[3])
+        return self.shuffle.impl.pixel_shuffle(self.forward_tokens(latents), grid, self.patch_size)

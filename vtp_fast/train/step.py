@@ -81,7 +81,7 @@ class Student(nn.Module):
             self.koleo_loss = KoLeoLoss()
         if self.uses_clip:
             self.clip_loss = ClipLoss()
-        self.rec_loss = ReconstructionLoss("rec_lpips" in objective, lpips_vgg_path)
+        self.rec_loss = ReconstructionLoss("rec_lpips" in objective, lpips_vgg_path, model.config.vision_patch_size)
         self.expose_recon = "gan" in objective  # the adversarial term needs the reconstructions
         if freeze_encoder:
             for name, p in model.named_parameters():
@@ -116,10 +116,10 @@ class Student(nn.Module):
         with probe.region("rec"):
             n_rec = images.shape[0] if self.n_rec is None else self.n_rec
             (patch,) = probe.boundary("rec", plain["patch"][:n_rec])
-            recon = m.pixel_decoder(m.latents_from_patch(patch, plain["grid"]))
-            terms.update(self.rec_loss(recon, images[:n_rec]))
-            if self.expose_recon:
-                terms["_recon"] = recon  # not a loss term: read by the adversarial step
+            tokens = m.pixel_decoder.forward_tokens(m.latents_from_patch(patch, plain["grid"]))  # (n, hw, 3p^2)
+            terms.update(self.rec_loss(tokens, images[:n_rec]))
+            if self.expose_recon:  # not a loss term: the image, read by the adversarial step
+                terms["_recon"] = self.rec_loss.image(tokens, plain["grid"])
 
         if self.uses_ssl:
             with probe.region("ssl"):
