@@ -210,6 +210,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shards(args: argparse.Namespace) -> int:
+    from vtp_fast.data import shards
+
+    source = args.source
+    if source == "emoji":
+        from vtp_fast.data.emoji import STYLES, default_cache_dir, prepare_emoji
+
+        samples, total = shards.emoji_samples(prepare_emoji(default_cache_dir(), size=args.size),
+                                              args.styles or STYLES)
+    elif source == "fashion-mnist":
+        samples, total = shards.fashion_mnist_samples(args.split)
+    elif Path(source).is_dir():
+        samples, total = shards.folder_samples(Path(source))
+    elif Path(source).suffix in (".csv", ".parquet"):
+        samples, total = shards.table_samples(Path(source), args.path_column, args.caption_column, args.label_column)
+    else:
+        raise ValueError(f"{source}: not 'emoji', 'fashion-mnist', an image folder or a .csv/.parquet table")
+    paths = shards.write_shards(samples, args.out, prefix=args.prefix, per_shard=args.per_shard, total=total)
+    print(f"{len(paths)} shards with index files -> {args.out}"
+          f" ({args.out}/{args.prefix}-{{00000..{len(paths) - 1:05d}}}.tar)")
+    return 0
+
+
 def cmd_data_emoji(args: argparse.Namespace) -> int:
     from vtp_fast.data.emoji import default_cache_dir, load_emoji, prepare_emoji
 
@@ -270,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache", help="cache directory (default $VTP_FAST_CACHE or ~/.cache/vtp_fast)")
     q.add_argument("--size", type=int, default=64, help="image size in pixels")
     q.set_defaults(func=cmd_data_emoji)
+    q = data_sub.add_parser("shards", help="write WebDataset shards (img2dataset layout) with DALI index files")
+    q.add_argument("source", help="'emoji', 'fashion-mnist', an image folder, or a .csv/.parquet of paths + captions")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--prefix", default="shard")
+    q.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    q.add_argument("--styles", nargs="+", help="emoji styles (default: all four)")
+    q.add_argument("--size", type=int, default=64, help="emoji image size")
+    q.add_argument("--split", default="train", choices=("train", "test"), help="Fashion-MNIST split")
+    q.add_argument("--path-column", default="path")
+    q.add_argument("--caption-column", default="caption")
+    q.add_argument("--label-column")
+    q.set_defaults(func=cmd_data_shards)
     return parser
 
 

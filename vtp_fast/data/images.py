@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -30,24 +31,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, size: int | None = None) -> Tensor:
-    """An image file -> (3, H, W) float32 RGB in [0, 1]; with `size`, resized (shorter side) and center-cropped
-    to size x size."""
-    path = Path(path)
+def open_rgb(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """An image file or encoded image bytes -> an RGB PIL image (see `to_rgb`); ImageError naming the file."""
+    name = name or str(source if not isinstance(source, bytes) else "<bytes>")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as img:
                 img.load()
-                img = to_rgb(img)
+                return to_rgb(img)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    if size is not None:
-        img = center_crop_resize(img, size)
+        raise ImageError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def load_image(path: str | Path, size: int | None = None) -> Tensor:
+    """An image file -> (3, H, W) float32 RGB in [0, 1]; with `size`, resized (shorter side) and center-cropped
+    to size x size."""
+    img = open_rgb(path)
+    return to_tensor(center_crop_resize(img, size) if size is not None else img)
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:

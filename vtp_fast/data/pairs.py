@@ -3,13 +3,18 @@
 `StepBatches[step]` is this rank's share of the global batch of `step`: a deterministic function of (seed,
 step, rank), so a resumed run continues with exactly the batches it would have seen, and any number of
 DataLoader workers produce the same data. The global batch of step s holds positions [s * G, (s + 1) * G) of an
-endless stream of per-epoch permutations of the data set; rank r takes its contiguous slice of it.
+endless stream of per-epoch shuffles of the data set (`epoch_order`); rank r takes its contiguous slice of it.
+
+Sources: `PairSet` (decoded images in memory: the emoji set, synthetic data) and `ShardSource` (WebDataset
+shards decoded per sample). A sample that cannot be used (corrupt image, missing or empty caption) is replaced
+by the next sample of the data set, deterministically, and counted in the batch's `bad_samples`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -25,6 +30,10 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+class BadSample(Exception):
+    """A sample that cannot be used; the message is the reason (a metrics key)."""
+
+
 @dataclass
 class PairSet:
     images: Tensor  # (N, S, S, 3) uint8
@@ -35,6 +44,42 @@ class PairSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def sample(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(plain (S, S, 3) uint8, full image (3, H, W) float in [0, 1] for the views, tokens (L,))."""
+        return self.images[i], self.images[i].permute(2, 0, 1).float() / 255, self.tokens[i]
+
+
+class ShardSource:
+    """Samples of WebDataset shards, decoded on demand (PIL): the plain image is the full image resized (shorter
+    side) and center-cropped to `image_size`; the views are cut from the full image. Captions: UTF-8 (invalid
+    bytes replaced), truncated to the context with the end-of-text token kept; missing or empty -> BadSample."""
+
+    def __init__(self, shards, image_size: int, context_length: int):
+        self.shards, self.image_size, self.context_length = shards, image_size, context_length
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def sample(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        import numpy as np
+
+        from vtp_fast.data.images import ImageError, center_crop_resize, open_rgb, to_tensor
+
+        raw = self.shards[i]
+        if raw.image is None:
+            raise BadSample("no_image")
+        if raw.caption is None:
+            raise BadSample("no_caption")
+        caption = raw.caption.decode("utf-8", errors="replace").strip()
+        if not caption:
+            raise BadSample("empty_caption")
+        try:
+            img = open_rgb(raw.image, name=raw.key)
+        except ImageError:
+            raise BadSample("corrupt_image") from None
+        plain = torch.from_numpy(np.asarray(center_crop_resize(img, self.image_size)).copy())  # (S, S, 3)
+        return plain, to_tensor(img), tokenize(caption, self.context_length)[0]
 
 
 def emoji_pairs(root: Path, styles, context_length: int) -> PairSet:
@@ -89,45 +134,103 @@ def trim_tokens(tokens: Tensor, multiple: int = 8) -> Tensor:
     return tokens[:, : min(tokens.shape[1], -(-length // multiple) * multiple)]
 
 
+FULL_SHUFFLE_MAX = 1 << 24  # larger sets shuffle blocks, then samples within windows of blocks
+BLOCK, WINDOW = 1 << 14, 32
+
+
+@lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(seed, epoch)))
+
+
+def epoch_order(seed: int, epoch: int, n: int, positions: Tensor) -> Tensor:
+    """Sample ids at `positions` (within one epoch) of the epoch's shuffle of n samples.
+
+    Up to FULL_SHUFFLE_MAX samples: a full permutation. Beyond (hundreds of millions of pairs): blocks of BLOCK
+    consecutive samples are permuted, and samples are permuted within each window of WINDOW blocks: a shuffle
+    buffer of BLOCK * WINDOW samples that stays a pure function of (seed, epoch, position), so resuming and
+    splitting over ranks need no state."""
+    if n <= FULL_SHUFFLE_MAX:
+        return _permutation(seed, epoch, n)[positions]
+    n_blocks = -(-n // BLOCK)
+    block_order = _permutation(seed, epoch, n_blocks)
+    out = torch.empty_like(positions)
+    span = BLOCK * WINDOW
+    for w in (positions // span).unique().tolist():
+        blocks = block_order[w * WINDOW:(w + 1) * WINDOW]
+        ids = torch.cat([torch.arange(b * BLOCK, min(n, (b + 1) * BLOCK)) for b in blocks.tolist()])
+        inner = _permutation(sample_seed(seed, epoch), w, ids.numel())
+        sel = positions // span == w
+        out[sel] = ids[inner[positions[sel] - w * span]]
+    return out
+
+
 class StepBatches(Dataset):
-    def __init__(self, pairs: PairSet, shape: BatchShape, views: ViewConfig, *, seed: int, rank: int = 0,
+    def __init__(self, source, shape: BatchShape, views: ViewConfig, *, seed: int, rank: int = 0,
                  world: int = 1, steps: int = 1 << 40, trim_text: bool = False):
-        """trim_text: cut token padding beyond the batch's longest caption (see `trim_tokens`)."""
-        self.pairs, self.shape, self.views, self.trim_text = pairs, shape, views, trim_text
+        """source: a PairSet or ShardSource; trim_text: cut token padding beyond the batch's longest caption
+        (see `trim_tokens`)."""
+        self.source, self.shape, self.views, self.trim_text = source, shape, views, trim_text
         self.seed, self.rank, self.world, self.steps = seed, rank, world, steps
-        if len(pairs) == 0:
-            raise ValueError("the pair set is empty")
+        if len(source) == 0:
+            raise ValueError("the data set is empty")
 
     def __len__(self) -> int:
         return self.steps
 
     def positions(self, step: int) -> tuple[Tensor, Tensor]:
         """This rank's (sample ids, epochs) for `step`, each (size,)."""
-        n, local = len(self.pairs), self.shape.size
+        n, local = len(self.source), self.shape.size
         start = (step * self.world + self.rank) * local
         pos = torch.arange(start, start + local)
         epochs = pos // n
         ids = torch.empty(local, dtype=torch.long)
         for e in epochs.unique().tolist():
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(self.seed, e)))
             sel = epochs == e
-            ids[sel] = perm[pos[sel] % n]
+            ids[sel] = epoch_order(self.seed, e, n, pos[sel] % n)
         return ids, epochs
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         return self.assemble(*self.positions(step))
 
+    def fetch(self, ids: Tensor) -> tuple[Tensor, Tensor, list[Tensor], Tensor, dict[str, int]]:
+        """(ids actually used, plain images (B, S, S, 3) uint8, full images for the first `shape.ssl`, tokens
+        (B, L), bad-sample counts). A bad sample is replaced by the next id of the data set."""
+        n_ssl = self.shape.ssl
+        if isinstance(self.source, PairSet):  # decoded in memory: nothing can go bad
+            imgs = self.source.images[ids]
+            fulls = [img.permute(2, 0, 1).float() / 255 for img in imgs[:n_ssl]]
+            return ids, imgs, fulls, self.source.tokens[ids], {}
+        bad: dict[str, int] = {}
+        used, plains, fulls, tokens = [], [], [], []
+        n = len(self.source)
+        for k, i in enumerate(ids.tolist()):
+            for attempt in range(n):
+                try:
+                    plain, full, tok = self.source.sample((i + attempt) % n)
+                    break
+                except BadSample as e:
+                    bad[str(e)] = bad.get(str(e), 0) + 1
+            else:
+                raise RuntimeError("no usable sample in the data set")
+            used.append((i + attempt) % n)
+            plains.append(plain)
+            tokens.append(tok)
+            if k < n_ssl:
+                fulls.append(full)
+        return torch.tensor(used), torch.stack(plains), fulls, torch.stack(tokens), bad
+
     def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`."""
-        tokens = self.pairs.tokens[ids]
-        batch = {"images": normalize_u8(self.pairs.images[ids]), "tokens": trim_tokens(tokens) if self.trim_text
-                 else tokens, "ids": ids}
+        ids, plains, fulls, tokens, bad = self.fetch(ids)
+        batch = {"images": normalize_u8(plains), "tokens": trim_tokens(tokens) if self.trim_text else tokens,
+                 "ids": ids, "bad_samples": torch.tensor(sum(bad.values()))}
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2
-            views = [ssl_views(self.pairs.images[i].permute(2, 0, 1).float() / 255, self.views, grid,
+            views = [ssl_views(full, self.views, grid,
                                torch.Generator().manual_seed(sample_seed(self.seed, int(e), int(i), 1)))
-                     for i, e in zip(ids[:n].tolist(), epochs[:n].tolist(), strict=True)]
+                     for full, i, e in zip(fulls, ids[:n].tolist(), epochs[:n].tolist(), strict=True)]
             g, l, m = (torch.stack(t) for t in zip(*views, strict=True))  # (n, 2, ...), (n, L, ...), (n, 2, N)
             # view-major layouts: all samples' view 0, then view 1, ...
             batch["global_crops"] = ((g.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (2n, 3, G, G)

@@ -22,7 +22,17 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast.config import ConfigError, save_config, to_dict
 from vtp_fast.data.emoji import STYLES, default_cache_dir, load_emoji, prepare_emoji
-from vtp_fast.data.pairs import BatchShape, PairSet, StepBatches, emoji_pairs, normalize_u8, synthetic_pairs
+from vtp_fast.data.pairs import (
+    BadSample,
+    BatchShape,
+    PairSet,
+    ShardSource,
+    StepBatches,
+    emoji_pairs,
+    normalize_u8,
+    synthetic_pairs,
+)
+from vtp_fast.data.shards import ShardSet
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.plots import image_grid, plot_curves
 from vtp_fast.eval.zeroshot import zero_shot_names
@@ -46,6 +56,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    shards: str | None = None  # WebDataset shards ('dir', 'a/shard-{00000..00099}.tar'); null: the emoji set
+    eval_shards: str | None = None  # held-out shards for PSNR and zero-shot (with shards); null: no zero-shot
     root: str | None = None  # a prepared emoji dir; null: prepare it in the cache ($VTP_FAST_CACHE)
     image_size: int = 64
     train_styles: tuple[str, ...] = ("google", "twitter", "fluent")
@@ -278,14 +290,32 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     return trainer
 
 
-def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet, Path | None]:
+def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet | ShardSource, Path | None]:
     if cfg.data.synthetic:
         return synthetic_pairs(max(4096, 4 * cfg.batch.size), cfg.data.image_size, context_length, cfg.run.seed), None
+    if cfg.data.shards:
+        return ShardSource(ShardSet(cfg.data.shards), cfg.data.image_size, context_length), None
     root = Path(cfg.data.root) if cfg.data.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
     pairs = emoji_pairs(root, cfg.data.train_styles, context_length)
     if pairs.images.shape[1] != cfg.data.image_size:
         raise ConfigError(f"data.image_size: {cfg.data.image_size} but {root} holds {pairs.images.shape[1]} px images")
     return pairs, root
+
+
+def shard_eval_set(cfg: PretrainConfig, context_length: int) -> tuple[torch.Tensor, list[str]]:
+    """The first `data.eval_images` usable samples of the held-out shards: plain images and captions."""
+    source = ShardSource(ShardSet(cfg.data.eval_shards), cfg.data.image_size, context_length)
+    images, captions = [], []
+    for i in range(len(source)):
+        try:
+            plain, _, _ = source.sample(i)
+        except BadSample:
+            continue
+        images.append(plain)
+        captions.append(source.shards[i].caption.decode("utf-8", errors="replace").strip())
+        if len(images) == cfg.data.eval_images:
+            break
+    return torch.stack(images), captions
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -417,7 +447,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     seed_everything(cfg.run.seed)
     t = build_trainer(cfg, device)
     pairs, root = load_pairs(cfg, t.model.config.text_context_length)
-    if root is None:  # synthetic data: reconstruction of unseen random images only, no zero-shot
+    if cfg.data.eval_shards:
+        eval_u8, eval_captions = shard_eval_set(cfg, t.model.config.text_context_length)
+    elif root is None:  # synthetic data or shards without a held-out set: PSNR on unseen random images only
         eval_u8 = synthetic_pairs(cfg.data.eval_images, cfg.data.image_size, 8, seed=cfg.run.seed + 1).images
         eval_captions = None
     else:
@@ -452,13 +484,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     if main:
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
-              f"{len(pairs)} pairs ({'synthetic' if root is None else ', '.join(cfg.data.train_styles)}), held-out "
-              f"{'synthetic' if root is None else ', '.join(cfg.data.eval_styles)}; "
+              f"{len(pairs)} pairs ({describe_data(cfg)}); "
               f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
               f" -> {out}")
-        if pairs.skipped and any(pairs.skipped.values()):
-            log.write(step=start, **{f"skipped_{k}": v for k, v in pairs.skipped.items()})
+        skipped = dict(getattr(pairs, "skipped", None) or getattr(getattr(pairs, "shards", None), "problems", {}))
+        if any(skipped.values()):
+            log.write(step=start, **{f"skipped_{k}": v for k, v in skipped.items()})
     if start == 0:
         model = t.plain_model()
         if main:
@@ -468,8 +500,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     bad_streak, last_eval = 0, {}
     bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", unit="step", disable=not main, dynamic_ncols=True)
     it, tic, images_seen = iter(loader), time.perf_counter(), 0
+    bad_samples = 0
     for step in range(start, cfg.run.steps):
-        micro = [to_device(next(it), device) for _ in range(cfg.batch.accumulation)]
+        micro = [next(it) for _ in range(cfg.batch.accumulation)]
+        bad_samples += sum(int(b.pop("bad_samples")) for b in micro)
+        micro = [to_device(b, device) for b in micro]
         sched = schedules(cfg, step)
         logs, finite = train_step(t, micro, sched)
         images_seen += cfg.batch.size
@@ -493,7 +528,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
             losses = set(t.objective.weights) | {"total", "disc"}
             row = {**{f"loss/{k}" if k in losses else k: v for k, v in values.items()},
                    **{k: v for k, v in sched.items() if k != "step"},
-                   "images_per_s": images_seen / elapsed, "memory_mb": memory_mb(device)}
+                   "images_per_s": images_seen / elapsed, "memory_mb": memory_mb(device),
+                   "data/bad_samples": bad_samples}
             tic, images_seen = time.perf_counter(), 0
             if main:
                 log.write(step=done, **row)
@@ -521,6 +557,15 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         tb.close()
     model = t.plain_model()
     return _finish(model, cfg, out, log, eval_u8, t.device) if main else {}
+
+
+def describe_data(cfg: PretrainConfig) -> str:
+    d = cfg.data
+    if d.synthetic:
+        return "synthetic"
+    if d.shards:
+        return f"shards {d.shards}" + (f", held-out {d.eval_shards}" if d.eval_shards else "")
+    return f"emoji {', '.join(d.train_styles)}, held-out {', '.join(d.eval_styles)}"
 
 
 def _tensorboard(path: Path):

@@ -1,0 +1,358 @@
+"""WebDataset tar shards in the img2dataset layout, with DALI-compatible index files.
+
+A shard is a tar of samples `KEY.{jpg,png,webp}` + `KEY.txt` (caption) + optional `KEY.json` / `KEY.cls`, members of
+one sample adjacent. Beside each `NAME.tar` the writer puts `NAME.idx` in DALI's wds2idx format (v1.2: a header
+"v1.2 <samples>", then one line per sample listing `ext offset size name` for each member), so DALI's
+`fn.readers.webdataset` and this module read the same files. With the index, any sample is one seek away:
+`ShardSet[i]` returns the raw bytes of global sample i, which is what makes orders deterministic and resumable
+(see vtp_fast.data.stream).
+
+Bad shards are harmless: a missing shard or index is skipped with a warning (an index is rebuilt by scanning the
+tar when it is only missing), a truncated tar keeps its complete samples, and a sample without an image is
+dropped; the counts are kept in `ShardSet.problems`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INDEX_VERSION = "v1.2"
+
+
+def expand(spec: str | Sequence[str]) -> list[Path]:
+    """'data/shard-{00000..00009}.tar' (brace-expanded), a directory (its *.tar), or a list of either."""
+    from braceexpand import braceexpand
+
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    out: list[Path] = []
+    for s in specs:
+        p = Path(str(s))
+        if p.is_dir():
+            out += sorted(p.glob("*.tar"))
+        else:
+            out += [Path(x) for x in braceexpand(str(s))]
+    return out
+
+
+@dataclass
+class Sample:
+    """One image-text sample to write: encoded image bytes and their extension, caption, optional label/json."""
+
+    image: bytes
+    ext: str
+    caption: str | None = None
+    label: int | None = None
+    meta: dict | None = None
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def index_entries(path: Path) -> list[list[tuple[str, int, int, str]]]:
+    """Samples of a tar as [(ext, data offset, size, member name), ...] groups, by scanning it. A truncated tar
+    yields its complete members (a sample whose last member is cut is dropped)."""
+    groups: list[list[tuple[str, int, int, str]]] = []
+    last = None
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    break
+                slash = m.name.rfind("/")
+                dot = m.name.find(".", slash + 1)
+                if dot <= slash + 1:  # no extension, or a hidden file
+                    continue
+                stem, ext = m.name[:dot], m.name[dot + 1:]
+                if stem != last:
+                    groups.append([])
+                    last = stem
+                groups[-1].append((ext, m.offset_data, m.size, m.name))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        warnings.warn(f"{path}: damaged tar ({e}); keeping the {len(groups)} samples before the damage", stacklevel=2)
+    return groups
+
+
+def write_index(tar_path: Path, groups: list[list[tuple[str, int, int, str]]] | None = None) -> Path:
+    """Write NAME.idx (DALI wds2idx v1.2) for NAME.tar, atomically."""
+    groups = index_entries(tar_path) if groups is None else groups
+    lines = [f"{INDEX_VERSION} {len(groups)}"] + [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in g) for g in groups]
+    idx = tar_path.with_suffix(".idx")
+    tmp = idx.with_name(f".{idx.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, idx)
+    return idx
+
+
+def read_index(idx: Path) -> list[list[tuple[str, int, int, str]]]:
+    lines = idx.read_text().splitlines()
+    version, count = lines[0].split()
+    if version != INDEX_VERSION or int(count) != len(lines) - 1:
+        raise ValueError(f"{idx}: not a {INDEX_VERSION} index of {count} samples")
+    groups = []
+    for line in lines[1:]:
+        f = line.split()
+        groups.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+    return groups
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str = "shard", per_shard: int = 1000,
+                 total: int | None = None, progress: bool = True) -> list[Path]:
+    """Write samples into out_dir/prefix-00000.tar, ... with their .idx files and a manifest.json; each shard is
+    written to a temp file and renamed, so a reader never sees a half-written shard."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    counts = Counter()
+    tar = tmp = None
+    bar = tqdm(total=total, desc=f"shards {out_dir.name}", unit="img", disable=not progress)
+
+    def close():
+        nonlocal tar
+        if tar is not None:
+            tar.close()
+            final = out_dir / f"{prefix}-{len(paths):05d}.tar"
+            tmp.chmod(0o644)  # mkstemp makes it private
+            os.replace(tmp, final)
+            write_index(final)
+            paths.append(final)
+            tar = None
+
+    for i, s in enumerate(samples):
+        if i % per_shard == 0:
+            close()
+            fd, name = tempfile.mkstemp(prefix=f".{prefix}-", suffix=".tar", dir=out_dir)
+            os.close(fd)
+            tmp = Path(name)
+            tar = tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT)
+        key = f"{i:09d}"
+        ext = s.ext.lower().lstrip(".")
+        _member(tar, f"{key}.{ext}", s.image)
+        if s.caption is not None:
+            _member(tar, f"{key}.txt", s.caption.encode("utf-8"))
+        if s.label is not None:
+            _member(tar, f"{key}.cls", str(int(s.label)).encode())
+        if s.meta is not None:
+            _member(tar, f"{key}.json", json.dumps(s.meta).encode())
+        counts["samples"] += 1
+        counts[ext] += 1
+        bar.update(1)
+    close()
+    bar.close()
+    (out_dir / "manifest.json").write_text(json.dumps({"prefix": prefix, "shards": len(paths), **counts}, indent=1))
+    return paths
+
+
+@dataclass
+class RawSample:
+    """What a shard holds for one sample: encoded image bytes and extension, caption bytes, label, json."""
+
+    key: str
+    image: bytes | None
+    ext: str | None
+    caption: bytes | None
+    label: int | None
+    meta: dict | None
+
+
+class ShardSet:
+    """Random access to every sample of a list of shards (their .idx files, rebuilt when missing)."""
+
+    def __init__(self, spec: str | Sequence[str]):
+        found, groups, problems = [], [], Counter()
+        for path in expand(spec):
+            if not path.is_file():
+                warnings.warn(f"{path}: missing shard, skipped", stacklevel=2)
+                problems["missing_shard"] += 1
+                continue
+            idx = path.with_suffix(".idx")
+            try:
+                g = read_index(idx) if idx.is_file() else index_entries(path)
+            except (ValueError, IndexError) as e:
+                warnings.warn(f"{idx}: unreadable index ({e}); rescanning the tar", stacklevel=2)
+                g = index_entries(path)
+            usable = [x for x in g if any(e in IMAGE_EXTS for e, *_ in x)]
+            problems["sample_without_image"] += len(g) - len(usable)
+            found.append(path)
+            groups.append(usable)
+        if not found:
+            raise FileNotFoundError(f"no readable shards in {spec!r}")
+        self.shards, self.groups, self.problems = found, groups, problems
+        self._offsets = np.cumsum([0] + [len(g) for g in groups])
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return shard, i - int(self._offsets[shard])
+
+    def _handle(self, shard: int):
+        fh = self._handles.get(shard)
+        if fh is None:  # one open file per shard per process (DataLoader workers each get their own)
+            fh = self._handles[shard] = open(self.shards[shard], "rb")  # noqa: SIM115
+        return fh
+
+    def __getitem__(self, i: int) -> RawSample:
+        shard, j = self.locate(i)
+        fh = self._handle(shard)
+        parts: dict[str, bytes] = {}
+        key = ""
+        for ext, offset, size, name in self.groups[shard][j]:
+            fh.seek(offset)
+            parts[ext.lower()] = fh.read(size)
+            key = name.rsplit(".", 1)[0]
+        ext = next((e for e in IMAGE_EXTS if e in parts), None)
+        label = None
+        if "cls" in parts:
+            try:
+                label = int(parts["cls"].strip())
+            except ValueError:
+                label = None
+        meta = None
+        if "json" in parts:
+            try:
+                meta = json.loads(parts["json"])
+            except (ValueError, UnicodeDecodeError):
+                meta = None
+        return RawSample(key, parts.get(ext) if ext else None, ext, parts.get("txt"), label, meta)
+
+    def __getstate__(self):  # file handles do not cross process boundaries
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def iter_raw(self) -> Iterator[RawSample]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def emoji_samples(root: Path, styles: Sequence[str]) -> tuple[Iterator[Sample], int]:
+    """The prepared emoji set as PNG samples: caption = emoji name, label = category id, json = style/key."""
+    from vtp_fast.data.emoji import load_emoji
+
+    data = load_emoji(root, styles)
+
+    def gen():
+        for i in range(len(data)):
+            yield Sample(_png(data.images[i].numpy()), "png", data.captions[i], int(data.labels[i]),
+                         {"style": data.styles[i], "key": data.keys[i], "category": data.categories[i]})
+
+    return gen(), len(data)
+
+
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot")
+
+
+def fashion_mnist_dir() -> Path:
+    """Where Debian's dataset-fashion-mnist package put its IDX files."""
+    import subprocess
+
+    try:
+        files = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+    hits = [Path(f).parent for f in files if f.endswith("train-images-idx3-ubyte.gz")]
+    if not hits:
+        raise FileNotFoundError("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+    return hits[0]
+
+
+def read_idx_gz(path: Path) -> np.ndarray:
+    """An IDX file (gzip) -> numpy array (uint8 images (N, 28, 28) or labels (N,))."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes())
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist_samples(split: str = "train", folder: Path | None = None) -> tuple[Iterator[Sample], int]:
+    """Fashion-MNIST as PNG samples (28x28 grayscale), caption "a photo of a {class}", label = class id."""
+    folder = folder or fashion_mnist_dir()
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz")
+
+    def gen():
+        for img, lab in zip(images, labels, strict=True):
+            yield Sample(_png(img), "png", f"a photo of a {FASHION_CLASSES[lab]}", int(lab))
+
+    return gen(), len(labels)
+
+
+def folder_samples(folder: Path) -> tuple[Iterator[Sample], int]:
+    """Every image under `folder`: caption from a sidecar NAME.txt, else the file name (underscores and dashes
+    as spaces); label = index of the parent folder among the sorted parent folders."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    parents = {p: i for i, p in enumerate(sorted({f.parent for f in files}))}
+
+    def gen():
+        for f in files:
+            side = f.with_suffix(".txt")
+            caption = side.read_text(errors="replace").strip() if side.is_file() else \
+                f.stem.replace("_", " ").replace("-", " ")
+            yield Sample(f.read_bytes(), f.suffix.lower().lstrip("."), caption, parents[f.parent])
+
+    return gen(), len(files)
+
+
+def table_samples(table: Path, path_col: str = "path", caption_col: str = "caption",
+                  label_col: str | None = None) -> tuple[Iterator[Sample], int]:
+    """A CSV (or Parquet, with pyarrow) of image paths (relative to the table) and captions."""
+    table = Path(table)
+    if table.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(table).to_pylist()
+    else:
+        import csv
+
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+    missing = [c for c in (path_col, caption_col, label_col) if c and rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{table}: no column(s) {missing}; columns: {list(rows[0]) if rows else []}")
+
+    def gen():
+        for r in rows:
+            p = (table.parent / str(r[path_col])).resolve()
+            if not p.is_file():
+                warnings.warn(f"{table}: {p} missing, skipped", stacklevel=2)
+                continue
+            label = int(r[label_col]) if label_col and r.get(label_col) not in (None, "") else None
+            yield Sample(p.read_bytes(), p.suffix.lower().lstrip("."), str(r[caption_col]), label)
+
+    return gen(), len(rows)
