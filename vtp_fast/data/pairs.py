@@ -154,14 +154,16 @@ def epoch_order(seed: int, epoch: int, n: int, positions: Tensor) -> Tensor:
         return _permutation(seed, epoch, n)[positions]
     n_blocks = -(-n // BLOCK)
     block_order = _permutation(seed, epoch, n_blocks)
+    sizes = torch.clamp(n - block_order * BLOCK, max=BLOCK)  # the last block of the data set may be short
+    window_starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])[::WINDOW].contiguous()
+    window_of = torch.searchsorted(window_starts, positions, right=True) - 1
     out = torch.empty_like(positions)
-    span = BLOCK * WINDOW
-    for w in (positions // span).unique().tolist():
+    for w in window_of.unique().tolist():
         blocks = block_order[w * WINDOW:(w + 1) * WINDOW]
         ids = torch.cat([torch.arange(b * BLOCK, min(n, (b + 1) * BLOCK)) for b in blocks.tolist()])
         inner = _permutation(sample_seed(seed, epoch), w, ids.numel())
-        sel = positions // span == w
-        out[sel] = ids[inner[positions[sel] - w * span]]
+        sel = window_of == w
+        out[sel] = ids[inner[positions[sel] - window_starts[w]]]
     return out
 
 
