@@ -32,7 +32,7 @@ def test_clip_loss_matches_written_out_cross_entropy():
     sim = [[s * float(img[i].detach() @ txt[j].detach()) for j in range(5)] for i in range(5)]
     i2t = -sum(log_softmax_row(sim[i])[i] for i in range(5)) / 5
     t2i = -sum(log_softmax_row([sim[j][i] for j in range(5)])[i] for i in range(5)) / 5
-    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-12)
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)  # the op reports the loss in fp32
     # gradients equal those of the plain global formula
     loss.backward()
     grads = [t.grad.clone() for t in (img, txt, logit_scale)]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtp_fast.distributed import all_gather_with_grad, rank
+from vtp_fast.ops import clip_loss as clip_loss_op
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -30,11 +31,12 @@ class ClipLoss(nn.Module):
     DDP's gradient averaging, has the value and gradients of `clip_loss_global` on the global batch.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.backend = clip_loss_op.OP.resolve()  # the fused Triton kernel never builds the logits matrix
+
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
         scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
         all_image, all_text = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
-        n = image_features.shape[0]
-        labels = torch.arange(n, device=image_features.device) + n * rank()
-        logits_image = scale * image_features @ all_text.T  # (n, world * n)
-        logits_text = scale * text_features @ all_image.T
-        return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+        n = image_features.shape[0]  # local x global logits: (n, world * n), this rank's labels at n * rank
+        return self.backend.impl.clip_loss(image_features, text_features, all_image, all_text, scale, n * rank())
