@@ -13,6 +13,7 @@ from tests.helpers import make_prepared_emoji
 from vtp_fast.data import pairs as pairs_mod
 from vtp_fast.data.pairs import BatchShape, ShardSource, StepBatches, epoch_order
 from vtp_fast.data.shards import Sample, ShardSet, emoji_samples, expand, read_index, write_shards
+from vtp_fast.data.text import tokenize
 from vtp_fast.data.views import ViewConfig
 
 VIEWS = ViewConfig(global_size=32, local_size=16, local_crops=2)
@@ -137,12 +138,13 @@ def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
     shards = ShardSet(str(tmp_path / "zoo"))
     source = ShardSource(shards, 32, 16)
     reasons = {}
-    for i, (_, expected) in enumerate(zoo):
+    for i in range(len(zoo)):
         try:
-            plain, full, tokens = source.sample(i)
+            plain, full, caption = source.sample(i)
             reasons[i] = None
             assert plain.shape == (32, 32, 3) and plain.dtype == torch.uint8
             assert full.shape[0] == 3 and 0 <= full.min() and full.max() <= 1
+            tokens = tokenize(caption, 16)[0]
             assert tokens.shape == (16,) and tokens.max() == 49407  # end-of-text kept even when truncated
         except pairs_mod.BadSample as e:
             reasons[i] = str(e)
@@ -177,7 +179,9 @@ def test_non_utf8_caption_is_decoded_with_replacement(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     source = ShardSource(ShardSet(str(path)), 16, 16)  # no .idx: built by scanning
-    _, _, tokens = source.sample(0)
+    _, _, caption = source.sample(0)
+    assert caption == "caf\ufffd"  # the invalid byte replaced, the sample kept
+    tokens = tokenize(caption, 16)[0]
     assert tokens[0] == 49406 and (tokens == 49407).any()
 
 

@@ -12,6 +12,7 @@ by the next sample of the data set, deterministically, and counted in the batch'
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -61,10 +62,10 @@ class ShardSource:
     def __len__(self) -> int:
         return len(self.shards)
 
-    def sample(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        import numpy as np
-
-        from vtp_fast.data.images import ImageError, center_crop_resize, open_rgb, to_tensor
+    def encoded(self, i: int) -> tuple[bytes, tuple[int, int], str]:
+        """(encoded image, (height, width) from its header, caption) without decoding the pixels; BadSample for
+        a missing image or caption, an empty caption or an unreadable image header."""
+        from PIL import Image, UnidentifiedImageError
 
         raw = self.shards[i]
         if raw.image is None:
@@ -75,11 +76,24 @@ class ShardSource:
         if not caption:
             raise BadSample("empty_caption")
         try:
-            img = open_rgb(raw.image, name=raw.key)
+            with Image.open(io.BytesIO(raw.image)) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise BadSample("corrupt_image") from None
+        return raw.image, (h, w), caption
+
+    def sample(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        import numpy as np
+
+        from vtp_fast.data.images import ImageError, center_crop_resize, open_rgb, to_tensor
+
+        image, _, caption = self.encoded(i)
+        try:
+            img = open_rgb(image, name=self.shards[i].key)
         except ImageError:
             raise BadSample("corrupt_image") from None
         plain = torch.from_numpy(np.asarray(center_crop_resize(img, self.image_size)).copy())  # (S, S, 3)
-        return plain, to_tensor(img), tokenize(caption, self.context_length)[0]
+        return plain, to_tensor(img), caption
 
 
 def emoji_pairs(root: Path, styles, context_length: int) -> PairSet:
@@ -167,13 +181,38 @@ def epoch_order(seed: int, epoch: int, n: int, positions: Tensor) -> Tensor:
     return out
 
 
+DECODERS = ("torchvision", "nvjpeg", "dali")
+
+
+def pick_decoder(name: str) -> str:
+    """auto: DALI when importable, else torchvision's nvJPEG on a GPU, else PIL (torchvision path)."""
+    from vtp_fast import optional
+
+    if name != "auto":
+        if name == "dali" and not optional.available("dali"):
+            raise ValueError(f"data.decoder: dali requested but unavailable ({optional.reason('dali')})")
+        if name == "nvjpeg" and not torch.cuda.is_available():
+            raise ValueError("data.decoder: nvjpeg needs a CUDA device")
+        return name
+    if optional.available("dali"):
+        return "dali"
+    return "nvjpeg" if torch.cuda.is_available() else "torchvision"
+
+
 class StepBatches(Dataset):
     def __init__(self, source, shape: BatchShape, views: ViewConfig, *, seed: int, rank: int = 0,
-                 world: int = 1, steps: int = 1 << 40, trim_text: bool = False):
+                 world: int = 1, steps: int = 1 << 40, trim_text: bool = False, decoder: str = "torchvision",
+                 dali_threads: int = 2):
         """source: a PairSet or ShardSource; trim_text: cut token padding beyond the batch's longest caption
-        (see `trim_tokens`)."""
+        (see `trim_tokens`); decoder (shards): "torchvision" (PIL on the CPU), "nvjpeg" (torchvision's GPU JPEG
+        decoder, views on the GPU) or "dali" (vtp_fast.data.dali). A batch the GPU decoders cannot decode goes
+        through PIL, which skips the bad image; it counts one bad sample more."""
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r} (choices: {', '.join(DECODERS)})")
         self.source, self.shape, self.views, self.trim_text = source, shape, views, trim_text
         self.seed, self.rank, self.world, self.steps = seed, rank, world, steps
+        self.decoder = decoder if isinstance(source, ShardSource) else "torchvision"
+        self._dali, self._dali_threads = None, dali_threads
         if len(source) == 0:
             raise ValueError("the data set is empty")
 
@@ -204,12 +243,12 @@ class StepBatches(Dataset):
             fulls = [img.permute(2, 0, 1).float() / 255 for img in imgs[:n_ssl]]
             return ids, imgs, fulls, self.source.tokens[ids], {}
         bad: dict[str, int] = {}
-        used, plains, fulls, tokens = [], [], [], []
+        used, plains, fulls, captions = [], [], [], []
         n = len(self.source)
         for k, i in enumerate(ids.tolist()):
             for attempt in range(n):
                 try:
-                    plain, full, tok = self.source.sample((i + attempt) % n)
+                    plain, full, caption = self.source.sample((i + attempt) % n)
                     break
                 except BadSample as e:
                     bad[str(e)] = bad.get(str(e), 0) + 1
@@ -217,13 +256,81 @@ class StepBatches(Dataset):
                 raise RuntimeError("no usable sample in the data set")
             used.append((i + attempt) % n)
             plains.append(plain)
-            tokens.append(tok)
+            captions.append(caption)
             if k < n_ssl:
                 fulls.append(full)
-        return torch.tensor(used), torch.stack(plains), fulls, torch.stack(tokens), bad
+        tokens = tokenize(captions, self.source.context_length)  # one call for the batch
+        return torch.tensor(used), torch.stack(plains), fulls, tokens, bad
 
     def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`."""
+        if self.decoder != "torchvision":
+            try:
+                return self._assemble_encoded(ids, epochs)
+            except RuntimeError:  # an image the decoder cannot decode: this batch through PIL, which skips it
+                batch = self._assemble_pil(ids, epochs)
+                batch["bad_samples"] += 1
+                return batch
+        return self._assemble_pil(ids, epochs)
+
+    def _resolve(self, ids: Tensor) -> tuple[list[int], list, dict[str, int]]:
+        """Usable ids (a bad one replaced by the next id of the data set) and their `encoded` tuples."""
+        bad: dict[str, int] = {}
+        used, items = [], []
+        n = len(self.source)
+        for i in ids.tolist():
+            for attempt in range(n):
+                try:
+                    items.append(self.source.encoded((i + attempt) % n))
+                    break
+                except BadSample as e:
+                    bad[str(e)] = bad.get(str(e), 0) + 1
+            else:
+                raise RuntimeError("no usable sample in the data set")
+            used.append((i + attempt) % n)
+        return used, items, bad
+
+    def _assemble_encoded(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
+        """The DALI / nvJPEG path: pixels are decoded by the decoder, every random choice made here."""
+        from vtp_fast.data.views import sample_views
+
+        if self._dali is None:
+            if self.decoder == "dali":
+                from vtp_fast.data.dali import DaliDecoder
+
+                self._dali = DaliDecoder(self.shape.size, threads=self._dali_threads, seed=self.seed)
+            else:
+                from vtp_fast.data.nvjpeg import NvjpegDecoder
+
+                self._dali = NvjpegDecoder()
+        used, items, bad = self._resolve(ids)
+        encoded = [x[0] for x in items]
+        tokens = tokenize([x[2] for x in items], self.source.context_length)
+        batch = {"images": self._dali.decode(encoded, self.source.image_size),
+                 "tokens": trim_tokens(tokens) if self.trim_text else tokens, "ids": torch.tensor(used),
+                 "bad_samples": torch.tensor(sum(bad.values()))}
+        n = self.shape.ssl
+        if n:
+            grid = (self.views.global_size // self.shape.patch,) * 2
+            params = [sample_views(*items[k][1], self.views, grid,
+                                   torch.Generator().manual_seed(sample_seed(self.seed, int(e), used[k], 1)))
+                      for k, e in enumerate(epochs[:n].tolist())]
+            views = self._dali.views(encoded[:n], [p[0] for p in params])  # per view (n, 3, s, s)
+            batch["global_crops"] = torch.cat(views[:2])  # view-major: (2n, 3, G, G)
+            local = views[2:]
+            batch["local_crops"] = torch.cat(local) if local else batch["global_crops"].new_zeros(0, 3, 1, 1)
+            self._add_masks(batch, torch.stack([p[1] for p in params]).transpose(0, 1).flatten(0, 1))
+        return batch
+
+    @staticmethod
+    def _add_masks(batch: dict, masks: Tensor) -> None:
+        """masks: (2n, N) view-major iBOT masks -> masks, packed index (M,) and per-token weights (M,)."""
+        batch["masks"] = masks
+        batch["mask_index"] = mask_to_index(masks)
+        counts = masks.sum(-1).clamp(min=1).float()
+        batch["mask_weight"] = (1.0 / counts)[:, None].expand_as(masks)[masks]
+
+    def _assemble_pil(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         ids, plains, fulls, tokens, bad = self.fetch(ids)
         batch = {"images": normalize_u8(plains), "tokens": trim_tokens(tokens) if self.trim_text else tokens,
                  "ids": ids, "bad_samples": torch.tensor(sum(bad.values()))}
@@ -237,9 +344,10 @@ class StepBatches(Dataset):
             # view-major layouts: all samples' view 0, then view 1, ...
             batch["global_crops"] = ((g.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (2n, 3, G, G)
             batch["local_crops"] = ((l.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (L n, 3, l, l)
-            masks = m.transpose(0, 1).flatten(0, 1)  # (2n, N)
-            batch["masks"] = masks
-            batch["mask_index"] = mask_to_index(masks)  # (M,)
-            counts = masks.sum(-1).clamp(min=1).float()
-            batch["mask_weight"] = (1.0 / counts)[:, None].expand_as(masks)[masks]  # (M,)
+            self._add_masks(batch, m.transpose(0, 1).flatten(0, 1))  # (2n, N)
         return batch
+
+    def __getstate__(self):  # a DALI pipeline is rebuilt in each worker process
+        state = dict(self.__dict__)
+        state["_dali"] = None
+        return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -57,10 +58,24 @@ def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * torch.rand((), generator=gen).item()
 
 
-def random_resized_crop(img: Tensor, size: int, scale: tuple[float, float], gen: torch.Generator) -> Tensor:
-    """(3, H, W) float -> (3, size, size): a random area fraction in `scale`, aspect in [3/4, 4/3], bilinear
-    (antialiased), as torchvision's RandomResizedCrop."""
-    _, h, w = img.shape
+class Crop(NamedTuple):
+    """One view's parameters: crop box (pixels) of the source image, output size, flip, colour factors (1 = no
+    change; saturation 0 = grayscale)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    size: int
+    flip: bool
+    brightness: float
+    contrast: float
+    saturation: float
+
+
+def crop_box(h: int, w: int, scale: tuple[float, float], gen: torch.Generator) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop's box: area fraction in `scale`, aspect in [3/4, 4/3], 10 tries, then the
+    whole image. -> (top, left, height, width)."""
     area = h * w
     for _ in range(10):
         target = area * _uniform(gen, *scale)
@@ -69,23 +84,34 @@ def random_resized_crop(img: Tensor, size: int, scale: tuple[float, float], gen:
         if 0 < cw <= w and 0 < ch <= h:
             top = int(torch.randint(0, h - ch + 1, (), generator=gen))
             left = int(torch.randint(0, w - cw + 1, (), generator=gen))
-            break
-    else:  # fall back to the whole image
-        top, left, ch, cw = 0, 0, h, w
-    return TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+            return top, left, ch, cw
+    return 0, 0, h, w
 
 
-def photometric(img: Tensor, cfg: ViewConfig, gen: torch.Generator) -> Tensor:
-    """Random flip, colour jitter and grayscale on a (3, H, W) image in [0, 1]."""
-    if torch.rand((), generator=gen) < 0.5:
-        img = img.flip(-1)
+def sample_crop(h: int, w: int, size: int, scale: tuple[float, float], cfg: ViewConfig,
+                gen: torch.Generator) -> Crop:
+    """All random choices of one view of an (h, w) image, in a fixed order (the PIL/torch and DALI paths
+    consume the same parameters)."""
+    box = crop_box(h, w, scale, gen)
+    flip = bool(torch.rand((), generator=gen) < 0.5)
+    b = c = s = 1.0
     if torch.rand((), generator=gen) < cfg.jitter_prob:
-        img = TF.adjust_brightness(img, _uniform(gen, 0.6, 1.4))
-        img = TF.adjust_contrast(img, _uniform(gen, 0.6, 1.4))
-        img = TF.adjust_saturation(img, _uniform(gen, 0.8, 1.2))
+        b, c, s = _uniform(gen, 0.6, 1.4), _uniform(gen, 0.6, 1.4), _uniform(gen, 0.8, 1.2)
     if torch.rand((), generator=gen) < cfg.grayscale_prob:
-        img = TF.rgb_to_grayscale(img, num_output_channels=3)
-    return img.clamp(0, 1)
+        s = 0.0
+    return Crop(*box, size, flip, b, c, s)
+
+
+def apply_crop(img: Tensor, crop: Crop) -> Tensor:
+    """(3, H, W) in [0, 1] -> (3, size, size): resized crop (bilinear, antialiased), flip, colour."""
+    out = TF.resized_crop(img, crop.top, crop.left, crop.height, crop.width, [crop.size, crop.size], antialias=True)
+    if crop.flip:
+        out = out.flip(-1)
+    if (crop.brightness, crop.contrast) != (1.0, 1.0):
+        out = TF.adjust_contrast(TF.adjust_brightness(out, crop.brightness), crop.contrast)
+    if crop.saturation != 1.0:
+        out = TF.adjust_saturation(out, crop.saturation)
+    return out.clamp(0, 1)
 
 
 def block_mask(h: int, w: int, count: int, gen: torch.Generator, max_attempts: int = 10) -> Tensor:
@@ -116,21 +142,29 @@ def block_mask(h: int, w: int, count: int, gen: torch.Generator, max_attempts: i
     return mask
 
 
-def ssl_views(img: Tensor, cfg: ViewConfig, grid: tuple[int, int], gen: torch.Generator):
-    """One sample's SSL views: (2, 3, G, G) global crops, (L, 3, l, l) local crops, (2, gh * gw) iBOT masks.
-
-    img: (3, H, W) in [0, 1]; grid: the global crops' token grid.
-    """
-    globals_ = torch.stack([photometric(random_resized_crop(img, cfg.global_size, cfg.global_scale, gen), cfg, gen)
-                            for _ in range(2)])
-    locals_ = torch.stack([photometric(random_resized_crop(img, cfg.local_size, cfg.local_scale, gen), cfg, gen)
-                           for _ in range(cfg.local_crops)]) if cfg.local_crops else img.new_zeros(0, 3, 1, 1)
+def sample_views(h: int, w: int, cfg: ViewConfig, grid: tuple[int, int], gen: torch.Generator
+                 ) -> tuple[list[Crop], Tensor]:
+    """One sample's SSL view parameters: 2 global + L local crops, and the (2, gh * gw) iBOT masks of the global
+    crops (a crop is masked with probability mask_probability, at a ratio drawn from mask_ratio)."""
+    crops = [sample_crop(h, w, cfg.global_size, cfg.global_scale, cfg, gen) for _ in range(2)]
+    crops += [sample_crop(h, w, cfg.local_size, cfg.local_scale, cfg, gen) for _ in range(cfg.local_crops)]
     masks = []
+    n = grid[0] * grid[1]
     for _ in range(2):
-        n = grid[0] * grid[1]
         if torch.rand((), generator=gen) < cfg.mask_probability:
             count = max(1, round(n * _uniform(gen, *cfg.mask_ratio)))
             masks.append(block_mask(*grid, count, gen).flatten())
         else:
             masks.append(torch.zeros(n, dtype=torch.bool))
-    return globals_, locals_, torch.stack(masks)
+    return crops, torch.stack(masks)
+
+
+def ssl_views(img: Tensor, cfg: ViewConfig, grid: tuple[int, int], gen: torch.Generator):
+    """One sample's SSL views: (2, 3, G, G) global crops, (L, 3, l, l) local crops, (2, gh * gw) iBOT masks.
+
+    img: (3, H, W) in [0, 1]; grid: the global crops' token grid.
+    """
+    crops, masks = sample_views(img.shape[1], img.shape[2], cfg, grid, gen)
+    views = [apply_crop(img, c) for c in crops]
+    locals_ = torch.stack(views[2:]) if cfg.local_crops else img.new_zeros(0, 3, 1, 1)
+    return torch.stack(views[:2]), locals_, masks

@@ -1,0 +1,117 @@
+"""Decoding and views with NVIDIA DALI: `mixed` (nvJPEG) decoding on a GPU, CPU operators otherwise.
+
+One pipeline definition serves both devices. Random choices are not DALI's: every crop box, flip and colour
+factor comes from `vtp_fast.data.views.sample_views` (seeded per sample in Python) and is fed to DALI as
+per-sample arguments, so the DALI path and the PIL fallback cut the same views and a resumed run sees the same
+data. Two pipelines run per batch: the plain image of every sample (resize the shorter side, center crop) and
+the SSL views of the first `ssl` samples. Outputs are normalised CHW float tensors handed to PyTorch through
+DLPack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vtp_fast import optional
+from vtp_fast.data.views import Crop
+
+MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+def dali_device() -> str:
+    """'gpu' when DALI can use a CUDA device here, else 'cpu'."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _to_torch(out, device: str) -> torch.Tensor:
+    """A dense DALI TensorList -> torch tensor via DLPack (no copy)."""
+    return torch.from_dlpack(out.as_tensor())
+
+
+class DaliDecoder:
+    """decode(encoded, image_size) -> (B, 3, S, S); views(encoded, crops) -> list of per-view (B, 3, s, s)."""
+
+    def __init__(self, max_batch: int, threads: int = 2, device: str | None = None, seed: int = 0):
+        self.dali = optional.module("dali")
+        self.device = device or dali_device()
+        self.max_batch, self.threads, self.seed = max_batch, threads, seed
+        self._plain: dict[int, object] = {}
+        self._views: dict[tuple[int, ...], object] = {}
+
+    def _pipeline(self, builder):
+        pipe = builder(batch_size=self.max_batch, num_threads=self.threads, seed=self.seed,
+                       device_id=torch.cuda.current_device() if self.device == "gpu" else None, exec_dynamic=True,
+                       prefetch_queue_depth=1)
+        pipe.build()
+        return pipe
+
+    def _decoded(self, enc):
+        fn, types = self.dali.fn, self.dali.types
+        return fn.decoders.image(enc, device="mixed" if self.device == "gpu" else "cpu", output_type=types.RGB)
+
+    def decode(self, encoded: Sequence[bytes], size: int) -> torch.Tensor:
+        """Encoded images -> (B, 3, size, size) float, shorter side resized to `size`, center crop, normalised."""
+        if size not in self._plain:
+            fn, types = self.dali.fn, self.dali.types
+
+            @self.dali.pipeline_def
+            def plain():
+                img = self._decoded(fn.external_source(name="enc", dtype=types.UINT8))
+                img = fn.resize(img, resize_shorter=size, antialias=True)
+                return fn.crop_mirror_normalize(img, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
+                                                mean=MEAN_255, std=STD_255)
+
+            self._plain[size] = self._pipeline(plain)
+        pipe = self._plain[size]
+        pipe.feed_input("enc", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
+        (out,) = pipe.run()
+        return _to_torch(out, self.device)
+
+    def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> list[torch.Tensor]:
+        """crops[i][v]: view v of sample i (same count and sizes for every sample) -> one (B, 3, s_v, s_v) tensor
+        per view, normalised."""
+        sizes = tuple(c.size for c in crops[0])
+        if sizes not in self._views:
+            fn, types = self.dali.fn, self.dali.types
+
+            @self.dali.pipeline_def
+            def views():
+                img = self._decoded(fn.external_source(name="enc", dtype=types.UINT8))
+                outs = []
+                for v, s in enumerate(sizes):
+                    arg = {k: fn.external_source(name=f"{k}{v}", dtype=types.INT32 if k == "flip" else types.FLOAT)
+                           for k in ("start", "end", "flip", "bri", "con", "sat")}
+                    x = fn.resize(img, size=[s, s], roi_start=arg["start"], roi_end=arg["end"], roi_relative=False,
+                                  antialias=True)
+                    x = fn.flip(x, horizontal=arg["flip"])
+                    x = fn.color_twist(x, brightness=arg["bri"], contrast=arg["con"], saturation=arg["sat"])
+                    outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255,
+                                                         std=STD_255))
+                return tuple(outs)
+
+            self._views[sizes] = self._pipeline(views)
+        pipe = self._views[sizes]
+        pipe.feed_input("enc", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
+        f32 = np.float32
+        for v in range(len(sizes)):
+            cs = [c[v] for c in crops]
+            pipe.feed_input(f"start{v}", [np.array([c.top, c.left], f32) for c in cs])
+            pipe.feed_input(f"end{v}", [np.array([c.top + c.height, c.left + c.width], f32) for c in cs])
+            pipe.feed_input(f"flip{v}", [np.array(int(c.flip), np.int32) for c in cs])
+            pipe.feed_input(f"bri{v}", [np.array(c.brightness, f32) for c in cs])
+            pipe.feed_input(f"con{v}", [np.array(c.contrast, f32) for c in cs])
+            pipe.feed_input(f"sat{v}", [np.array(c.saturation, f32) for c in cs])
+        return [_to_torch(o, self.device) for o in pipe.run()]
+
+    def __getstate__(self):  # pipelines stay in the process that built them
+        state = dict(self.__dict__)
+        state["_plain"], state["_views"], state["dali"] = {}, {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.dali = optional.module("dali")
