@@ -51,6 +51,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {name:10s} {'available' if optional.available(name) else optional.reason(name)}")
     if optional.triton_interpreter():
         print("  TRITON_INTERPRET=1: Triton kernels run on the CPU through the interpreter")
+    from vtp_fast.data.pairs import pick_decoder
+
+    print(f"data decoder (auto, for shards): {pick_decoder('auto')}"
+          + (" (CPU operators)" if pick_decoder("auto") == "dali" and not torch.cuda.is_available() else ""))
     device = args.device or default_device()
     print(f"ops on {device} (resolved backend; every backend's state):")
     for row in summary(device):

@@ -121,20 +121,13 @@ def _zoo() -> list[tuple[Sample, str | None]]:
         (Sample(_png(rng.integers(0, 255, (1, 200, 3), dtype=np.uint8)), "png", "extreme aspect"), None),
         (Sample(good, "png", None), "no_caption"),
         (Sample(good, "png", "   "), "empty_caption"),
-        (Sample(good, "png", "caf\udce9 latin-1 bytes"), None),
         (Sample(good, "png", "word " * 200), None),
     ]
 
 
 def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
-    zoo = _zoo()
-    samples = [s for s, _ in zoo]
-    for s in samples:  # a non-UTF-8 caption: write raw latin-1 bytes
-        if s.caption and "\udce9" in s.caption:
-            s.caption = None
-            s.meta = {"raw_caption": True}
-    write_shards(samples, tmp_path / "zoo", per_shard=4, progress=False)
-    # patch the non-UTF-8 caption in as raw bytes: rewrite that sample's .txt member
+    zoo = _zoo()  # (a non-UTF-8 caption has its own test below: it needs raw bytes in the tar)
+    write_shards([s for s, _ in zoo], tmp_path / "zoo", per_shard=4, progress=False)
     shards = ShardSet(str(tmp_path / "zoo"))
     source = ShardSource(shards, 32, 16)
     reasons = {}
@@ -149,7 +142,6 @@ def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
         except pairs_mod.BadSample as e:
             reasons[i] = str(e)
     expected = {i: e for i, (_, e) in enumerate(zoo)}
-    expected[13] = "no_caption"  # written without a caption above
     assert reasons == expected
     # a whole batch over the zoo: bad samples are replaced and counted, the batch keeps its size
     batches = StepBatches(source, BatchShape(size=len(zoo), ssl=4, rec=2), VIEWS, seed=0)

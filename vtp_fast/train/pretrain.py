@@ -30,9 +30,11 @@ from vtp_fast.data.pairs import (
     StepBatches,
     emoji_pairs,
     normalize_u8,
+    pick_decoder,
     synthetic_pairs,
 )
-from vtp_fast.data.shards import ShardSet
+from vtp_fast.data.shards import ShardSet, write_shards
+from vtp_fast.data.shards import emoji_samples as write_emoji_samples
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.plots import image_grid, plot_curves
 from vtp_fast.eval.zeroshot import zero_shot_names
@@ -56,7 +58,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str | None = None  # WebDataset shards ('dir', 'a/shard-{00000..00099}.tar'); null: the emoji set
+    # WebDataset shards ('dir', 'a/shard-{00000..00099}.tar'), or "emoji": the emoji set written as shards in the
+    # cache; null: the emoji set decoded in memory
+    shards: str | None = None
+    decoder: Literal["auto", "torchvision", "nvjpeg", "dali"] = "auto"  # shards: auto = DALI when importable
+    dali_threads: int = 2
     eval_shards: str | None = None  # held-out shards for PSNR and zero-shot (with shards); null: no zero-shot
     root: str | None = None  # a prepared emoji dir; null: prepare it in the cache ($VTP_FAST_CACHE)
     image_size: int = 64
@@ -290,12 +296,25 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     return trainer
 
 
+def emoji_shards(root: Path, styles: tuple[str, ...]) -> Path:
+    """The prepared emoji styles written as shards next to them (once; cached)."""
+    out = root.parent / f"shards-{root.name}-{'-'.join(styles)}"
+    if not (out / "manifest.json").exists():
+        samples, total = write_emoji_samples(root, styles)
+        write_shards(samples, out, per_shard=1000, total=total)
+    return out
+
+
 def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet | ShardSource, Path | None]:
+    """The training source, and the prepared emoji dir when the held-out emoji style serves evaluation."""
     if cfg.data.synthetic:
         return synthetic_pairs(max(4096, 4 * cfg.batch.size), cfg.data.image_size, context_length, cfg.run.seed), None
-    if cfg.data.shards:
+    if cfg.data.shards and cfg.data.shards != "emoji":
         return ShardSource(ShardSet(cfg.data.shards), cfg.data.image_size, context_length), None
     root = Path(cfg.data.root) if cfg.data.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
+    if cfg.data.shards == "emoji":
+        shards = ShardSet(str(emoji_shards(root, tuple(cfg.data.train_styles))))
+        return ShardSource(shards, cfg.data.image_size, context_length), root
     pairs = emoji_pairs(root, cfg.data.train_styles, context_length)
     if pairs.images.shape[1] != cfg.data.image_size:
         raise ConfigError(f"data.image_size: {cfg.data.image_size} but {root} holds {pairs.images.shape[1]} px images")
@@ -476,15 +495,18 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         log.truncate_after(start)  # steps after the checkpoint are redone
     tb = _tensorboard(out / "tb") if main and cfg.run.tensorboard else None
 
+    decoder = pick_decoder(cfg.data.decoder) if isinstance(pairs, ShardSource) else "in-memory"
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
-                       steps=cfg.run.steps * cfg.batch.accumulation, trim_text=t.causal_text)
+                       steps=cfg.run.steps * cfg.batch.accumulation, trim_text=t.causal_text,
+                       decoder=decoder if decoder != "in-memory" else "torchvision", dali_threads=cfg.data.dali_threads)
+    on_gpu = decoder == "nvjpeg" or (decoder == "dali" and device.type == "cuda")  # decodes in this process
     loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=0 if on_gpu else cfg.data.num_workers, pin_memory=device.type == "cuda")
     n_params = sum(p.numel() for p in t.model.parameters())
     if main:
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
-              f"{len(pairs)} pairs ({describe_data(cfg)}); "
+              f"{len(pairs)} pairs ({describe_data(cfg)}; decoder {decoder}); "
               f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
               f" -> {out}")

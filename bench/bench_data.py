@@ -1,0 +1,107 @@
+"""Benchmark: the data pipeline, images/s per decoder at the VTP view recipe.
+
+    python bench/bench_data.py [--device cuda] [--out rows.jsonl] [--quick] [--shards DIR]
+
+Shards of JPEGs (synthetic photographs-like images at 320 px, or --shards) are read by `StepBatches`: every
+sample's plain 256 px image (CLIP + reconstruction), and for a quarter of the batch (the balanced batch's SSL
+share) 2 global 256 px + 8 local 96 px crops with flips and colour jitter, iBOT masks and tokenized captions.
+Decoders: PIL (the torchvision CPU path, DataLoader workers = threads), DALI CPU operators (threads = DALI
+threads), on a GPU also DALI `mixed` and torchvision nvJPEG. The same number of CPU threads for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vtp_fast import optional
+from vtp_fast.benchmark import markdown_table, write_rows
+from vtp_fast.data.pairs import BatchShape, ShardSource, StepBatches
+from vtp_fast.data.shards import Sample, ShardSet, write_shards
+from vtp_fast.data.views import ViewConfig
+
+TABLE_COLUMNS = ["decoder", "threads", "batch", "image_size", "images_per_s", "ratio_vs_pil", "median_ms"]
+
+
+def synthetic_jpegs(n: int, side: int, seed: int = 0) -> list[Sample]:
+    """Smooth random images (low-frequency noise upsampled, like photographs in JPEG size and decode cost)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        small = rng.integers(0, 255, (side // 16, side // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((side, side), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(Sample(buf.getvalue(), "jpg", f"a synthetic photo number {i}"))
+    return out
+
+
+def _throughput(data: StepBatches, workers: int, batches: int) -> tuple[float, float]:
+    """(images/s, median ms per batch) over `batches` batches after one warm-up batch."""
+    loader = DataLoader(data, batch_size=None, sampler=range(batches + 1), num_workers=workers,
+                        prefetch_factor=2 if workers else None, persistent_workers=False)
+    it = iter(loader)
+    next(it)  # pipeline build, worker start
+    times, t0 = [], time.perf_counter()
+    for _ in range(batches):
+        t = time.perf_counter()
+        next(it)
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    return batches * data.shape.size / total, 1e3 * float(np.median(times))
+
+
+def run(device: str = "cpu", quick: bool = False, shards: str | None = None) -> list[dict]:
+    threads = min(os.cpu_count() or 2, 2 if device == "cpu" else 16)
+    size, batch, batches = (64, 8, 2) if quick else (256, 64, 8)
+    views = ViewConfig(global_size=size, local_size=32 if quick else 96, local_crops=2 if quick else 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        if shards is None:
+            shards = tmp
+            write_shards(synthetic_jpegs(batch * (batches + 2), 96 if quick else 320), tmp, per_shard=256,
+                         progress=False)
+        source = ShardSource(ShardSet(shards), size, 32)
+        shape = BatchShape(size=batch, ssl=batch // 4, rec=batch // 4)
+        decoders = [("torchvision", threads)]
+        if optional.available("dali"):
+            decoders.append(("dali", 0))
+        if device == "cuda":
+            decoders.append(("nvjpeg", 0))
+        rows = []
+        for name, workers in decoders:
+            torch.set_num_threads(1 if workers else threads)
+            data = StepBatches(source, shape, views, seed=0, decoder=name, dali_threads=threads)
+            ips, ms = _throughput(data, workers, batches)
+            label = {"torchvision": "PIL (torchvision path)", "dali": f"DALI {'mixed' if device == 'cuda' else 'CPU'}",
+                     "nvjpeg": "torchvision nvJPEG (GPU)"}[name]
+            rows.append({"bench": "data", "decoder": label, "threads": threads, "batch": batch, "image_size": size,
+                         "ssl": shape.ssl, "local_crops": views.local_crops, "images_per_s": ips, "median_ms": ms})
+        torch.set_num_threads(threads)
+    for r in rows:
+        r["ratio_vs_pil"] = r["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--shards", help="existing shards to read instead of synthetic JPEGs")
+    args = p.parse_args()
+    rows = run(args.device, args.quick, args.shards)
+    write_rows(rows, args.out)
+    print(markdown_table(rows, TABLE_COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
