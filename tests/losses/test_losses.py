@@ -58,29 +58,43 @@ def ce(t_row, s_row, temp):
     return -sum(p * l for p, l in zip(t_row, ls, strict=True))
 
 
+def head_inputs(g, n, d, k):
+    """Unit-norm head embeddings and unit-norm prototype rows, float64."""
+    emb = lambda m: F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)  # noqa: E731
+    return emb, F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
+
+
 def test_dino_loss_cross_view_pairing():
     g = gen(2)
-    n, k, temp = 3, 7, 0.1
-    sg = [torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(2)]
-    sl = [torch.randn(n, k, generator=g, dtype=torch.float64) for _ in range(3)]
-    tg = [torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1) for _ in range(2)]
-    loss = DINOLoss(k, student_temp=temp)(sg, sl, tg)
-    pairs = [(s, tg[1 - i]) for i, s in enumerate(sg)] + [(s, t) for s in sl for t in tg]
-    expect = sum(sum(ce(t[b].tolist(), s[b].tolist(), temp) for b in range(n)) / n for s, t in pairs) / len(pairs)
+    n, d, k, ts, tt = 3, 5, 7, 0.1, 0.04
+    emb, w = head_inputs(g, n, d, k)
+    w_teacher = F.normalize(w + 0.2 * torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
+    sg, sl = [emb(n) for _ in range(2)], [emb(n) for _ in range(3)]
+    tg = torch.cat([emb(n), emb(n)])
+    loss_fn = DINOLoss(k, student_temp=ts)
+    loss_fn.center.copy_(0.3 * torch.randn(1, k, generator=g))
+    center = loss_fn.center[0].double().clone()
+    targets = loss_fn.teacher_targets(tg, w_teacher, tt).chunk(2)
+    loss = loss_fn(sg, sl, targets, w)
+    t_probs = [torch.softmax((t @ w_teacher.T - center) / tt, -1) for t in tg.chunk(2)]  # the teacher's own W
+    pairs = [(s, t_probs[1 - i]) for i, s in enumerate(sg)] + [(s, t) for s in sl for t in t_probs]
+    expect = sum(sum(ce(t[b].tolist(), (s @ w.T)[b].tolist(), ts) for b in range(n)) / n for s, t in pairs)
     assert len(pairs) == 2 + 2 * 3
-    assert loss.item() == pytest.approx(expect, rel=1e-10)
+    assert loss.item() == pytest.approx(expect / len(pairs), rel=1e-6)
 
 
 def test_teacher_centring_and_center_ema():
     g = gen(3)
-    k, temp = 5, 0.04
+    n, d, k, temp = 4, 6, 5, 0.04
+    emb, w = head_inputs(g, n, d, k)
     loss = DINOLoss(k, center_momentum=0.9)
     loss.center.copy_(torch.randn(1, k, generator=g))
     c0 = loss.center.clone()
-    t = torch.randn(4, k, generator=g)
-    probs = loss.teacher_targets(t, temp)
-    torch.testing.assert_close(probs, torch.softmax((t - c0) / temp, -1))
-    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True))
+    t = emb(n).float()
+    targets = loss.teacher_targets(t, w.float(), temp)
+    assert torch.equal(targets.center, c0[0]) and targets.probs is None  # the centre in force for this batch
+    logits = t @ w.float().T
+    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * logits.mean(0, keepdim=True))  # mean teacher logits
 
 
 def test_sinkhorn_knopp_balances_prototypes():
@@ -91,21 +105,29 @@ def test_sinkhorn_knopp_balances_prototypes():
     torch.testing.assert_close(q.sum(1), torch.ones(b), rtol=1e-5, atol=1e-5)  # each row a distribution
     torch.testing.assert_close(q.sum(0), torch.full((k,), b / k), rtol=1e-3, atol=1e-3)  # prototypes equally used
     loss = DINOLoss(k, centering="sinkhorn_knopp")
-    assert torch.allclose(loss.teacher_targets(logits, 0.1).sum(1), torch.ones(b), atol=1e-5)
+    emb, w = head_inputs(g, b, 4, k)
+    targets = loss.teacher_targets(emb(b).float(), w.float(), 0.1)
+    assert torch.allclose(targets.probs.sum(1), torch.ones(b), atol=1e-5)
     assert torch.count_nonzero(loss.center) == 0, "sinkhorn mode keeps no centre"
+    # the student side against explicit probabilities: -sum p log softmax(s W^T / T)
+    s = emb(b).float()
+    expect = -(targets.probs * torch.log_softmax(s @ w.float().T / 0.1, -1)).sum(-1)
+    torch.testing.assert_close(loss.cross_entropy(s, w.float(), targets), expect)
 
 
 def test_ibot_loss_weights_and_normalisation():
     g = gen(5)
     masks = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)  # 3 crops, one unmasked
-    w = mask_weights(masks)
-    assert w.tolist() == [0.5, 0.5, 1.0]
-    k, temp = 6, 0.1
-    s = torch.randn(3, k, generator=g, dtype=torch.float64)
-    t = torch.softmax(torch.randn(3, k, generator=g, dtype=torch.float64), -1)
-    loss = IBOTPatchLoss(k, student_temp=temp)(s, t, w, n_images=3)
-    expect = sum(w[m].item() * ce(t[m].tolist(), s[m].tolist(), temp) for m in range(3)) / 3
-    assert loss.item() == pytest.approx(expect, rel=1e-10)
+    wts = mask_weights(masks)
+    assert wts.tolist() == [0.5, 0.5, 1.0]
+    k, d, ts, tt = 6, 4, 0.1, 0.04
+    emb, w = head_inputs(g, 3, d, k)
+    s, t = emb(3), emb(3)
+    loss_fn = IBOTPatchLoss(k, student_temp=ts)
+    loss = loss_fn(s, loss_fn.teacher_targets(t, w, tt), w, wts.double(), n_images=3)
+    p = torch.softmax(t @ w.T / tt, -1)  # the centre starts at zero
+    expect = sum(wts[m].item() * ce(p[m].tolist(), (s @ w.T)[m].tolist(), ts) for m in range(3)) / 3
+    assert loss.item() == pytest.approx(expect, rel=1e-6)
 
 
 def test_koleo_nearest_neighbour_distance():

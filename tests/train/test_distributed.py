@@ -80,8 +80,10 @@ def test_two_processes_equal_one_process_on_the_global_batch(root, tmp_path, mod
     for k in logs:  # fp32 sums in another order: rounding-level agreement
         torch.testing.assert_close(got["logs"][k], logs[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     assert set(got["grads"]) == set(grads)
-    for k in grads:
-        torch.testing.assert_close(got["grads"][k], grads[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for k in grads:  # sums over ranks vs over one batch reassociate fp32 adds: errors of ~1e-6 on O(1e-2) grads
+        scale = grads[k].abs().max().item()
+        torch.testing.assert_close(got["grads"][k], grads[k], rtol=1e-4, atol=1e-4 * scale + 1e-7,
+                                   msg=lambda m, k=k: f"{k}: {m}")
     for k in centers:
         torch.testing.assert_close(got["centers"][k], centers[k], rtol=1e-5, atol=1e-7)
 

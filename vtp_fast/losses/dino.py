@@ -1,13 +1,16 @@
 """DINOv2 self-distillation losses: DINO on CLS tokens, iBOT on masked patch tokens, KoLeo.
 
-Teacher targets are probabilities over K prototypes, from teacher logits either centred (softmax of
-(logits - centre) / teacher temperature, with an EMA centre) or balanced by Sinkhorn-Knopp. Centres and
-Sinkhorn sums are all-reduced over ranks, so a multi-process run computes what one process would on the
-global batch.
+The DINO head ends in a weight-normalised prototype layer (K up to 65,536). Teacher targets are probabilities
+over the prototypes, from the teacher's logits either centred (softmax of (logits - centre) / teacher
+temperature, with an EMA centre) or balanced by Sinkhorn-Knopp. In centring mode the losses work on head
+embeddings and prototype weights and call the fused prototype cross-entropy (`vtp_fast.ops.prototype_ce`), so
+the (rows, K) logits of student and teacher are never both materialised. Centres and Sinkhorn sums are
+all-reduced over ranks, so a multi-process run computes what one process would on the global batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtp_fast.distributed import all_gather_with_grad, all_reduce_sum, rank
+from vtp_fast.ops import prototype_ce as prototype_ce_op
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 
@@ -40,8 +44,32 @@ def sinkhorn_knopp(logits: Tensor, temp: float, n_total: Tensor, iterations: int
     return (q * n_total).T
 
 
+@dataclass
+class Targets:
+    """What the teacher hands the student for one set of rows.
+
+    Centring mode: the teacher's head embeddings (n, d), its prototype weights (K, d) and the centre (K,) in force
+    when the targets were made; the target softmax((emb @ weight.T - centre) / temp) is computed inside the
+    prototype cross-entropy, fused with the student's logits (never materialised by the Triton backend).
+    Sinkhorn-Knopp mode: the target probabilities (n, K) themselves.
+    """
+
+    temp: float
+    emb: Tensor | None = None
+    weight: Tensor | None = None
+    center: Tensor | None = None
+    probs: Tensor | None = None
+
+    def chunk(self, n: int) -> list[Targets]:
+        """Split the rows into n equal parts (one per view)."""
+        if self.probs is not None:
+            return [Targets(self.temp, probs=p) for p in self.probs.chunk(n)]
+        return [Targets(self.temp, e, self.weight, self.center) for e in self.emb.chunk(n)]
+
+
 class _TeacherTargets(nn.Module):
-    """Shared by DINO and iBOT: the EMA centre and the teacher-probability rule."""
+    """Shared by DINO and iBOT: the EMA centre, the target rule, and the prototype cross-entropy (resolved from
+    the op registry at construction)."""
 
     def __init__(self, out_dim: int, student_temp: float, center_momentum: float, centering: Centering,
                  sinkhorn_iterations: int = 3):
@@ -49,35 +77,44 @@ class _TeacherTargets(nn.Module):
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.ce = prototype_ce_op.OP.resolve()
 
     @torch.no_grad()
-    def teacher_targets(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher logits (n, K) -> target probabilities (n, K); updates the centre in centring mode."""
+    def teacher_targets(self, emb: Tensor, weight: Tensor, temp: float) -> Targets:
+        """Teacher head embeddings (n, d) and prototype weights (K, d) -> Targets; in centring mode the centre
+        then moves to the EMA of the batch's mean teacher logits (W @ mean(emb): no logits needed)."""
+        count = all_reduce_sum(torch.tensor(float(emb.shape[0]), device=emb.device))
         if self.centering == "sinkhorn_knopp":
-            n_total = all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-            return sinkhorn_knopp(teacher_logits, teacher_temp, n_total, self.sinkhorn_iterations)
-        probs = F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-        batch_sum = all_reduce_sum(teacher_logits.float().sum(0, keepdim=True))
-        count = all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-        self.center.mul_(self.center_momentum).add_(batch_sum / count.clamp_min(1), alpha=1 - self.center_momentum)
-        return probs
+            return Targets(temp, probs=sinkhorn_knopp(emb @ weight.T, temp, count, self.sinkhorn_iterations))
+        targets = Targets(temp, emb, weight, self.center[0].clone())
+        mean_emb = all_reduce_sum(emb.float().sum(0)) / count.clamp_min(1)  # (d,)
+        self.center.mul_(self.center_momentum).add_((weight.float() @ mean_emb)[None], alpha=1 - self.center_momentum)
+        return targets
+
+    def cross_entropy(self, student: Tensor, weight: Tensor, target: Targets) -> Tensor:
+        """Student head embeddings (n, d) through the student's prototypes (K, d) against `target` -> (n,)."""
+        if target.probs is not None:
+            return cross_entropy_to_targets(student @ weight.T, target.probs, self.student_temp)
+        return self.ce.impl.prototype_ce(student, target.emb, weight, target.center, self.student_temp, target.temp,
+                                         teacher_weight=target.weight)
 
 
 class DINOLoss(_TeacherTargets):
-    """forward(student_global, student_local, teacher) -> scalar.
+    """forward(student_global, student_local, teacher, weight) -> scalar.
 
-    student_global: n_global tensors (n, K), logits of the student's global views; student_local: n_local
-    tensors (n, K); teacher: n_global tensors (n, K) of target probabilities, view i of the same crops as
-    student_global[i]. Cross-view pairing as DINOv2: each student global view against every *other* teacher
-    view, each local view against every teacher view; the result is the mean over those pairs of the
-    per-sample cross-entropy, averaged over samples.
+    student_global: n_global tensors (n, d), head embeddings of the student's global views; student_local:
+    n_local tensors (n, d); teacher: n_global Targets, view i of the same crops as student_global[i]; weight:
+    the student's prototype weights (K, d). Cross-view pairing as DINOv2: each student global view against every
+    *other* teacher view, each local view against every teacher view; the result is the mean over those pairs
+    of the per-sample cross-entropy, averaged over samples.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: Centering = "centering"):
         super().__init__(out_dim, student_temp, center_momentum, centering)
 
-    def forward(self, student_global: list[Tensor], student_local: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    def forward(self, student_global: list[Tensor], student_local: list[Tensor], teacher: list[Targets],
+                weight: Tensor) -> Tensor:
         if len(student_global) != len(teacher):
             raise ValueError(f"{len(student_global)} student global views but {len(teacher)} teacher views")
         total, terms = 0.0, 0
@@ -85,13 +122,13 @@ class DINOLoss(_TeacherTargets):
             for j, t in enumerate(teacher):
                 if i == j:  # a global view is never matched with itself
                     continue
-                total = total + cross_entropy_to_targets(s, t, self.student_temp).mean()
+                total = total + self.cross_entropy(s, weight, t).mean()
                 terms += 1
         return total / max(terms, 1)
 
 
 class IBOTPatchLoss(_TeacherTargets):
-    """forward(student (M, K), teacher (M, K), weights (M,), n_images) -> scalar.
+    """forward(student (M, d), teacher Targets of M rows, weight (K, d), weights (M,), n_images) -> scalar.
 
     Rows are the masked patch tokens of the global crops (packed); weights[m] = 1 / (masked tokens in the crop of
     row m), so each masked crop counts once; the sum is divided by the number of global crops `n_images` (masked
@@ -102,8 +139,10 @@ class IBOTPatchLoss(_TeacherTargets):
                  centering: Centering = "centering"):
         super().__init__(out_dim, student_temp, center_momentum, centering)
 
-    def forward(self, student: Tensor, teacher: Tensor, weights: Tensor, n_images: int) -> Tensor:
-        return (cross_entropy_to_targets(student, teacher, self.student_temp) * weights).sum() / max(n_images, 1)
+    def forward(self, student: Tensor, teacher: Targets, weight: Tensor, weights: Tensor, n_images: int) -> Tensor:
+        if student.shape[0] == 0:  # no masked token in this batch
+            return student.sum() * 0.0
+        return (self.cross_entropy(student, weight, teacher) * weights).sum() / max(n_images, 1)
 
 
 def mask_weights(masks: Tensor) -> Tensor:

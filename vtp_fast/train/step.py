@@ -132,17 +132,17 @@ class Student(nn.Module):
         glob_cls, glob_patch, *loc_cls = self.probe.boundary("ssl", *tokens)
         n_glob = glob_cls.shape[0]
         packed = self.gather.impl.masked_gather(glob_patch, batch["mask_index"])  # (M, D)
-        head_in = [glob_cls, packed] + loc_cls
-        logits = self.head(torch.cat(head_in))  # one head call for every token that needs it
-        g_logits, p_logits = logits[:n_glob], logits[n_glob:n_glob + packed.shape[0]]
-        l_logits = logits[n_glob + packed.shape[0]:]
-        n_local_views = l_logits.shape[0] // (n_glob // N_GLOBAL) if n_glob else 0
+        emb = self.head.embed(torch.cat([glob_cls, packed] + loc_cls))  # one MLP call for every token, (rows, d)
+        weight = self.head.last_layer.weight.to(emb.dtype)  # (K, d): the logits happen inside the losses
+        g_emb, p_emb = emb[:n_glob], emb[n_glob:n_glob + packed.shape[0]]
+        l_emb = emb[n_glob + packed.shape[0]:]
+        n_local_views = l_emb.shape[0] // (n_glob // N_GLOBAL) if n_glob else 0
         if "dino" in self.objective:
-            terms["dino"] = self.dino_loss(list(g_logits.chunk(N_GLOBAL)),
-                                           list(l_logits.chunk(n_local_views)) if n_local_views else [],
-                                           targets["dino"])
+            terms["dino"] = self.dino_loss(list(g_emb.chunk(N_GLOBAL)),
+                                           list(l_emb.chunk(n_local_views)) if n_local_views else [],
+                                           targets["dino"], weight)
         if "ibot" in self.objective:
-            terms["ibot"] = self.ibot_loss(p_logits, targets["ibot"], batch["mask_weight"], n_glob)
+            terms["ibot"] = self.ibot_loss(p_emb, targets["ibot"], weight, batch["mask_weight"], n_glob)
         if "koleo" in self.objective:  # per global view, never between two views of one image
             terms["koleo"] = sum(self.koleo_loss(c) for c in glob_cls.chunk(N_GLOBAL))
 
@@ -172,15 +172,16 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor], student: Student, temp: float) -> dict:
-        """Target probabilities: 'dino' (N_GLOBAL tensors (n, K), one per global view) and 'ibot' (M, K) at the
-        student's masked tokens. Updates the loss centres. (A forward, so FSDP's hooks gather the shards.)"""
+        """Targets (vtp_fast.losses.dino.Targets): 'dino', one per global view, and 'ibot' for the student's masked
+        tokens. Updates the loss centres. (A forward, so FSDP's hooks gather the shards.)"""
         out = self.trunk(batch["global_crops"])  # unmasked
         n_glob = out["cls"].shape[0]
         packed = student.gather.impl.masked_gather(out["patch"], batch["mask_index"])  # (M, D)
-        logits = self.head(torch.cat([out["cls"], packed]))
+        emb = self.head.embed(torch.cat([out["cls"], packed]))  # (n_glob + M, d)
+        weight = self.head.last_layer.weight.to(emb.dtype)  # the teacher's own (EMA) prototypes
         targets = {}
         if "dino" in student.objective:
-            targets["dino"] = list(student.dino_loss.teacher_targets(logits[:n_glob], temp).chunk(N_GLOBAL))
+            targets["dino"] = student.dino_loss.teacher_targets(emb[:n_glob], weight, temp).chunk(N_GLOBAL)
         if "ibot" in student.objective:
-            targets["ibot"] = student.ibot_loss.teacher_targets(logits[n_glob:], temp)
+            targets["ibot"] = student.ibot_loss.teacher_targets(emb[n_glob:], weight, temp)
         return targets
