@@ -172,6 +172,92 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_latents(args: argparse.Namespace) -> int:
+    from vtp_fast.eval.latents import extract_latents, load_images
+
+    model = _model(args)
+    data = load_images(args.data, size=args.size or model.config.image_size)
+    meta = extract_latents(model, data, args.out, flip=not args.no_flip, batch=args.batch,
+                           tokenizer=str(args.checkpoint))
+    print(f"{meta['count']} latents {meta['channels']}x{meta['grid'][0]}x{meta['grid'][1]} of {data.name} "
+          f"({len(meta['class_names'])} classes) -> {args.out}")
+    return 0
+
+
+def cmd_train_dit(args: argparse.Namespace) -> int:
+    from vtp_fast.config import load_config
+    from vtp_fast.train.dit import DiTTrainConfig, train_dit
+
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    train_dit(load_config(DiTTrainConfig, args.config, overrides))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from vtp_fast.eval.plots import image_grid
+    from vtp_fast.train.dit import generate, load_dit
+
+    tokenizer = _model(args)
+    dit, meta = load_dit(args.dit, device=next(tokenizer.parameters()).device)
+    classes = meta["class_names"]
+    if args.classes:
+        unknown = [c for c in args.classes if c not in classes]
+        if unknown:
+            raise ValueError(f"unknown classes {unknown}; this DiT knows: {', '.join(classes)}")
+        chosen = [classes.index(c) for c in args.classes]
+    else:
+        chosen = list(range(max(1, len(classes))))
+    labels = torch.tensor(chosen).repeat_interleave(args.per_class)
+    images = generate(dit, meta, tokenizer, labels, steps=args.steps, solver=args.solver, shift=args.shift,
+                      cfg_scale=args.cfg, cfg_interval=tuple(args.cfg_interval), seed=args.seed, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [images[i * args.per_class:(i + 1) * args.per_class] for i in range(len(chosen))]
+    image_grid(rows, out / "grid.png")
+    np.savez_compressed(out / "samples.npz", images=(images.mul(255).round().to(torch.uint8)).numpy(),
+                        labels=labels.numpy(), class_names=np.array(classes))
+    print(f"{len(images)} samples ({args.solver}, {args.steps} steps, shift {args.shift}, cfg {args.cfg}) -> "
+          f"{out / 'grid.png'} (one row per class), {out / 'samples.npz'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from vtp_fast.eval import evaluate
+    from vtp_fast.eval.latents import load_images
+
+    data = load_images(args.data, size=args.size)
+    if args.what == "gfid":
+        npz = np.load(args.samples)
+        samples = torch.from_numpy(npz["images"])
+        result = evaluate.generation_scores(samples, data, args.n)
+    else:
+        model = _model(args)
+        if args.what == "rfid":
+            result = evaluate.reconstruction_scores(model, data, args.n)
+        elif args.what == "zeroshot":
+            result = evaluate.zero_shot_scores(model, data)
+        else:
+            test = load_images(args.test_data, size=args.size)
+            result = evaluate.linear_probe_scores(model, data, test)
+    print(json.dumps({"eval": args.what, "data": data.name, **result}, indent=1))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from vtp_fast.study import run_study
+
+    run_study(args.out, quick=args.quick)
+    return 0
+
+
 def bench_dir() -> Path:
     """bench/ of the source tree this package runs from (benchmarks are not installed with the package)."""
     path = Path(__file__).resolve().parents[1] / "bench"
@@ -282,6 +368,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true", help="also write a torch.profiler chrome trace")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("extract-latents", help="encode a labelled image set (+ flipped copies) into latent shards")
+    p.add_argument("--checkpoint", required=True, help="a tokenizer in the published layout")
+    p.add_argument("--data", default="emoji", help="emoji[:styles], fashion-mnist[:test], or a shards directory")
+    p.add_argument("--out", required=True, help="output directory (latent shards + meta.json)")
+    p.add_argument("--size", type=int, help="image size (default: the tokenizer's)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped copies")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_extract_latents)
+
+    p = sub.add_parser("train-dit", help="train a DiT on a latent set (rectified flow)")
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
+    p.add_argument("--resume", help="'auto' or a checkpoint directory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. latents=runs/latents steps=4000")
+    p.set_defaults(func=cmd_train_dit)
+
+    p = sub.add_parser("sample", help="sample images from a DiT, decoded with the tokenizer")
+    p.add_argument("--dit", required=True, help="an exported DiT (<train-dit out_dir>/dit)")
+    p.add_argument("--checkpoint", required=True, help="the tokenizer the latents came from")
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", nargs="+", help="class names (default: every class)")
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
+    p.add_argument("--shift", type=float, default=1.0, help="timestep shift")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="rfid | gfid | zeroshot | probe")
+    p.add_argument("what", choices=("rfid", "gfid", "zeroshot", "probe"))
+    p.add_argument("--checkpoint", help="the tokenizer (rfid, zeroshot, probe)")
+    p.add_argument("--data", default="emoji", help="the evaluation / reference set")
+    p.add_argument("--test-data", default="emoji:openmoji", help="probe: the test set")
+    p.add_argument("--samples", help="gfid: samples.npz from vtp-fast sample")
+    p.add_argument("--n", type=int, default=1000, help="images for FID (CPU: a few per second)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("study", help="the paper's scaling study at small scale (about 90 min on 2 CPU cores)")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: checks that every stage runs (CI)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="benchmarks of bench/: every backend vs the reference and torch.compile")
     p.add_argument("names", nargs="*", help="benchmarks to run (bench/bench_<name>.py; default: all)")

@@ -57,13 +57,16 @@ class Checkpointer:
             for p in self.root.glob(".step_*.tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def save(self, step: int, model: nn.Module, model_state: dict, modules: dict[str, dict], state: dict) -> Path:
-        """model_state / modules: whole-tensor state dicts (see distributed.full_state_dict)."""
+    def save(self, step: int, model: nn.Module | None, model_state: dict | None, modules: dict[str, dict],
+             state: dict) -> Path:
+        """model_state / modules: whole-tensor state dicts (see distributed.full_state_dict); without a model (a
+        DiT run) only modules.safetensors and train_state.pt are written."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / step_dir_name(step)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
         try:
-            save_pretrained(model, tmp / "model", state=model_state)
+            if model is not None:
+                save_pretrained(model, tmp / "model", state=model_state)
             flat = {f"{name}.{k}": v for name, sd in modules.items() for k, v in sd.items()}
             save_file(flat, str(tmp / "modules.safetensors"))
             torch.save(state, tmp / "train_state.pt")
@@ -82,10 +85,11 @@ class Checkpointer:
         return final
 
     @staticmethod
-    def load(path: Path, model: nn.Module, modules: dict[str, nn.Module]) -> dict:
+    def load(path: Path, model: nn.Module | None, modules: dict[str, nn.Module]) -> dict:
         """Restore weights into `model` and `modules` strictly; return the train state (not yet applied)."""
         path = Path(path)
-        load_state_strict(model, read_safetensors(path / "model" / WEIGHTS_NAME), str(path / "model"))
+        if model is not None:
+            load_state_strict(model, read_safetensors(path / "model" / WEIGHTS_NAME), str(path / "model"))
         flat = read_safetensors(path / "modules.safetensors")
         for name, module in modules.items():
             prefix = f"{name}."

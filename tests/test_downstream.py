@@ -1,0 +1,133 @@
+"""Downstream: latent extraction, DiT training, sampling, evaluation commands, their bad-input errors, and the
+scaling study's quick mode end to end (on a synthetic emoji-format set: no network)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_prepared_emoji
+from vtp_fast import VTP, save_pretrained, vtp_config
+from vtp_fast.cli import main
+from vtp_fast.eval.latents import check_tokenizer, extract_latents, load_images, load_latents
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A VTP_FAST_CACHE holding a prepared emoji-format set (so nothing is downloaded)."""
+    root = tmp_path_factory.mktemp("cache")
+    make_prepared_emoji(root / "emoji" / "prepared-64", size=64)
+    return root
+
+
+@pytest.fixture
+def env(cache, monkeypatch):
+    monkeypatch.setenv("VTP_FAST_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_pretrained(VTP(vtp_config("vtp-nano")), tmp_path_factory.mktemp("tok") / "nano")
+
+
+def test_extract_train_sample_eval_from_the_command_line(env, tokenizer_dir, tmp_path, capsys):
+    lat = tmp_path / "latents"
+    assert main(["extract-latents", "--checkpoint", str(tokenizer_dir), "--data", "emoji:google,twitter",
+                 "--out", str(lat)]) == 0
+    latents = load_latents(lat)
+    assert latents.latents.shape == (2 * 24, 64, 4, 4)  # 24 images and their mirror images
+    z = latents.latents
+    assert z.mean((0, 2, 3)).abs().max() < 1e-4 and (z.std((0, 2, 3)) - 1).abs().max() < 1e-2  # normalised
+    assert latents.meta["class_names"] == ["circle", "square", "triangle"]
+
+    out = tmp_path / "dit"
+    assert main(["train-dit", f"latents={lat}", "preset=dit-nano", "overrides={in_channels: 64}", "steps=6",
+                 "batch=8", "log_every=2", f"out_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(np.isfinite(r["total"]) for r in rows)
+
+    samples = tmp_path / "samples"
+    assert main(["sample", "--dit", str(out / "dit"), "--checkpoint", str(tokenizer_dir), "--out", str(samples),
+                 "--per-class", "2", "--steps", "3", "--solver", "heun", "--cfg", "2.0"]) == 0
+    npz = np.load(samples / "samples.npz")
+    assert npz["images"].shape == (6, 3, 64, 64) and npz["images"].dtype == np.uint8
+    assert npz["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert (samples / "grid.png").exists()
+
+    capsys.readouterr()
+    assert main(["eval", "gfid", "--samples", str(samples / "samples.npz"), "--data", "emoji:google", "--n",
+                 "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gfid"] > 0 and result["n_fake"] == 6
+    assert main(["eval", "probe", "--checkpoint", str(tokenizer_dir), "--data", "emoji:google,twitter",
+                 "--test-data", "emoji:openmoji"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["probe_cls_meanpatch"] <= 1 and 0 <= result["probe_latent"] <= 1
+
+
+def test_bad_input_is_refused_before_work(env, tokenizer_dir, tmp_path):
+    data = load_images("emoji:google")
+    lat = tmp_path / "latents"
+    extract_latents(VTP(vtp_config("vtp-nano")).eval(), data, lat, progress=False)  # another tokenizer
+    meta = load_latents(lat).meta
+    from vtp_fast import load_pretrained
+
+    with pytest.raises(ValueError, match="made by another tokenizer"):
+        check_tokenizer(meta, load_pretrained(tokenizer_dir))
+    with pytest.raises(ValueError, match="64 channels but the tokenizer makes 32"):
+        check_tokenizer(meta, VTP(vtp_config("vtp-nano", vision_feature_bottleneck=32)))
+    from vtp_fast.eval.evaluate import generation_scores
+
+    with pytest.raises(ValueError, match="has 12 images, fewer than the 50"):
+        generation_scores(torch.rand(50, 3, 64, 64), data, 50)
+    # a DiT trained on other latents: the sampler refuses it with this tokenizer
+    from vtp_fast.train.dit import DiTTrainConfig, generate, load_dit, train_dit
+
+    train_dit(DiTTrainConfig(latents=str(lat), preset="dit-nano", overrides={"in_channels": 64}, steps=2, batch=4,
+                             out_dir=str(tmp_path / "dit")))
+    dit, dmeta = load_dit(tmp_path / "dit" / "dit")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        generate(dit, dmeta, load_pretrained(tokenizer_dir), torch.tensor([0]))
+    bad = tmp_path / "bad-labels"
+    shutil.copytree(lat, bad)
+    m = json.loads((bad / "meta.json").read_text())
+    m["class_names"] = ["everything"]  # labels 0..2 no longer fit
+    (bad / "meta.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="labels up to 2 but 1 class"):
+        load_latents(bad)
+    from vtp_fast.eval.latents import LabelledImages
+
+    one_class = LabelledImages(data.images, torch.zeros_like(data.labels), ["everything"], data.captions, "one")
+    unconditional = tmp_path / "uncond"
+    tok = VTP(vtp_config("vtp-nano")).eval()
+    extract_latents(tok, one_class, unconditional, progress=False)
+    train_dit(DiTTrainConfig(latents=str(unconditional), preset="dit-nano", overrides={"in_channels": 64}, steps=1,
+                             batch=4, out_dir=str(tmp_path / "dit-u")))
+    dit_u, meta_u = load_dit(tmp_path / "dit-u" / "dit")
+    with pytest.raises(ValueError, match="guidance needs a class-conditional DiT"):
+        generate(dit_u, meta_u, tok, torch.tensor([0]), cfg_scale=2.0)
+
+
+def test_study_quick_mode_runs_every_stage(env, tmp_path):
+    from vtp_fast.study import run_study
+
+    out = run_study(tmp_path / "study", quick=True)
+    report = json.loads((out / "study.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["rec-3-c64", "clip+ae-3-c64", "ssl+ae-3-c64", "clip+ssl+ae-3-c64", "clip+ssl+ae-3-c256"]
+    for r in report["rows"]:
+        assert np.isfinite(r["rfid"]) and np.isfinite(r["gfid"]) and r["tokenizer_gflops"] > 0
+        assert ("zero_shot_top1" in r) == ("clip" in r["mix"])
+    assert len(report["rows"][-1]["gfid_curve"]) == 2
+    for f in ("study.md", "gfid_vs_compute.png", "gfid_vs_dit_steps.png", "channels.png"):
+        assert (out / f).exists()
+    # a second run reuses every stage's result
+    import time
+
+    t = time.perf_counter()
+    run_study(tmp_path / "study", quick=True)
+    assert time.perf_counter() - t < 30

@@ -1,0 +1,90 @@
+"""A tokenizer's scores: rFID / PSNR / SSIM of its reconstructions, gFID of a DiT's samples, zero-shot accuracy,
+linear probe. FID/KID use the offline Inception of `vtp_fast.eval.fid`; on a 2-core CPU it embeds a few images
+per second, so sample counts here are small (hundreds to a few thousand) and every figure carries its count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vtp_fast.data.pairs import normalize_u8
+from vtp_fast.eval.latents import LabelledImages
+from vtp_fast.eval.metrics import psnr
+from vtp_fast.eval.ssim import ssim
+from vtp_fast.models.vtp import VTP
+
+
+def to_uint8_nchw(images: Tensor) -> Tensor:
+    """(N, 3, H, W) floats in [0, 1] -> uint8 (N, 3, H, W)."""
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def pick(data: LabelledImages, n: int, seed: int = 0) -> Tensor:
+    """n image indices of the set (all of them in order when n >= len), the same for every tokenizer."""
+    if n >= len(data):
+        return torch.arange(len(data))
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def require(data: LabelledImages, n: int, what: str) -> None:
+    if len(data) < n:
+        raise ValueError(f"{what}: the reference set {data.name} has {len(data)} images, fewer than the {n} asked "
+                         "for; lower the sample count or use a larger set")
+
+
+@torch.no_grad()
+def reconstruction_scores(model: VTP, data: LabelledImages, n: int = 1000, *, batch: int = 64,
+                          kid_subset_size: int | None = None, progress: bool = True) -> dict:
+    """rFID, KID, PSNR and SSIM of n reconstructions against their originals."""
+    from vtp_fast.eval.fid import compute_fid_kid
+
+    require(data, n, "rfid")
+    idx = pick(data, n)
+    device = next(model.parameters()).device
+    model.eval()
+    originals, recons = [], []
+    for i in range(0, len(idx), batch):
+        x = normalize_u8(data.images[idx[i:i + batch]]).to(device)
+        originals.append(model.denormalize(x).clamp(0, 1).cpu())
+        recons.append(model.denormalize(model.decode(model.encode(x))).clamp(0, 1).float().cpu())
+    a, b = torch.cat(originals), torch.cat(recons)
+    scores = compute_fid_kid(to_uint8_nchw(a), to_uint8_nchw(b), kid_subset_size=kid_subset_size or min(1000, n),
+                             real_cache_key=f"{data.name}-n{n}", progress=progress)
+    return {"rfid": scores["fid"], "rkid": scores["kid_mean"], "psnr": psnr(b, a).mean().item(),
+            "ssim": ssim(b, a).mean().item(), "n": len(idx)}
+
+
+def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = None, *,
+                      kid_subset_size: int | None = None, progress: bool = True) -> dict:
+    """gFID and KID of generated images (N, 3, H, W) in [0, 1] (or uint8) against n reference images."""
+    from vtp_fast.eval.fid import compute_fid_kid
+
+    n = n or len(samples)
+    require(data, n, "gfid")
+    real = data.images[pick(data, n)].permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
+    fake = samples if samples.dtype == torch.uint8 else to_uint8_nchw(samples)
+    scores = compute_fid_kid(real, fake, kid_subset_size=kid_subset_size or min(1000, n, len(fake)),
+                             real_cache_key=f"{data.name}-n{n}", progress=progress)
+    return {"gfid": scores["fid"], "gkid": scores["kid_mean"], "n_fake": len(fake), "n_real": n}
+
+
+@torch.no_grad()
+def zero_shot_scores(model: VTP, data: LabelledImages, class_names: list[str] | None = None) -> dict:
+    """Zero-shot classification of the set into its classes, prompts through templates."""
+    from vtp_fast.eval.probe import zero_shot_accuracy, zero_shot_classifier
+
+    if not model.config.train_clip:
+        return {}
+    classifier = zero_shot_classifier(model, class_names or data.class_names)
+    return zero_shot_accuracy(model, normalize_u8(data.images), data.labels, classifier)
+
+
+def linear_probe_scores(model: VTP, train: LabelledImages, test: LabelledImages, **probe) -> dict:
+    """Top-1 of linear classifiers on frozen features: CLS + mean patch token, and the 64-d latent."""
+    from vtp_fast.eval.probe import extract_features, linear_probe
+
+    with torch.no_grad():
+        a = extract_features(model, normalize_u8(train.images))
+        b = extract_features(model, normalize_u8(test.images))
+    return {f"probe_{k}": linear_probe(a[k], train.labels, b[k], test.labels, **probe)["top1"] for k in a}
