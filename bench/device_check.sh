@@ -42,6 +42,10 @@ timeout 120 $PY -m vtp_fast.cli bench tokenizer --device cuda --out "$OUT/tokeni
 stage "whole step, eager vs compiled (VTP-B, 256 px, bf16)"
 timeout 240 $PY -m vtp_fast.cli bench step --device cuda --out "$OUT/step.jsonl"
 
+stage "DiT-XL/1 step (16x16x64 latents, bf16): eager vs compiled; data pipeline (nvJPEG)"
+timeout 150 $PY -m vtp_fast.cli bench dit --device cuda --out "$OUT/dit.jsonl"
+timeout 90 $PY -m vtp_fast.cli bench data --device cuda --out "$OUT/data.jsonl"
+
 stage "per-objective profile (VTP-B, 256 px, bf16)"
 timeout 180 $PY -m vtp_fast.cli profile --steps 5 --warmup 3 --out "$OUT/profile" model.preset=vtp-b \
   data.image_size=256 batch.size=256 batch.ssl=64 batch.rec=32 ssl.views.global_size=256 ssl.views.local_size=96 \

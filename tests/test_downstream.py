@@ -131,3 +131,21 @@ def test_study_quick_mode_runs_every_stage(env, tmp_path):
     t = time.perf_counter()
     run_study(tmp_path / "study", quick=True)
     assert time.perf_counter() - t < 30
+
+
+def test_generative_probe_during_pretraining(env, tmp_path):
+    from tests.train.test_pretrain import SMALL
+    from vtp_fast.config import load_config
+    from vtp_fast.train.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path / "run"
+    root = env / "emoji" / "prepared-64"
+    pretrain(load_config(PretrainConfig, [], [*[o for o in SMALL if not o.startswith(("data.image_size",
+                                                                                         "ssl.views.global"))],
+                                              f"data.root={root}", "ssl.views.global_size=64", f"run.out_dir={out}",
+                                              "run.steps=2", "run.generative_probe_every=2", "run.probe_images=12",
+                                              "run.probe_dit_steps=3"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    probe = [r for r in rows if "gen_probe_gfid" in r]
+    assert [r["step"] for r in probe] == [2] and np.isfinite(probe[0]["gen_probe_gfid"])
+    assert (out / "gen_probe" / "step_00000002" / "dit" / "dit" / "model.safetensors").exists()

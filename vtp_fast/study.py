@@ -35,7 +35,7 @@ class StudyConfig:
     budgets: tuple[int, ...] = (150, 450)  # tokenizer training steps (batch 64 pairs)
     dit_steps: int = 1500
     dit_curve: tuple[int, ...] = (375, 750, 1500)  # gFID along DiT training (largest budget)
-    fid_samples: int = 400  # FID/KID images (CPU Inception: a few per second)
+    fid_samples: int = 300  # FID/KID images (CPU Inception: a few per second)
     sample_steps: int = 50  # Euler steps
     wide_channels: int = 256  # the 64-vs-256 comparison (full objective, largest budget)
     extra: list[str] = field(default_factory=list)  # overrides for every tokenizer run

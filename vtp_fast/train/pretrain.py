@@ -126,8 +126,13 @@ class PretrainRunConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     tensorboard: bool = True
+    generative_probe_every: int = 0  # >0: every N steps, gFID of a small DiT trained on the current latents
+    probe_images: int = 512
+    probe_dit_steps: int = 300
 
     def validate(self) -> None:
+        if self.generative_probe_every < 0 or self.probe_images < 2 or self.probe_dit_steps < 1:
+            raise ConfigError("run.generative_probe_every >= 0, run.probe_images >= 2, run.probe_dit_steps >= 1")
         for key in ("steps", "log_every", "eval_every", "checkpoint_every", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
@@ -495,6 +500,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         log.truncate_after(start)  # steps after the checkpoint are redone
     tb = _tensorboard(out / "tb") if main and cfg.run.tensorboard else None
 
+    probe_data = None
+    if cfg.run.generative_probe_every and main:
+        from vtp_fast.eval.generative_probe import probe_set
+
+        if root is not None:  # the emoji training styles, labelled by category
+            emoji = load_emoji(root, cfg.data.train_styles)
+            pick = torch.randperm(len(emoji), generator=torch.Generator().manual_seed(1))
+            probe_data = probe_set(emoji.images[pick], emoji.labels[pick], emoji.category_names, cfg.run.probe_images)
+        else:
+            probe_data = probe_set(eval_u8, None, None, cfg.run.probe_images)
     decoder = pick_decoder(cfg.data.decoder) if isinstance(pairs, ShardSource) else "in-memory"
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
                        steps=cfg.run.steps * cfg.batch.accumulation, trim_text=t.causal_text,
@@ -564,6 +579,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
                 last_eval = evaluate(model, eval_u8, eval_captions, device)
                 log.write(step=done, **last_eval)
                 _tb_write(tb, done, last_eval)
+        if cfg.run.generative_probe_every and done % cfg.run.generative_probe_every == 0:
+            model = t.plain_model()
+            if main:
+                from vtp_fast.eval.generative_probe import generative_probe
+
+                probe = generative_probe(model, probe_data, out / "gen_probe" / f"step_{done:08d}",
+                                         dit_steps=cfg.run.probe_dit_steps, seed=cfg.run.seed)
+                log.write(step=done, **probe)
+                _tb_write(tb, done, probe)
+                bar.write(f"step {done}: generative probe gFID {probe['gen_probe_gfid']:.1f} "
+                          f"({len(probe_data)} samples)")
         if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
             model_state = dist.full_state_dict(t.model)  # every rank: gathering FSDP shards is collective
             modules = {name: dist.full_state_dict(m) for name, m in t.modules().items()}
