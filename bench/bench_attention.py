@@ -11,12 +11,11 @@ more for the backward), summed over views.
 
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 
 import torch
 
-from vtp_fast.benchmark import markdown_table, measure, plot_scaling, write_rows
+from vtp_fast.benchmark import bench_cli, measure, plot_scaling
 from vtp_fast.nn.rope import Rope2D
 from vtp_fast.ops.attention import OP, attention_ref
 
@@ -112,15 +111,8 @@ def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--plot", help="PNG: fwd+bwd TFLOP/s against sequence length per backend (rope case)")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    rows, args = bench_cli(run, TABLE_COLUMNS, __doc__, lambda p: p.add_argument(
+        "--plot", help="PNG: fwd+bwd TFLOP/s against sequence length per backend (rope case)"))
     if args.plot:
         picked = [r for r in rows if r.get("case") == "rope" and r["pass"] == "fwd+bwd" and r.get("tflop_per_s")]
         plot_scaling(picked, "seq_len", "tflop_per_s", "backend", args.plot,

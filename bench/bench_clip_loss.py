@@ -11,12 +11,10 @@ a fused kernel is not credited. Peak memory is the CUDA allocator's peak above t
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.ops.clip_loss import OP, clip_loss_ref
 
 SHAPES = {"cpu": [(256, 2048, 256)], "cuda": [(4096, 32768, 768), (1024, 32768, 768)]}
@@ -56,14 +54,7 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="append JSONL rows here")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

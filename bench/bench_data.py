@@ -11,7 +11,6 @@ threads), on a GPU also DALI `mixed` and torchvision nvJPEG. The same number of 
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import tempfile
@@ -23,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vtp_fast import optional
-from vtp_fast.benchmark import markdown_table, write_rows
+from vtp_fast.benchmark import bench_cli
 from vtp_fast.data.pairs import BatchShape, ShardSource, StepBatches
 from vtp_fast.data.shards import Sample, ShardSet, write_shards
 from vtp_fast.data.views import ViewConfig
@@ -91,15 +90,8 @@ def run(device: str = "cpu", quick: bool = False, shards: str | None = None) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--shards", help="existing shards to read instead of synthetic JPEGs")
-    args = p.parse_args()
-    rows = run(args.device, args.quick, args.shards)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__, lambda p: p.add_argument(
+        "--shards", help="existing shards to read instead of synthetic JPEGs"), run_args=("shards",))
 
 
 if __name__ == "__main__":

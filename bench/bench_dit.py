@@ -8,13 +8,12 @@ GPU: DiT-XL/1 on 16x16x64 latents (VTP f16d64 at 256 px), bf16 autocast, batch 2
 
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.models.dit import DiT, dit_config
 from vtp_fast.train.flow import flow_loss
 from vtp_fast.train.profile import peak_tflops
@@ -62,14 +61,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ op must move (read + write of the selected rows; scatter also writes the untouch
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.ops.masked_gather import OP, mask_to_index, masked_gather_ref, masked_scatter_ref
 
 SHAPES = {"cpu": [(32, 196, 384)], "cuda": [(256, 256, 768), (64, 1024, 1024)]}
@@ -51,14 +49,7 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="append JSONL rows here")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

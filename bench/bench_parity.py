@@ -6,14 +6,13 @@ reference implementation's outputs (tests/fixtures/vtp_official_tiny), max |erro
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from vtp_fast import load_pretrained
-from vtp_fast.benchmark import markdown_table, write_rows
+from vtp_fast.benchmark import bench_cli
 
 TABLE_COLUMNS = ["device", "dtype", "tensor", "max_abs_error", "max_abs_value"]
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vtp_official_tiny"
@@ -40,13 +39,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out")
-    args = p.parse_args()
-    rows = run(args.device)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

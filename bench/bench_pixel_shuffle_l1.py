@@ -11,12 +11,11 @@ twice and writes the tokens' gradient (the target needs none, as in training).
 
 from __future__ import annotations
 
-import argparse
 from types import SimpleNamespace
 
 import torch
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.ops.pixel_shuffle_l1 import OP, pixel_shuffle_l1_ref, pixel_shuffle_ref
 
 # (B, h, w, p, target dtype or None for the tokens' dtype)
@@ -57,14 +56,7 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="append JSONL rows here")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ backward 4 (plus grad student and grad weight); the fused kernels' backward reco
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.ops.prototype_ce import OP, prototype_ce_ref
 
 SHAPES = {"cpu": [(256, 4096, 64)], "cuda": [(4096, 65536, 256), (16384, 65536, 256)]}
@@ -64,14 +62,7 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="append JSONL rows here")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

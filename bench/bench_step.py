@@ -8,11 +8,9 @@ step time after warm-up) for the same config eager and compiled, with the object
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.config import load_config
 from vtp_fast.data.pairs import StepBatches, synthetic_pairs
 from vtp_fast.train.pretrain import PretrainConfig, build_trainer, schedules, to_device, train_step
@@ -55,15 +53,8 @@ def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("overrides", nargs="*", help="config overrides replacing the default shapes")
-    args = p.parse_args()
-    rows = run(args.device, args.quick, args.overrides or None)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__, lambda p: p.add_argument(
+        "overrides", nargs="*", help="config overrides replacing the default shapes"), run_args=("overrides",))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ reference, Triton), eager. On a GPU: VTP-L at 256 px in bf16 (the foundation iss
 
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 
 import torch
 
 from vtp_fast import VTP, vtp_config
-from vtp_fast.benchmark import markdown_table, measure, write_rows
+from vtp_fast.benchmark import bench_cli, measure
 from vtp_fast.ops.attention import OP
 from vtp_fast.ops.registry import use_backend
 
@@ -51,14 +50,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    rows = run(args.device, args.quick)
-    write_rows(rows, args.out)
-    print(markdown_table(rows, TABLE_COLUMNS))
+    bench_cli(run, TABLE_COLUMNS, __doc__)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,33 @@ def _rotate(x1, x2, s, c, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _load_qk(ptr, rows, row_ok, s_t, SIN, COS, start, dt, HALF: tl.constexpr, HAS_ROPE: tl.constexpr,
+             ROUND: tl.constexpr):
+    """q or k rows as two (BLOCK, HALF) halves in dtype dt, rotated when HAS_ROPE; also the rows' sin/cos."""
+    x1, x2 = _load_halves(ptr, rows, row_ok, s_t, HALF)
+    if HAS_ROPE:
+        s, c = _load_rope(SIN, COS, start + rows, row_ok, HALF)
+        x1, x2 = _rotate(x1, x2, s, c, ROUND)
+    else:  # placeholders of the right shape, never read
+        s, c = x1, x2
+    return x1.to(dt), x2.to(dt), s, c
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32 inputs stay fp32 (ieee; no tf32), as torch computes them."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q1, q2, k1, k2, IEEE: tl.constexpr):
+    """q k^T from halves: (BM, HALF) x 2, (BN, HALF) x 2 -> (BM, BN)."""
+    return _dot(q1, tl.trans(k1), IEEE) + _dot(q2, tl.trans(k2), IEEE)
+
+
+@triton.jit
 def _unrotate(g1, g2, s, c):
     """Adjoint of the rotation (the roundings pass gradients straight through, as autograd does)."""
     return g1 * c + g2 * s, g2 * c - g1 * s
@@ -78,12 +105,8 @@ def _attn_fwd(Q, K, V, O, LSE, SIN, COS, SEQ_START, SEQ_LEN,
     base = seq.to(tl.int64) * s_b + head.to(tl.int64) * s_h + start.to(tl.int64) * s_t
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    q1, q2 = _load_halves(Q + base, rows, row_ok, s_t, HALF)
-    if HAS_ROPE:
-        s, c = _load_rope(SIN, COS, start + rows, row_ok, HALF)
-        q1, q2 = _rotate(q1, q2, s, c, ROUND)
     dt = Q.dtype.element_ty
-    q1, q2 = q1.to(dt), q2.to(dt)
+    q1, q2, _, _ = _load_qk(Q + base, rows, row_ok, s_t, SIN, COS, start, dt, HALF, HAS_ROPE, ROUND)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -93,16 +116,8 @@ def _attn_fwd(Q, K, V, O, LSE, SIN, COS, SEQ_START, SEQ_LEN,
     for col0 in range(0, end, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n
-        k1, k2 = _load_halves(K + base, cols, col_ok, s_t, HALF)
-        if HAS_ROPE:
-            ks, kc = _load_rope(SIN, COS, start + cols, col_ok, HALF)
-            k1, k2 = _rotate(k1, k2, ks, kc, ROUND)
-        k1, k2 = k1.to(dt), k2.to(dt)
-        if IEEE:
-            qk = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
-        else:
-            qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-        qk = qk * qk_scale  # log2 domain
+        k1, k2, _, _ = _load_qk(K + base, cols, col_ok, s_t, SIN, COS, start, dt, HALF, HAS_ROPE, ROUND)
+        qk = _scores(q1, q2, k1, k2, IEEE) * qk_scale  # log2 domain
         keep = col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
@@ -112,10 +127,7 @@ def _attn_fwd(Q, K, V, O, LSE, SIN, COS, SEQ_START, SEQ_LEN,
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + base + cols[:, None].to(tl.int64) * s_t + d_cols[None, :], mask=col_ok[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+        acc = acc * alpha[:, None] + _dot(p.to(dt), v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
     o_base = seq.to(tl.int64) * o_b + head.to(tl.int64) * o_h + start.to(tl.int64) * o_t
@@ -143,11 +155,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SIN, COS, SEQ_START, SEQ_LEN
     col_ok = cols < n
     d_cols = tl.arange(0, D)
     dt = Q.dtype.element_ty
-    k1, k2 = _load_halves(K + base, cols, col_ok, s_t, HALF)
-    if HAS_ROPE:
-        ks, kc = _load_rope(SIN, COS, start + cols, col_ok, HALF)
-        k1, k2 = _rotate(k1, k2, ks, kc, ROUND)
-    k1, k2 = k1.to(dt), k2.to(dt)
+    k1, k2, ks, kc = _load_qk(K + base, cols, col_ok, s_t, SIN, COS, start, dt, HALF, HAS_ROPE, ROUND)
     v = tl.load(V + base + cols[:, None].to(tl.int64) * s_t + d_cols[None, :], mask=col_ok[:, None], other=0.0)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -156,15 +164,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SIN, COS, SEQ_START, SEQ_LEN
     for row0 in range(first, n, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n
-        q1, q2 = _load_halves(Q + base, rows, row_ok, s_t, HALF)
-        if HAS_ROPE:
-            s, c = _load_rope(SIN, COS, start + rows, row_ok, HALF)
-            q1, q2 = _rotate(q1, q2, s, c, ROUND)
-        q1, q2 = q1.to(dt), q2.to(dt)
-        if IEEE:
-            qk = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
-        else:
-            qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        q1, q2, _, _ = _load_qk(Q + base, rows, row_ok, s_t, SIN, COS, start, dt, HALF, HAS_ROPE, ROUND)
+        qk = _scores(q1, q2, k1, k2, IEEE)
         lse = tl.load(LSE + pid_sh.to(tl.int64) * LMAX + rows, mask=row_ok, other=float("inf"))
         p = tl.exp2(qk * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         keep = col_ok[None, :] & row_ok[:, None]
@@ -174,19 +175,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SIN, COS, SEQ_START, SEQ_LEN
         do = tl.load(DO + do_base + rows[:, None].to(tl.int64) * do_t + d_cols[None, :], mask=row_ok[:, None],
                      other=0.0)
         delta = tl.load(DELTA + pid_sh.to(tl.int64) * LMAX + rows, mask=row_ok, other=0.0)
-        if IEEE:
-            dv += tl.dot(tl.trans(p.to(dt)), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(dt)), do)
-            dp = tl.dot(do, tl.trans(v))
+        dv += _dot(tl.trans(p.to(dt)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = (p * (dp - delta[:, None])).to(dt)
-        if IEEE:
-            dk1 += tl.dot(tl.trans(ds), q1, input_precision="ieee")
-            dk2 += tl.dot(tl.trans(ds), q2, input_precision="ieee")
-        else:
-            dk1 += tl.dot(tl.trans(ds), q1)
-            dk2 += tl.dot(tl.trans(ds), q2)
+        dk1 += _dot(tl.trans(ds), q1, IEEE)
+        dk2 += _dot(tl.trans(ds), q2, IEEE)
     dk1, dk2 = dk1 * sm_scale, dk2 * sm_scale
     if HAS_ROPE:
         dk1, dk2 = _unrotate(dk1, dk2, ks, kc)
@@ -218,11 +211,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SIN, COS, SEQ_START, SEQ_LEN,
     row_ok = rows < n
     d_cols = tl.arange(0, D)
     dt = Q.dtype.element_ty
-    q1, q2 = _load_halves(Q + base, rows, row_ok, s_t, HALF)
-    if HAS_ROPE:
-        s, c = _load_rope(SIN, COS, start + rows, row_ok, HALF)
-        q1, q2 = _rotate(q1, q2, s, c, ROUND)
-    q1, q2 = q1.to(dt), q2.to(dt)
+    q1, q2, s, c = _load_qk(Q + base, rows, row_ok, s_t, SIN, COS, start, dt, HALF, HAS_ROPE, ROUND)
     do = tl.load(DO + do_base + rows[:, None].to(tl.int64) * do_t + d_cols[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_sh.to(tl.int64) * LMAX + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_sh.to(tl.int64) * LMAX + rows, mask=row_ok, other=0.0)
@@ -232,30 +221,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SIN, COS, SEQ_START, SEQ_LEN,
     for col0 in range(0, end, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n
-        k1, k2 = _load_halves(K + base, cols, col_ok, s_t, HALF)
-        if HAS_ROPE:
-            ks, kc = _load_rope(SIN, COS, start + cols, col_ok, HALF)
-            k1, k2 = _rotate(k1, k2, ks, kc, ROUND)
-        k1, k2 = k1.to(dt), k2.to(dt)
+        k1, k2, _, _ = _load_qk(K + base, cols, col_ok, s_t, SIN, COS, start, dt, HALF, HAS_ROPE, ROUND)
         v = tl.load(V + base + cols[:, None].to(tl.int64) * s_t + d_cols[None, :], mask=col_ok[:, None], other=0.0)
-        if IEEE:
-            qk = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
-            dp = tl.dot(do, tl.trans(v))
+        qk = _scores(q1, q2, k1, k2, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         keep = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         p = tl.where(keep, p, 0.0)
         ds = (p * (dp - delta[:, None])).to(dt)
-        if IEEE:
-            dq1 += tl.dot(ds, k1, input_precision="ieee")
-            dq2 += tl.dot(ds, k2, input_precision="ieee")
-        else:
-            dq1 += tl.dot(ds, k1)
-            dq2 += tl.dot(ds, k2)
+        dq1 += _dot(ds, k1, IEEE)
+        dq2 += _dot(ds, k2, IEEE)
     dq1, dq2 = dq1 * sm_scale, dq2 * sm_scale
     if HAS_ROPE:
         dq1, dq2 = _unrotate(dq1, dq2, s, c)

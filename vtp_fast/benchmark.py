@@ -3,6 +3,7 @@ device, library versions and git revision recorded in every JSONL row."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -111,3 +112,21 @@ def plot_scaling(rows: Sequence[dict], x: str, y: str, series: str, path: str | 
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def bench_cli(run: Callable[..., list[dict]], columns: Sequence[str], doc: str,
+              extra: Callable[[argparse.ArgumentParser], None] | None = None,
+              run_args: Sequence[str] = ()) -> tuple[list[dict], argparse.Namespace]:
+    """The command line of a bench/bench_<name>.py module: --device, --out (append JSONL rows), --quick, plus
+    the module's own options (`extra`), of which `run_args` are passed to run(device, quick, ...)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="append JSONL rows here")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+    rows = run(args.device, args.quick, *(getattr(args, a) or None for a in run_args))
+    write_rows(rows, args.out)
+    print(markdown_table(rows, columns))
+    return rows, args
