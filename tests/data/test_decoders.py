@@ -76,3 +76,18 @@ def test_decoder_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="nvjpeg needs a CUDA device"):
             pick_decoder("nvjpeg")
+
+
+def test_dali_outputs_are_zero_copy_and_survive_later_batches(source):
+    """DLPack hands DALI's buffers to torch without a copy; the dynamic executor must not recycle a buffer that a
+    tensor still references (the training step may hold a batch while the next one is decoded)."""
+    require_dali()
+    from vtp_fast.data.dali import DaliDecoder
+
+    dec = DaliDecoder(4, threads=1)
+    encoded = [source.shards[i].image for i in range(12)]
+    first = dec.decode(encoded[:4], 32)
+    kept = first.clone()
+    for k in (4, 8):
+        dec.decode(encoded[k:k + 4], 32)
+    assert torch.equal(first, kept)
