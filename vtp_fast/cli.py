@@ -53,13 +53,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("  TRITON_INTERPRET=1: Triton kernels run on the CPU through the interpreter")
     from vtp_fast.data.pairs import pick_decoder
 
-    print(f"data decoder (auto, for shards): {pick_decoder('auto')}"
-          + (" (CPU operators)" if pick_decoder("auto") == "dali" and not torch.cuda.is_available() else ""))
+    decoder = pick_decoder("auto")
+    cpu_only = decoder == "dali" and not torch.cuda.is_available()
+    print(f"data decoder (auto, for shards): {decoder}" + (" (CPU operators)" if cpu_only else ""))
     device = args.device or default_device()
     print(f"ops on {device} (resolved backend; every backend's state):")
-    for row in summary(device):
+    rows = summary(device)
+    width = max(len(row["op"]) for row in rows)
+    for row in rows:
         states = ", ".join(f"{k}={v}" for k, v in row["backends"].items())
-        print(f"  {row['op']:14s} -> {row['resolved']:10s} [{states}]")
+        print(f"  {row['op']:{width}s} -> {row['resolved']:10s} [{states}]")
     return 0
 
 
