@@ -85,3 +85,17 @@ def test_shipped_configs_load():
     assert len(files) >= 6
     for f in files:
         load_config(PretrainConfig, [f])
+
+
+def test_shipped_dit_configs_load_once_the_latents_are_named():
+    from pathlib import Path
+
+    from vtp_fast.train.dit import DiTTrainConfig
+
+    files = sorted((Path(__file__).parents[1] / "configs" / "dit").glob("*.yaml"))
+    assert len(files) >= 2
+    for f in files:
+        cfg = load_config(DiTTrainConfig, [f], ["latents=runs/latents"])
+        assert cfg.latents == "runs/latents" and cfg.cos_over == "position"
+        with pytest.raises(ConfigError, match="^latents: a latent set directory is required"):
+            load_config(DiTTrainConfig, [f])  # a default left unset: not blamed on the file

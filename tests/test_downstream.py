@@ -2,6 +2,7 @@
 scaling study's quick mode end to end (on a synthetic emoji-format set: no network)."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -105,8 +106,11 @@ def test_bad_input_is_refused_before_work(env, tokenizer_dir, tmp_path):
     unconditional = tmp_path / "uncond"
     tok = VTP(vtp_config("vtp-nano")).eval()
     extract_latents(tok, one_class, unconditional, progress=False)
-    train_dit(DiTTrainConfig(latents=str(unconditional), preset="dit-nano", overrides={"in_channels": 64}, steps=1,
-                             batch=4, out_dir=str(tmp_path / "dit-u")))
+    paths = train_dit(DiTTrainConfig(latents=str(unconditional), preset="dit-nano", overrides={"in_channels": 64},
+                                     steps=1, batch=4, out_dir=str(tmp_path / "dit-u"), precision="bf16",
+                                     cos_over="position"))  # the LightningDiT recipe's options, CPU autocast
+    row = json.loads(paths["metrics"].read_text().splitlines()[-1])
+    assert math.isfinite(row["total"]) and row["cos"] > 0
     dit_u, meta_u = load_dit(tmp_path / "dit-u" / "dit")
     with pytest.raises(ValueError, match="guidance needs a class-conditional DiT"):
         generate(dit_u, meta_u, tok, torch.tensor([0]), cfg_scale=2.0)

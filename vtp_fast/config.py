@@ -169,16 +169,37 @@ def load_yaml(path: str | Path) -> dict:
 
 def load_config(cls: type[T], files: typing.Sequence[str | Path] = (), overrides: typing.Sequence[str] = ()) -> T:
     """Defaults of `cls`, then each YAML file's differences in order, then dotted overrides."""
+    layers = [load_yaml(f) for f in files]
     data: dict = {}
-    for f in files:
-        try:
-            data = merge(data, load_yaml(f))
-            from_dict(cls, data)  # name the file that introduced a bad key
-        except ConfigError as e:
-            raise ConfigError(f"{f}: {e}") from None
+    for layer in layers:
+        data = merge(data, layer)
     for o in overrides:
         data = merge(data, parse_override(o))
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{_culprit(cls, files, layers, str(e))}{e}") from None
+
+
+def _culprit(cls: type, files: typing.Sequence[str | Path], layers: list[dict], message: str) -> str:
+    """'file: ' for the first config file after which `message` shows; '' when the defaults already show it
+    (a required value left unset) or only the overrides do."""
+
+    def shows(data: dict) -> bool:
+        try:
+            from_dict(cls, data)
+        except ConfigError as e:
+            return str(e) == message
+        return False
+
+    data: dict = {}
+    if shows(data):
+        return ""
+    for f, layer in zip(files, layers, strict=True):
+        data = merge(data, layer)
+        if shows(data):
+            return f"{f}: "
+    return ""
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -46,6 +48,7 @@ class DiTTrainConfig:
     mu: float = 0.0  # logit-normal timestep location (the paper: -0.75 for L)
     sigma: float = 1.0
     cos_weight: float = 1.0
+    cos_over: Literal["sample", "position"] = "sample"  # cosine term per sample, or per position (LightningDiT)
     grad_clip: float = 1.0
     out_dir: str = "runs/dit"
     seed: int = 0
@@ -55,6 +58,7 @@ class DiTTrainConfig:
     resume: str = "none"
     device: str = "auto"
     compile: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     eval_every: int = 0  # >0: log EMA flow loss on held-out latents (no sampling)
 
     def validate(self) -> None:
@@ -142,6 +146,8 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
     n = latents.latents.shape[0]
     per_rank = cfg.batch // world
     end = min(cfg.stop_at or cfg.steps, cfg.steps)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     bar = tqdm(total=end, initial=start, desc="train-dit", unit="step", disable=not main, dynamic_ncols=True)
     tic = time.perf_counter()
     for step in range(start, end):
@@ -150,7 +156,9 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
             group["lr"] = lr
         idx = torch.randint(n, (per_rank,), generator=gen)
         x0, y = latents.latents[idx].to(device), latents.labels[idx].to(device)
-        losses = flow_loss(wrapped, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight, generator=gen)
+        with amp:
+            losses = flow_loss(wrapped, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight,
+                               cos_over=cfg.cos_over, generator=gen)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
