@@ -8,19 +8,26 @@
 
 namespace vtp_fast {
 
-void check_masked_gather_args(const at::Tensor& x, const at::Tensor& index) {
-  TORCH_CHECK(x.dim() == 2, "masked_gather: x must be (rows, dim), got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "masked_gather: x must be contiguous");
+namespace {
+
+void check_rows_and_index(const at::Tensor& x, const at::Tensor& index, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be (rows, dim), got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong,
-              "masked_gather: index must be a 1-D int64 tensor, got ", index.scalar_type(), index.sizes());
-  TORCH_CHECK(index.is_contiguous(), "masked_gather: index must be contiguous");
-  TORCH_CHECK(index.device() == x.device(), "masked_gather: index is on ", index.device(), ", x on ",
-              x.device());
+              op, ": index must be a 1-D int64 tensor, got ", index.scalar_type(), index.sizes());
+  TORCH_CHECK(index.is_contiguous(), op, ": index must be contiguous");
+  TORCH_CHECK(index.device() == x.device(), op, ": index is on ", index.device(), ", ", name, " on ", x.device());
+}
+
+}  // namespace
+
+void check_masked_gather_args(const at::Tensor& x, const at::Tensor& index) {
+  check_rows_and_index(x, index, "masked_gather", "x");
 }
 
 void check_masked_scatter_args(const at::Tensor& src, const at::Tensor& index,
                                const c10::optional<at::Tensor>& fill, int64_t num_rows) {
-  check_masked_gather_args(src, index);
+  check_rows_and_index(src, index, "masked_scatter", "src");
   TORCH_CHECK(index.size(0) == src.size(0), "masked_scatter: index has ", index.size(0), " rows, src ",
               src.size(0));
   TORCH_CHECK(num_rows >= src.size(0), "masked_scatter: num_rows=", num_rows, " < ", src.size(0),

@@ -18,12 +18,15 @@ constexpr int kThreads = 256;
 
 template <typename V>
 __global__ void gather_rows_kernel(const V* __restrict__ src, V* __restrict__ dst,
-                                   const int64_t* __restrict__ index, int64_t m_rows, int64_t row_vecs) {
+                                   const int64_t* __restrict__ index, int64_t src_rows, int64_t m_rows,
+                                   int64_t row_vecs) {
   const int64_t total = m_rows * row_vecs;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total; i += stride) {
     const int64_t m = i / row_vecs;
-    dst[i] = src[index[m] * row_vecs + (i - m * row_vecs)];
+    const int64_t r = index[m];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < src_rows);  // checking on the host would sync; the CPU op checks there
+    dst[i] = src[r * row_vecs + (i - m * row_vecs)];
   }
 }
 
@@ -92,7 +95,7 @@ at::Tensor masked_gather_cuda(const at::Tensor& x, const at::Tensor& index) {
     const int64_t row_vecs = row_bytes / static_cast<int64_t>(sizeof(V));
     gather_rows_kernel<V><<<grid_for(m_rows * row_vecs, x.get_device()), kThreads, 0, stream>>>(
         static_cast<const V*>(x.data_ptr()), static_cast<V*>(out.data_ptr()), index.data_ptr<int64_t>(),
-        m_rows, row_vecs);
+        x.size(0), m_rows, row_vecs);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -20,11 +20,11 @@ dk = scale * dlogits.T @ q.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+from vtp_fast.kernels import sm_count
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,6 @@ GPU = {
     4: (Config(block_m=64, block_n=64, block_k=32, block_d=0, num_warps=4, num_stages=2, max_splits=64),
         Config(block_m=32, block_n=32, block_k=32, block_d=128, num_warps=4, num_stages=2)),
 }
-
-
-@cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _configs(x: torch.Tensor) -> tuple[Config, Config]:
@@ -224,7 +219,7 @@ def forward(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, al
     if image.device.type == "cuda":
         # about 8 programs per SM over both directions keeps the last wave's idle tail short; a split costs only
         # its (4, n) partials, since every column tile reloads its q chunks anyway
-        splits = min(splits, max(1, triton.cdiv(4 * _num_sms(image.device.index or 0), row_tiles)))
+        splits = min(splits, max(1, triton.cdiv(4 * sm_count(image.device.index or 0), row_tiles)))
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)  # no split without columns
     part = torch.empty((2, 4, splits, n), dtype=torch.float32, device=image.device)

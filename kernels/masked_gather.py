@@ -17,12 +17,13 @@ def _block_d(dim: int) -> int:
 
 
 @triton.jit
-def _gather_rows_kernel(x_ptr, index_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_rows_kernel(x_ptr, index_ptr, out_ptr, R, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < M
     ok = row_ok[:, None] & (cols < D)[None, :]
     src_rows = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    tl.device_assert((src_rows >= 0) & (src_rows < R), "masked_gather: index out of range")  # TRITON_DEBUG=1
     values = tl.load(x_ptr + src_rows[:, None] * D + cols[None, :], mask=ok)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], values, mask=ok)
 
@@ -51,7 +52,7 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if m_rows and dim:
         block_d = _block_d(dim)
         grid = (triton.cdiv(m_rows, BLOCK_M), triton.cdiv(dim, block_d))
-        _gather_rows_kernel[grid](x, index, out, m_rows, dim, BLOCK_M=BLOCK_M, BLOCK_D=block_d)
+        _gather_rows_kernel[grid](x, index, out, x.shape[0], m_rows, dim, BLOCK_M=BLOCK_M, BLOCK_D=block_d)
     return out
 
 

@@ -20,11 +20,11 @@ reduced dimension is split into ranges whose fp32 partial results are summed in 
 """
 
 import math
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+from vtp_fast.kernels import sm_count
 
 LOG2E = math.log2(math.e)
 # Split ranges are multiples of every loop block a launch may use, so only the tensor's end is ever ragged.
@@ -262,11 +262,6 @@ _grad_student_tuned = triton.autotune(_ROW_CONFIGS, key=["D"], prune_configs_by=
 _grad_weight_tuned = triton.autotune(_PROTO_CONFIGS, key=["D"], prune_configs_by=_PRUNE)(_grad_weight_plain)
 
 
-@cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _own_block(x: torch.Tensor, block_d: int) -> int:
     """Rows (or prototypes) per program: 64 for 16-bit inputs of d <= 256, fewer for fp32 (whose ieee dots run on
     the FMA units, with the operands in registers) and for wider rows."""
@@ -282,7 +277,7 @@ def _split(blocks: int, length: int, device: torch.device) -> tuple[int, int]:
 
     Returns (splits, span): ranges [j * span, (j + 1) * span), each non-empty, span a multiple of the granule."""
     granule = GRANULE[device.type]
-    target = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 4  # 4 on CPU: tests reach the merge
+    target = 2 * sm_count(device.index or 0) if device.type == "cuda" else 4  # 4 on CPU: tests reach the merge
     splits = max(1, min(triton.cdiv(target, blocks), triton.cdiv(length, granule)))
     span = triton.cdiv(triton.cdiv(length, splits), granule) * granule
     return triton.cdiv(length, span), span

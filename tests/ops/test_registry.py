@@ -1,5 +1,6 @@
 """The op registry: the four pieces of every op, auto resolution, explicit requests that cannot run."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,24 @@ def test_use_backend_unknown_op_and_double_definition():
         pass
     with pytest.raises(ValueError, match="defined twice"):
         new_op("attention", None)
+
+
+def test_models_resolve_for_the_device_they_are_built_for(monkeypatch, tmp_path):
+    """On a GPU machine (simulated: VTP_FAST_DEVICE=cuda) layers resolve for CUDA by default; `building_for` and
+    `load_pretrained(device=...)` resolve for the device the model will run on."""
+    from vtp_fast import VTP, load_pretrained, save_pretrained, vtp_config
+    from vtp_fast.ops.registry import Backend, building_for
+
+    def backends(model):
+        return [v for m in model.modules() for v in vars(m).values() if isinstance(v, Backend)]
+
+    path = save_pretrained(VTP(vtp_config("vtp-nano")), tmp_path / "nano")
+    monkeypatch.setenv("VTP_FAST_DEVICE", "cuda")
+    shuffle = REGISTRY["pixel_shuffle_l1"]  # as if the native extension had no CUDA: CPU and CUDA choices differ
+    monkeypatch.setitem(shuffle.backends, "native", dataclasses.replace(shuffle.backends["native"], devices=("cpu",)))
+    assert "cpu" not in shuffle.resolve().devices
+    assert REGISTRY["clip_loss"].resolve().name == REGISTRY["clip_loss"].resolve("cuda").name
+    with building_for("cpu"):
+        assert REGISTRY["clip_loss"].resolve().name == REGISTRY["clip_loss"].resolve("cpu").name
+    found = backends(load_pretrained(path, device="cpu"))
+    assert found and all("cpu" in b.devices for b in found)

@@ -38,9 +38,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, rope: Rope | None, dims: int = 4) ->
     if rope is not None:
         sin, cos = rope
         rows = q.shape[-2] if dims == 4 else q.shape[0]
-        if sin.shape != cos.shape or sin.dim() != 2 or sin.shape[1] != q.shape[-1] or sin.shape[0] > rows:
-            raise ValueError(f"attention: rope sin/cos must be (R <= {rows}, {q.shape[-1]}), got "
-                             f"{tuple(sin.shape)}, {tuple(cos.shape)}")
+        fits = sin.shape[0] <= rows if dims == 4 else sin.shape[0] == rows  # dense: the last R tokens; packed: all
+        if sin.shape != cos.shape or sin.dim() != 2 or sin.shape[1] != q.shape[-1] or not fits:
+            raise ValueError(f"attention: rope sin/cos must be (R {'<=' if dims == 4 else '=='} {rows}, "
+                             f"{q.shape[-1]}), got {tuple(sin.shape)}, {tuple(cos.shape)}")
 
 
 def rotate_packed(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
@@ -63,9 +64,14 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: R
 
 
 def _check_varlen(q: Tensor, seq_start: Tensor, seq_len: Tensor, max_len: int) -> None:
+    """Shapes, dtypes and devices. max_len >= max(seq_len) is the caller's contract (checking it here would sync
+    with the GPU on every call); the reference checks it."""
     if seq_start.shape != seq_len.shape or seq_start.dim() != 1 or seq_start.dtype != torch.int32 or \
             seq_len.dtype != torch.int32:
         raise ValueError("attention_varlen: seq_start and seq_len must be (S,) int32 tensors")
+    if seq_start.device != q.device or seq_len.device != q.device:
+        raise ValueError(f"attention_varlen: seq_start / seq_len on {seq_start.device} / {seq_len.device}, "
+                         f"q on {q.device}")
     if max_len < 1:
         raise ValueError(f"attention_varlen: max_len must be >= 1, got {max_len}")
 
@@ -76,6 +82,8 @@ def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, seq_start: Tensor, seq
     call per sequence)."""
     _check(q, k, v, rope, dims=3)
     _check_varlen(q, seq_start, seq_len, max_len)
+    if seq_len.numel() and int(seq_len.max()) > max_len:
+        raise ValueError(f"attention_varlen: max_len {max_len} < the longest sequence ({int(seq_len.max())})")
     if rope is not None:
         q, k = rotate_packed(q, *rope), rotate_packed(k, *rope)
     out = torch.empty_like(q)
@@ -158,8 +166,8 @@ if optional.available("triton"):
                                  "varlen" if varlen else "dense")
 
     _attention_fwd.register_fake(_fake_fwd)
-    _attention_bwd.register_fake(lambda do, q, k, v, *rest: (torch.empty_like(q), torch.empty_like(q),
-                                                              torch.empty_like(q)))
+    _attention_bwd.register_fake(lambda do, q, k, v, *rest: (q.new_empty(q.shape), q.new_empty(q.shape),
+                                                              q.new_empty(q.shape)))  # contiguous, as the kernel
 
     def _setup(ctx, inputs, output):
         q, k, v, sin, cos, seq_start, seq_len, max_len, causal, varlen = inputs

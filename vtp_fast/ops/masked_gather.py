@@ -35,6 +35,13 @@ def mask_to_index(mask: Tensor) -> Tensor:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
+def mask_weights(masks: Tensor) -> Tensor:
+    """(n, N) bool masks -> (M,) weight 1 / (masked tokens of its row) for each masked token, in the order of
+    `mask_to_index` (iBOT: every masked crop counts once)."""
+    per_row = 1.0 / masks.sum(-1).clamp(min=1).float()  # (n,)
+    return per_row[:, None].expand_as(masks)[masks]
+
+
 def _check(op: str, tokens: Tensor, index: Tensor) -> None:
     if index.dim() != 1 or index.dtype != torch.int64:
         raise ValueError(f"{op}: index must be a 1-D int64 tensor, got {tuple(index.shape)} {index.dtype}")

@@ -1,4 +1,5 @@
-"""The op registry: every fast op has named backends; one is resolved once, when a layer is built.
+"""The op registry: every fast op has named backends; one is resolved once, when a layer is built, for the
+device the model is built for (`building_for`; default: the process's default device).
 
 Auto mode picks the available backend with the highest priority for the device and falls back silently. An
 explicit request, by environment variable (`VTP_FAST_BACKEND_<OP>=triton`) or by `use_backend(op, name)` in
@@ -64,7 +65,10 @@ class Op:
         device = torch.device(device).type if device is not None else default_device()
         name = self.requested()
         if name is None:
-            return self.runnable(device)[0]  # the reference runs everywhere, so this is never empty
+            runnable = self.runnable(device)
+            if not runnable:
+                raise BackendUnavailable(f"op {self.name}: nothing runs on {device!r} (devices: {', '.join(DEVICES)})")
+            return runnable[0]
         backend = self.backends.get(name)
         if backend is None:
             raise BackendUnavailable(
@@ -108,8 +112,25 @@ def use_backend(op_name: str, backend: str) -> Iterator[None]:
             _overrides[op_name] = previous
 
 
+_building_for: list[str] = []
+
+
+@contextmanager
+def building_for(device: str | torch.device) -> Iterator[None]:
+    """Layers built inside the block resolve their backends for `device` (a model built on a GPU machine to run
+    on its CPU, e.g. `load_pretrained(path, device="cpu")`)."""
+    _building_for.append(torch.device(device).type)
+    try:
+        yield
+    finally:
+        _building_for.pop()
+
+
 def default_device() -> str:
-    """'cuda' when a GPU is visible, else 'cpu' ($VTP_FAST_DEVICE overrides)."""
+    """The device layers resolve their backends for: the innermost `building_for`, else $VTP_FAST_DEVICE, else
+    'cuda' when a GPU is visible, else 'cpu'."""
+    if _building_for:
+        return _building_for[-1]
     forced = os.environ.get("VTP_FAST_DEVICE")
     if forced:
         return torch.device(forced).type
