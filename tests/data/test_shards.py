@@ -64,6 +64,12 @@ def test_brace_expansion_and_directories(emoji_shards):
     assert len(expand(str(out))) == 3
 
 
+def test_a_directory_ignores_an_interrupted_writers_temp_file(tmp_path):
+    write_shards([Sample(b"x", "png", "a caption", None)], tmp_path / "s", progress=False)
+    (tmp_path / "s" / ".shard-abc123.tar").write_bytes(b"half a tar")  # what a killed writer leaves
+    assert [p.name for p in expand(str(tmp_path / "s"))] == ["shard-00000.tar"]
+
+
 def test_ranks_cover_every_sample_once_per_epoch_and_resume(emoji_shards):
     _, out = emoji_shards
     source = ShardSource(ShardSet(str(out)), 32, 16)

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from vtp_fast.config import ConfigError
 from vtp_fast.losses.clip import ClipLoss, clip_loss_global
-from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss, mask_weights, sinkhorn_knopp
+from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.losses.reconstruction import LPIPS, ReconstructionLoss
+from vtp_fast.ops.masked_gather import mask_weights
 
 
 def gen(seed=0):
@@ -95,6 +96,9 @@ def test_teacher_centring_and_center_ema():
     assert torch.equal(targets.center, c0[0]) and targets.probs is None  # the centre in force for this batch
     logits = t @ w.float().T
     torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * logits.mean(0, keepdim=True))  # mean teacher logits
+    c1 = loss.center.clone()
+    loss.teacher_targets(t[:0], w.float(), temp)  # no rows (iBOT with nothing masked): the centre stays
+    assert torch.equal(loss.center, c1)
 
 
 def test_sinkhorn_knopp_balances_prototypes():

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from vtp_fast import optional
+from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.views import Crop
 
-MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+MEAN_255 = [m * 255 for m in IMAGENET_MEAN]
+STD_255 = [s * 255 for s in IMAGENET_STD]
 
 
 def dali_device() -> str:
@@ -27,7 +28,7 @@ def dali_device() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def _to_torch(out, device: str) -> torch.Tensor:
+def _to_torch(out) -> torch.Tensor:
     """A dense DALI TensorList -> torch tensor via DLPack (no copy)."""
     return torch.from_dlpack(out.as_tensor())
 
@@ -69,7 +70,7 @@ class DaliDecoder:
         pipe = self._plain[size]
         pipe.feed_input("enc", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
         (out,) = pipe.run()
-        return _to_torch(out, self.device)
+        return _to_torch(out)
 
     def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> list[torch.Tensor]:
         """crops[i][v]: view v of sample i (same count and sizes for every sample) -> one (B, 3, s_v, s_v) tensor
@@ -105,7 +106,7 @@ class DaliDecoder:
             pipe.feed_input(f"bri{v}", [np.array(c.brightness, f32) for c in cs])
             pipe.feed_input(f"con{v}", [np.array(c.contrast, f32) for c in cs])
             pipe.feed_input(f"sat{v}", [np.array(c.saturation, f32) for c in cs])
-        return [_to_torch(o, self.device) for o in pipe.run()]
+        return [_to_torch(o) for o in pipe.run()]
 
     def __getstate__(self):  # pipelines stay in the process that built them
         state = dict(self.__dict__)

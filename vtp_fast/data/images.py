@@ -11,6 +11,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+# the published VTP checkpoints' input normalisation (RGB in [0, 1])
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class ImageError(ValueError):
     """An image file cannot be used; the message names the file."""

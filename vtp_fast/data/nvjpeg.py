@@ -9,13 +9,13 @@ from collections.abc import Sequence
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from vtp_fast.data.images import open_rgb, to_tensor
+from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb, to_tensor
 from vtp_fast.data.views import Crop, apply_crop
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 class NvjpegDecoder:
@@ -29,10 +29,7 @@ class NvjpegDecoder:
         out: list[torch.Tensor | None] = [None] * len(encoded)
         if jpeg:
             data = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpeg]
-            try:
-                decoded = decode_jpeg(data, device=self.device, mode=torchvision_rgb())
-            except RuntimeError:
-                raise
+            decoded = decode_jpeg(data, device=self.device, mode=ImageReadMode.RGB)
             for i, img in zip(jpeg, decoded, strict=True):
                 out[i] = img.float() / 255
         for i, e in enumerate(encoded):
@@ -49,9 +46,3 @@ class NvjpegDecoder:
         imgs = self._images(encoded)
         return [(torch.stack([apply_crop(img, c[v]) for img, c in zip(imgs, crops, strict=True)]) - self.mean)
                 / self.std for v in range(len(crops[0]))]
-
-
-def torchvision_rgb():
-    from torchvision.io import ImageReadMode
-
-    return ImageReadMode.RGB

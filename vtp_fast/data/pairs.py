@@ -23,12 +23,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vtp_fast.data.emoji import load_emoji
+from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.text import tokenize
 from vtp_fast.data.views import ViewConfig, sample_seed, ssl_views
-from vtp_fast.ops.masked_gather import mask_to_index
+from vtp_fast.ops.masked_gather import mask_to_index, mask_weights
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 class BadSample(Exception):
@@ -45,10 +46,6 @@ class PairSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
-
-    def sample(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(plain (S, S, 3) uint8, full image (3, H, W) float in [0, 1] for the views, tokens (L,))."""
-        return self.images[i], self.images[i].permute(2, 0, 1).float() / 255, self.tokens[i]
 
 
 class ShardSource:
@@ -82,14 +79,15 @@ class ShardSource:
             raise BadSample("corrupt_image") from None
         return raw.image, (h, w), caption
 
-    def sample(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(self, i: int) -> tuple[Tensor, Tensor, str]:
+        """(plain (S, S, 3) uint8, full image (3, H, W) float in [0, 1] for the views, caption)."""
         import numpy as np
 
         from vtp_fast.data.images import ImageError, center_crop_resize, open_rgb, to_tensor
 
         image, _, caption = self.encoded(i)
         try:
-            img = open_rgb(image, name=self.shards[i].key)
+            img = open_rgb(image, name=f"sample {i}")
         except ImageError:
             raise BadSample("corrupt_image") from None
         plain = torch.from_numpy(np.asarray(center_crop_resize(img, self.image_size)).copy())  # (S, S, 3)
@@ -202,17 +200,18 @@ def pick_decoder(name: str) -> str:
 class StepBatches(Dataset):
     def __init__(self, source, shape: BatchShape, views: ViewConfig, *, seed: int, rank: int = 0,
                  world: int = 1, steps: int = 1 << 40, trim_text: bool = False, decoder: str = "torchvision",
-                 dali_threads: int = 2):
+                 dali_threads: int = 2, dali_device: str | None = None):
         """source: a PairSet or ShardSource; trim_text: cut token padding beyond the batch's longest caption
         (see `trim_tokens`); decoder (shards): "torchvision" (PIL on the CPU), "nvjpeg" (torchvision's GPU JPEG
         decoder, views on the GPU) or "dali" (vtp_fast.data.dali). A batch the GPU decoders cannot decode goes
-        through PIL, which skips the bad image; it counts one bad sample more."""
+        through PIL, which skips the bad image; it counts one bad sample more. dali_device: "gpu" or "cpu"
+        (default: "gpu" when CUDA is available), where the DALI decoder runs."""
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r} (choices: {', '.join(DECODERS)})")
         self.source, self.shape, self.views, self.trim_text = source, shape, views, trim_text
         self.seed, self.rank, self.world, self.steps = seed, rank, world, steps
         self.decoder = decoder if isinstance(source, ShardSource) else "torchvision"
-        self._dali, self._dali_threads = None, dali_threads
+        self._dali, self._dali_threads, self._dali_device = None, dali_threads, dali_device
         if len(source) == 0:
             raise ValueError("the data set is empty")
 
@@ -242,25 +241,10 @@ class StepBatches(Dataset):
             imgs = self.source.images[ids]
             fulls = [img.permute(2, 0, 1).float() / 255 for img in imgs[:n_ssl]]
             return ids, imgs, fulls, self.source.tokens[ids], {}
-        bad: dict[str, int] = {}
-        used, plains, fulls, captions = [], [], [], []
-        n = len(self.source)
-        for k, i in enumerate(ids.tolist()):
-            for attempt in range(n):
-                try:
-                    plain, full, caption = self.source.sample((i + attempt) % n)
-                    break
-                except BadSample as e:
-                    bad[str(e)] = bad.get(str(e), 0) + 1
-            else:
-                raise RuntimeError("no usable sample in the data set")
-            used.append((i + attempt) % n)
-            plains.append(plain)
-            captions.append(caption)
-            if k < n_ssl:
-                fulls.append(full)
-        tokens = tokenize(captions, self.source.context_length)  # one call for the batch
-        return torch.tensor(used), torch.stack(plains), fulls, tokens, bad
+        used, samples, bad = self._first_usable(ids, self.source.sample)
+        plains, fulls, captions = zip(*samples, strict=True)
+        tokens = tokenize(list(captions), self.source.context_length)  # one call for the batch
+        return torch.tensor(used), torch.stack(plains), list(fulls[:n_ssl]), tokens, bad
 
     def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`."""
@@ -273,22 +257,23 @@ class StepBatches(Dataset):
                 return batch
         return self._assemble_pil(ids, epochs)
 
-    def _resolve(self, ids: Tensor) -> tuple[list[int], list, dict[str, int]]:
-        """Usable ids (a bad one replaced by the next id of the data set) and their `encoded` tuples."""
+    def _first_usable(self, ids: Tensor, read) -> tuple[list[int], list, dict[str, int]]:
+        """read(id) for every id, a bad sample (BadSample) replaced by the next id of the data set: (ids used,
+        results, bad-sample counts by reason)."""
         bad: dict[str, int] = {}
-        used, items = [], []
+        used, results = [], []
         n = len(self.source)
         for i in ids.tolist():
             for attempt in range(n):
                 try:
-                    items.append(self.source.encoded((i + attempt) % n))
+                    results.append(read((i + attempt) % n))
                     break
                 except BadSample as e:
                     bad[str(e)] = bad.get(str(e), 0) + 1
             else:
-                raise RuntimeError("no usable sample in the data set")
+                raise ValueError("no usable sample in the data set")
             used.append((i + attempt) % n)
-        return used, items, bad
+        return used, results, bad
 
     def _assemble_encoded(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         """The DALI / nvJPEG path: pixels are decoded by the decoder, every random choice made here."""
@@ -298,12 +283,13 @@ class StepBatches(Dataset):
             if self.decoder == "dali":
                 from vtp_fast.data.dali import DaliDecoder
 
-                self._dali = DaliDecoder(self.shape.size, threads=self._dali_threads, seed=self.seed)
+                self._dali = DaliDecoder(self.shape.size, threads=self._dali_threads, device=self._dali_device,
+                                         seed=self.seed)
             else:
                 from vtp_fast.data.nvjpeg import NvjpegDecoder
 
                 self._dali = NvjpegDecoder()
-        used, items, bad = self._resolve(ids)
+        used, items, bad = self._first_usable(ids, self.source.encoded)
         encoded = [x[0] for x in items]
         tokens = tokenize([x[2] for x in items], self.source.context_length)
         batch = {"images": self._dali.decode(encoded, self.source.image_size),
@@ -327,8 +313,7 @@ class StepBatches(Dataset):
         """masks: (2n, N) view-major iBOT masks -> masks, packed index (M,) and per-token weights (M,)."""
         batch["masks"] = masks
         batch["mask_index"] = mask_to_index(masks)
-        counts = masks.sum(-1).clamp(min=1).float()
-        batch["mask_weight"] = (1.0 / counts)[:, None].expand_as(masks)[masks]
+        batch["mask_weight"] = mask_weights(masks)
 
     def _assemble_pil(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         ids, plains, fulls, tokens, bad = self.fetch(ids)

@@ -5,7 +5,7 @@ one sample adjacent. Beside each `NAME.tar` the writer puts `NAME.idx` in DALI's
 "v1.2 <samples>", then one line per sample listing `ext offset size name` for each member), so DALI's
 `fn.readers.webdataset` and this module read the same files. With the index, any sample is one seek away:
 `ShardSet[i]` returns the raw bytes of global sample i, which is what makes orders deterministic and resumable
-(see vtp_fast.data.stream).
+(see vtp_fast.data.pairs).
 
 Bad shards are harmless: a missing shard or index is skipped with a warning (an index is rebuilt by scanning the
 tar when it is only missing), a truncated tar keeps its complete samples, and a sample without an image is
@@ -33,7 +33,8 @@ INDEX_VERSION = "v1.2"
 
 
 def expand(spec: str | Sequence[str]) -> list[Path]:
-    """'data/shard-{00000..00009}.tar' (brace-expanded), a directory (its *.tar), or a list of either."""
+    """'data/shard-{00000..00009}.tar' (brace-expanded), a directory (its *.tar, not the hidden temp files of an
+    interrupted writer), or a list of either."""
     from braceexpand import braceexpand
 
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
@@ -41,7 +42,7 @@ def expand(spec: str | Sequence[str]) -> list[Path]:
     for s in specs:
         p = Path(str(s))
         if p.is_dir():
-            out += sorted(p.glob("*.tar"))
+            out += sorted(f for f in p.glob("*.tar") if not f.name.startswith("."))
         else:
             out += [Path(x) for x in braceexpand(str(s))]
     return out

@@ -71,8 +71,8 @@ class _TeacherTargets(nn.Module):
     """Shared by DINO and iBOT: the EMA centre, the target rule, and the prototype cross-entropy (resolved from
     the op registry at construction)."""
 
-    def __init__(self, out_dim: int, student_temp: float, center_momentum: float, centering: Centering,
-                 sinkhorn_iterations: int = 3):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: Centering = "centering", sinkhorn_iterations: int = 3):
         super().__init__()
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
@@ -88,7 +88,8 @@ class _TeacherTargets(nn.Module):
             return Targets(temp, probs=sinkhorn_knopp(emb @ weight.T, temp, count, self.sinkhorn_iterations))
         targets = Targets(temp, emb, weight, self.center[0].clone())
         mean_emb = all_reduce_sum(emb.float().sum(0)) / count.clamp_min(1)  # (d,)
-        self.center.mul_(self.center_momentum).add_((weight.float() @ mean_emb)[None], alpha=1 - self.center_momentum)
+        keep = torch.where(count > 0, self.center_momentum, 1.0)  # no rows on any rank: the centre stays
+        self.center.copy_(self.center * keep + (weight.float() @ mean_emb)[None] * (1 - keep))
         return targets
 
     def cross_entropy(self, student: Tensor, weight: Tensor, target: Targets) -> Tensor:
@@ -108,10 +109,6 @@ class DINOLoss(_TeacherTargets):
     *other* teacher view, each local view against every teacher view; the result is the mean over those pairs
     of the per-sample cross-entropy, averaged over samples.
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: Centering = "centering"):
-        super().__init__(out_dim, student_temp, center_momentum, centering)
 
     def forward(self, student_global: list[Tensor], student_local: list[Tensor], teacher: list[Targets],
                 weight: Tensor) -> Tensor:
@@ -135,20 +132,10 @@ class IBOTPatchLoss(_TeacherTargets):
     or not), as DINOv2.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: Centering = "centering"):
-        super().__init__(out_dim, student_temp, center_momentum, centering)
-
     def forward(self, student: Tensor, teacher: Targets, weight: Tensor, weights: Tensor, n_images: int) -> Tensor:
         if student.shape[0] == 0:  # no masked token in this batch
             return student.sum() * 0.0
         return (self.cross_entropy(student, weight, teacher) * weights).sum() / max(n_images, 1)
-
-
-def mask_weights(masks: Tensor) -> Tensor:
-    """(n, N) bool masks -> (M,) weight 1 / (masked tokens of its row) for each masked token, in row order."""
-    per_row = 1.0 / masks.sum(-1).clamp(min=1).float()  # (n,)
-    return per_row[:, None].expand_as(masks)[masks]
 
 
 class KoLeoLoss(nn.Module):

@@ -17,6 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
+from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.ops import pixel_shuffle_l1 as pixel_shuffle_op
 
 VGG_FILE = "vgg16-397923af.pth"
@@ -97,8 +98,8 @@ class ReconstructionLoss(nn.Module):
                 raise ConfigError("objective.perceptual > 0 needs LPIPS-VGG weights, missing " + " and ".join(missing)
                                   + "; or set objective.perceptual=0 (L1 only)")
             self.lpips = LPIPS(vgg, heads)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def image(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """(n, h * w, 3 * p * p) -> (n, 3, h * p, w * p)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from vtp_fast.config import ConfigError, from_dict
 from vtp_fast.models.vtp import VTP, VTPConfig
+from vtp_fast.ops.registry import building_for
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 # Hugging Face bookkeeping fields that carry no architecture.
@@ -102,7 +103,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", rope_d
         raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     config = read_config(path / CONFIG_NAME)
     state = read_safetensors(path / WEIGHTS_NAME)
-    model = VTP(config, rope_dtype=rope_dtype)
+    with building_for(device):  # its layers pick the ops' backends for the device it will run on
+        model = VTP(config, rope_dtype=rope_dtype)
     load_state_strict(model, state, str(path / WEIGHTS_NAME))
     return model.to(device).eval()
 
@@ -132,11 +134,16 @@ def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor]
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
+    """Move the complete directory `src` to `dst`; an existing `dst` is moved aside first and restored if the
+    move fails, so `dst` is always either the old or the new directory."""
+    if not dst.exists():
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    try:
         os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
+from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.models.decoder import PixelDecoder
 from vtp_fast.models.vit import VisionTrunk
 from vtp_fast.nn.block import TextBlock
 from vtp_fast.nn.norms import LayerNorm
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
