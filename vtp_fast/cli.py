@@ -18,8 +18,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vtp_fast.data.emoji import EmojiDataError
     from vtp_fast.models.pretrained import CheckpointError
     from vtp_fast.ops.registry import BackendUnavailable
+    from vtp_fast.train.pretrain import TrainingDiverged
 
-    return (ValueError, OSError, CheckpointError, EmojiDataError, BackendUnavailable)
+    return (ValueError, OSError, CheckpointError, EmojiDataError, BackendUnavailable, TrainingDiverged)
 
 
 def _fail(message: str) -> int:
@@ -83,9 +84,9 @@ def _load_images(paths: Sequence[str], patch: int, size: int | None):
 
 def _model(args: argparse.Namespace):
     from vtp_fast.models.pretrained import load_pretrained
+    from vtp_fast.train.common import pick_device
 
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    return load_pretrained(args.checkpoint, device=device)
+    return load_pretrained(args.checkpoint, device=pick_device(args.device or "auto"))
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -236,6 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vtp_fast.eval import evaluate
     from vtp_fast.eval.latents import load_images
 
+    needed = "--samples" if args.what == "gfid" else "--checkpoint"
+    if getattr(args, needed.lstrip("-")) is None:
+        raise ValueError(f"eval {args.what} needs {needed}")
     data = load_images(args.data, size=args.size)
     if args.what == "gfid":
         npz = np.load(args.samples)

@@ -1,6 +1,6 @@
 """Typed configs: dataclass defaults, YAML files holding only differences, dotted overrides last.
 
-    cfg = load_config(TrainConfig, ["configs/tokenizer/tiny.yaml"], ["optim.lr=3e-4", "run.steps=200"])
+    cfg = load_config(PretrainConfig, ["configs/tokenizer/tiny.yaml"], ["optim.lr=3e-4", "run.steps=200"])
 
 An unknown key anywhere is a `ConfigError` naming its dotted path; a value of the wrong type too. The
 resolved config is written next to a run's outputs with `save_config`.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -62,15 +63,19 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
-def broadcast_(x: Tensor, src: int = 0) -> Tensor:
-    if is_distributed():
-        dist.broadcast(x, src)
-    return x
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the body first (preparing a shared cache: data, shards), the other ranks after it."""
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()
 
 
 def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
@@ -151,14 +156,3 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
             for k, v in state.items():
                 if torch.is_tensor(v) and v.shape == p.shape and not hasattr(v, "device_mesh"):
                     state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside DDP / torch.compile wrappers (checkpoints never carry wrapper prefixes)."""
-    while True:
-        if hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from vtp_fast.models.dit import DiT, dit_config
+from vtp_fast.train.common import ema_update
 from vtp_fast.train.flow import (
-    ema_update,
     flow_loss,
     interpolate,
     sample,

@@ -3,7 +3,8 @@
 `<run>/checkpoints/step_00000100/` holds
   model/              the tokenizer in the published layout (load_pretrained reads it)
   modules.safetensors SSL head, teacher, loss centres, discriminator: every other module's state
-  train_state.pt      optimizer, step, data position, RNG states, resolved config (torch.load weights_only)
+  train_state.pt      optimizer, step, RNG state, resolved config (torch.load weights_only); the data
+                      position is the step (batches are a function of seed, step and rank)
 A checkpoint is built in a temp dir and renamed into place in one atomic step, so a run killed at any moment
 leaves either the previous checkpoints or a complete new one; temp dirs are never picked up and are swept at
 start. The newest `keep` checkpoints are kept.
@@ -21,11 +22,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vtp_fast.config import ConfigError
 from vtp_fast.models.pretrained import (
     WEIGHTS_NAME,
     CheckpointError,
     load_state_strict,
     read_safetensors,
+    replace_dir,
     save_pretrained,
 )
 
@@ -51,6 +54,18 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint a run continues from: resume "auto" (the newest here, if any), "none" (a fresh run,
+        refused when this directory holds an earlier run's checkpoints) or a checkpoint directory."""
+        if resume == "auto":
+            return self.latest()
+        if resume == "none":
+            if (latest := self.latest()) is not None:
+                raise ConfigError(f"{self.root} holds an earlier run's checkpoints (newest: {latest.name}); continue "
+                                  "it with --resume auto, or choose another output directory")
+            return None
+        return Path(resume)
+
     def sweep(self) -> None:
         """Remove temp dirs of saves that were interrupted."""
         if self.root.is_dir():
@@ -74,9 +89,7 @@ class Checkpointer:
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-            if final.exists():  # a re-run of the same step after a resume: replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # a re-run of the same step after a resume replaces it whole
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -6,12 +6,15 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from vtp_fast.config import ConfigError
 
@@ -43,6 +46,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def autocast(precision: str, device: torch.device):
+    """The forward's mixed-precision context: precision "bf16", "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a CPU generator for the job's own sampling."""
     random.seed(seed)
@@ -54,11 +63,17 @@ def seed_everything(seed: int) -> torch.Generator:
 class MetricsLog:
     """Append-only JSONL metrics (one object per line, flushed), read back for plots."""
 
-    def __init__(self, path: str | Path, fresh: bool = True):
+    def __init__(self, path: str | Path, resume_at: int = 0):
+        """resume_at: the step a resumed run continues from; rows logged after it are dropped (those steps are
+        redone). 0: a fresh log."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and self.path.exists():
-            self.path.unlink()
+        if resume_at == 0:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_at]
+            self.path.write_text("".join(line + "\n" for line in keep))
         self.start = time.perf_counter()
 
     def write(self, **row: Any) -> None:
@@ -68,13 +83,6 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run logs those steps again)."""
-        if self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
@@ -83,3 +91,16 @@ class MetricsLog:
     def series(self, key: str) -> tuple[list[float], list[float]]:
         rows = [r for r in self.read() if key in r]
         return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+@torch.no_grad()
+def ema_update(ema_params: Iterable[Tensor], params: Iterable[Tensor], decay: float) -> None:
+    """In place: ema = decay * ema + (1 - decay) * param over matching tensors, one fused foreach; FSDP-sharded
+    parameters (DTensors, sharded alike on both sides) update their local shards."""
+    ema_params, params = list(ema_params), list(params)
+    if len(ema_params) != len(params):
+        raise ValueError(f"ema_update: {len(ema_params)} EMA tensors for {len(params)} parameters")
+    if not ema_params:
+        return
+    local = lambda p: getattr(p, "_local_tensor", p).detach()  # noqa: E731 - DTensor -> its shard
+    torch._foreach_lerp_([local(e) for e in ema_params], [local(p) for p in params], 1.0 - decay)

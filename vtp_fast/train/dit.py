@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,12 +22,13 @@ from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import ConfigError, from_dict, save_config, to_dict
+from vtp_fast.data.views import sample_seed
 from vtp_fast.eval.latents import LatentSet, check_tokenizer, load_latents
 from vtp_fast.models.dit import DiT, DiTConfig, dit_config
-from vtp_fast.models.pretrained import load_state_strict, read_safetensors
+from vtp_fast.models.pretrained import load_state_strict, read_safetensors, replace_dir
 from vtp_fast.train.checkpoint import Checkpointer
-from vtp_fast.train.common import MetricsLog, pick_device, seed_everything
-from vtp_fast.train.flow import ema_update, flow_loss, sample
+from vtp_fast.train.common import MetricsLog, autocast, ema_update, pick_device, seed_everything
+from vtp_fast.train.flow import flow_loss, sample
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
 
 
@@ -83,8 +83,6 @@ def build_dit(cfg: DiTTrainConfig, latents: LatentSet) -> DiT:
 
 def export_dit(ema: DiT, meta: dict, path: Path) -> Path:
     """config.json (DiT config + latent statistics) and model.safetensors (EMA weights), atomically."""
-    import os
-    import shutil
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +92,7 @@ def export_dit(ema: DiT, meta: dict, path: Path) -> Path:
                                                "tokenizer_fingerprint", "image_size")}}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "model.safetensors"))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
     return path
 
 
@@ -114,7 +110,7 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT,
 def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
     device = dist.init_from_env() if dist.launched_distributed() else pick_device(cfg.device)
     main, world = dist.rank() == 0, dist.world_size()
-    gen = seed_everything(cfg.seed + dist.rank())
+    gen = seed_everything(cfg.seed)  # model init: the same on every rank
     latents = load_latents(cfg.latents)
     model = build_dit(cfg, latents).to(device)
     ema = build_dit(cfg, latents).to(device).requires_grad_(False)
@@ -127,30 +123,34 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
     out = Path(cfg.out_dir)
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
     start = 0
-    resume = ckpt.latest() if cfg.resume == "auto" else (None if cfg.resume == "none" else Path(cfg.resume))
+    resume = ckpt.resolve(cfg.resume)
     if resume is not None:
         state = Checkpointer.load(resume, None, {"dit": model, "ema": ema})
         dist.load_optimizer_state(opt, state["optimizer"])
-        gen.set_state(state["rng"])
         start = int(state["step"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        ckpt.sweep()
         save_config(cfg, out / "config.yaml")
         print(f"vtp-fast train-dit: {cfg.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
               f"on {latents.latents.shape[0]} latents {tuple(latents.latents.shape[1:])} of {latents.meta['data']}, "
               f"{len(latents.meta['class_names'])} classes, {device} x{world}; "
               f"{'resuming at ' + str(start) if start else 'from scratch'} -> {out}")
-    log = MetricsLog(out / "metrics.jsonl", fresh=False) if main else None
-    if main:
-        log.truncate_after(start)
+    log = MetricsLog(out / "metrics.jsonl", resume_at=start) if main else None
     n = latents.latents.shape[0]
+    if cfg.batch % world:
+        raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")
     per_rank = cfg.batch // world
     end = min(cfg.stop_at or cfg.steps, cfg.steps)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    amp = autocast(cfg.precision, device)
     bar = tqdm(total=end, initial=start, desc="train-dit", unit="step", disable=not main, dynamic_ncols=True)
-    tic = time.perf_counter()
+    tic, logged = time.perf_counter(), start
     for step in range(start, end):
+        # every random draw of a step (batch, noise, t, label dropout) is seeded by (seed, rank, step): a resumed run
+        # continues exactly, with no RNG state to save
+        step_seed = sample_seed(cfg.seed, dist.rank(), step)
+        gen.manual_seed(step_seed)
+        torch.manual_seed(step_seed)
         lr = cosine_schedule(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.lr * 0.1)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -166,17 +166,16 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
         ema_update(list(ema.parameters()), list(model.parameters()), cfg.ema)
         done = step + 1
         if main and (done % cfg.log_every == 0 or done == end):
-            rate = cfg.log_every * cfg.batch / (time.perf_counter() - tic)
+            rate = (done - logged) * cfg.batch / (time.perf_counter() - tic)
             row = {k: v.item() for k, v in losses.items()} | {"lr": lr, "grad_norm": grad_norm.item(),
                                                               "latents_per_s": rate}
             log.write(step=done, **row)
             bar.set_postfix(loss=f"{row['total']:.4f}", lat_s=f"{rate:.0f}")
-            tic = time.perf_counter()
+            tic, logged = time.perf_counter(), done
         if done % cfg.checkpoint_every == 0 or done == end:
             if main:
                 ckpt.save(done, None, None, {"dit": dist.full_state_dict(model), "ema": dist.full_state_dict(ema)},
-                          {"step": done, "optimizer": dist.full_optimizer_state(opt), "rng": gen.get_state(),
-                           "config": to_dict(cfg)})
+                          {"step": done, "optimizer": dist.full_optimizer_state(opt), "config": to_dict(cfg)})
             dist.barrier()
         bar.update(1)
     bar.close()

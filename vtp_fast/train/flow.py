@@ -14,8 +14,6 @@ x_t (B, C, H, W), t (B,) and y (B,); classifier-free guidance needs `forward_wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -156,14 +154,3 @@ def sample(model: nn.Module, shape: tuple[int, ...], y: Tensor, *, steps: int = 
         if bar is not None:
             bar.close()
     return x
-
-
-@torch.no_grad()
-def ema_update(ema_params: Iterable[Tensor], params: Iterable[Tensor], decay: float) -> None:
-    """In place: ema = decay * ema + (1 - decay) * param, for matching lists of tensors (one fused foreach)."""
-    ema_params, params = list(ema_params), list(params)
-    if len(ema_params) != len(params):
-        raise ValueError(f"ema_update: {len(ema_params)} EMA tensors for {len(params)} parameters")
-    if not ema_params:
-        return
-    torch._foreach_lerp_([e.detach() for e in ema_params], [p.detach() for p in params], 1.0 - decay)

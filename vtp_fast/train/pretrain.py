@@ -37,13 +37,13 @@ from vtp_fast.data.shards import ShardSet, write_shards
 from vtp_fast.data.shards import emoji_samples as write_emoji_samples
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.plots import image_grid, plot_curves
-from vtp_fast.eval.zeroshot import zero_shot_names
+from vtp_fast.eval.probe import zero_shot_names
 from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.models.presets import vtp_config
 from vtp_fast.models.pretrained import load_pretrained, load_state_strict, save_pretrained
 from vtp_fast.models.vtp import VTP
 from vtp_fast.train.checkpoint import Checkpointer
-from vtp_fast.train.common import MetricsLog, OptimConfig, pick_device, seed_everything
+from vtp_fast.train.common import MetricsLog, OptimConfig, autocast, pick_device, seed_everything
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
 from vtp_fast.train.step import SSLConfig, Student, Teacher
 
@@ -255,8 +255,7 @@ class Trainer:
         return copy
 
     def autocast(self):
-        bf16 = self.cfg.run.precision == "bf16" or (self.cfg.run.precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        return autocast(self.cfg.run.precision, self.device)
 
 
 def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
@@ -339,6 +338,8 @@ def shard_eval_set(cfg: PretrainConfig, context_length: int) -> tuple[torch.Tens
         captions.append(source.shards[i].caption.decode("utf-8", errors="replace").strip())
         if len(images) == cfg.data.eval_images:
             break
+    if not images:
+        raise ConfigError(f"data.eval_shards: {cfg.data.eval_shards} holds no usable sample")
     return torch.stack(images), captions
 
 
@@ -412,8 +413,7 @@ def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -
     changes nothing: gradients are dropped, the optimizer, EMA and loss centres are left as they were."""
     for group in t.optimizer.param_groups:
         group["lr"] = sched["lr"]
-        if group["weight_decay"] > 0:
-            group["weight_decay"] = sched["weight_decay"]
+    t.optimizer.param_groups[0]["weight_decay"] = sched["weight_decay"]  # the decayed group (optim.param_groups)
     saved_centers = ([m.center.clone() for m in (t.student.dino_loss, t.student.ibot_loss)]
                      if t.student.uses_ssl else [])
     logs_sum = forward_backward(t, micro_batches, sched)
@@ -470,7 +470,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     out = Path(cfg.run.out_dir)
     seed_everything(cfg.run.seed)
     t = build_trainer(cfg, device)
-    pairs, root = load_pairs(cfg, t.model.config.text_context_length)
+    with dist.main_first():  # rank 0 prepares the emoji set and its shards once
+        pairs, root = load_pairs(cfg, t.model.config.text_context_length)
     if cfg.data.eval_shards:
         eval_u8, eval_captions = shard_eval_set(cfg, t.model.config.text_context_length)
     elif root is None:  # synthetic data or shards without a held-out set: PSNR on unseen random images only
@@ -483,8 +484,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.run.keep_checkpoints)
     start = 0
-    resume_from = ckpt.latest() if cfg.run.resume == "auto" else (None if cfg.run.resume == "none"
-                                                                  else Path(cfg.run.resume))
+    resume_from = ckpt.resolve(cfg.run.resume)
     if resume_from is not None:
         state = Checkpointer.load(resume_from, t.model, t.modules())
         for name, opt in t.optimizers().items():
@@ -495,9 +495,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.sweep()
         save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", fresh=False) if main else None
-    if main:
-        log.truncate_after(start)  # steps after the checkpoint are redone
+    log = MetricsLog(out / "metrics.jsonl", resume_at=start) if main else None
     tb = _tensorboard(out / "tb") if main and cfg.run.tensorboard else None
 
     probe_data = None
@@ -510,18 +508,20 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
             probe_data = probe_set(emoji.images[pick], emoji.labels[pick], emoji.category_names, cfg.run.probe_images)
         else:
             probe_data = probe_set(eval_u8, None, None, cfg.run.probe_images)
-    decoder = pick_decoder(cfg.data.decoder) if isinstance(pairs, ShardSource) else "in-memory"
+    decoder = pick_decoder(cfg.data.decoder) if isinstance(pairs, ShardSource) else "torchvision"
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
                        steps=cfg.run.steps * cfg.batch.accumulation, trim_text=t.causal_text,
-                       decoder=decoder if decoder != "in-memory" else "torchvision", dali_threads=cfg.data.dali_threads)
+                       decoder=decoder, dali_threads=cfg.data.dali_threads,
+                       dali_device="gpu" if device.type == "cuda" else "cpu")
     on_gpu = decoder == "nvjpeg" or (decoder == "dali" and device.type == "cuda")  # decodes in this process
     loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
-                        num_workers=0 if on_gpu else cfg.data.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=0 if on_gpu else cfg.data.num_workers,
+                        pin_memory=device.type == "cuda" and not on_gpu)  # GPU-decoded batches are on the device
     n_params = sum(p.numel() for p in t.model.parameters())
     if main:
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
-              f"{len(pairs)} pairs ({describe_data(cfg)}; decoder {decoder}); "
+              f"{len(pairs)} pairs ({describe_data(cfg)}; decoder {decoder if cfg.data.shards else 'none'}); "
               f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
               f" -> {out}")
@@ -573,6 +573,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
                 _tb_write(tb, done, row)
                 bar.set_postfix(loss=f"{values['total']:.3f}", img_s=f"{row['images_per_s']:.0f}",
                                 **{k: f"{v:.3f}" for k, v in last_eval.items() if k in ("zero_shot_top1",)})
+        side_work = time.perf_counter()  # evaluation, probe and checkpoint time stays out of images_per_s
         if done % cfg.run.eval_every == 0 or done == cfg.run.steps:
             model = t.plain_model()
             if main:
@@ -596,9 +597,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
             optim_states = {name: dist.full_optimizer_state(opt) for name, opt in t.optimizers().items()}
             if main:
                 ckpt.save(done, t.model, model_state, modules, {
-                    "step": done, **optim_states, "rng_cpu": torch.get_rng_state(),
-                    "data_position": done * cfg.batch.accumulation, "config": to_dict(cfg)})
+                    "step": done, **optim_states, "rng_cpu": torch.get_rng_state(), "config": to_dict(cfg)})
             dist.barrier()
+        tic += time.perf_counter() - side_work
         bar.update(1)
     bar.close()
     if tb is not None:

@@ -60,8 +60,7 @@ def phase_times(probe: TimingProbe, data_ms: float, step_ms: float) -> dict[str,
 
 def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | None = None,
             trace: bool = False) -> dict:
-    if cfg.batch.accumulation != 1:
-        cfg.batch.accumulation = 1  # phases are per micro-batch
+    cfg.batch.accumulation = 1  # phases are per micro-batch
     device = pick_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

@@ -25,6 +25,7 @@ from vtp_fast.losses.reconstruction import ReconstructionLoss
 from vtp_fast.models.heads import DINOHead
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import masked_gather as masked_gather_op
+from vtp_fast.train.common import ema_update
 from vtp_fast.train.probe import Probe
 
 N_GLOBAL = 2
@@ -164,11 +165,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: Student, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, with fused foreach ops (on the local shards
-        when both sides are FSDP-sharded alike)."""
-        mine, theirs = self.pairs(student)
-        local = lambda p: getattr(p, "_local_tensor", p).detach()  # noqa: E731 - DTensor -> its shard
-        torch._foreach_lerp_([local(p) for p in mine], [local(p) for p in theirs], 1.0 - momentum)
+        """teacher = momentum * teacher + (1 - momentum) * student."""
+        ema_update(*self.pairs(student), momentum)
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor], student: Student, temp: float) -> dict:
