@@ -64,8 +64,9 @@ def train_tokenizer(out: Path, mix: str, steps: int, channels: int, cfg: StudyCo
         return r
     w = MIXES[mix]
     overrides = [f"objective.rec={w['rec']}", f"objective.clip={w['clip']}", f"objective.ssl={w['ssl']}",
-                 f"run.steps={steps}", f"run.out_dir={out}", "run.checkpoint_every=1000000", "run.tensorboard=false",
-                 f"model.overrides={{vision_feature_bottleneck: {channels}}}", "run.log_every=10", *cfg.extra]
+                 f"run.steps={steps}", f"run.out_dir={out}", "run.checkpoint_every=1000000", "run.resume=auto",
+                 "run.tensorboard=false", f"model.overrides={{vision_feature_bottleneck: {channels}}}",
+                 "run.log_every=10", *cfg.extra]
     if w["ssl"] == 0:
         overrides.append("batch.ssl=0")
     pcfg = load_config(PretrainConfig, [Path(__file__).resolve().parents[1] / "configs/tokenizer/tiny.yaml"],
@@ -88,7 +89,7 @@ def train_tokenizer(out: Path, mix: str, steps: int, channels: int, cfg: StudyCo
 
 def score_tokenizer(out: Path, checkpoint: str, cfg: StudyConfig, held_out, train_set) -> dict:
     from vtp_fast.eval import evaluate
-    from vtp_fast.eval.zeroshot import zero_shot_names
+    from vtp_fast.eval.probe import zero_shot_names
     from vtp_fast.models.pretrained import load_pretrained
 
     if (r := _done(out / "scores.json")) is not None:
@@ -107,7 +108,6 @@ def score_tokenizer(out: Path, checkpoint: str, cfg: StudyConfig, held_out, trai
 
 def generative_scores(out: Path, checkpoint: str, cfg: StudyConfig, train_set, curve: tuple[int, ...]) -> dict:
     """Latents of the training images, the same DiT trained on them, gFID at the DiT steps in `curve`."""
-    from vtp_fast.config import load_config as load
     from vtp_fast.eval import evaluate
     from vtp_fast.eval.latents import extract_latents
     from vtp_fast.models.pretrained import load_pretrained
@@ -123,10 +123,10 @@ def generative_scores(out: Path, checkpoint: str, cfg: StudyConfig, train_set, c
     result = {"dit_steps": [], "gfid": [], "gkid": []}
     previous = 0
     for stop in curve:  # one DiT run resumed to each curve point, exported and sampled there
-        dcfg = load(DiTTrainConfig, [], [f"latents={out / 'latents'}", f"steps={cfg.dit_steps}", f"stop_at={stop}",
-                                         f"out_dir={out / 'dit'}", f"checkpoint_every={max(1, stop - previous)}",
-                                         "resume=auto", "log_every=50",
-                                         f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}"])
+        dcfg = load_config(DiTTrainConfig, [], [
+            f"latents={out / 'latents'}", f"steps={cfg.dit_steps}", f"stop_at={stop}", f"out_dir={out / 'dit'}",
+            f"checkpoint_every={max(1, stop - previous)}", "resume=auto", "log_every=50",
+            f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}"])
         train_dit(dcfg)
         dit, meta = load_dit(out / "dit" / "dit")
         images = generate(dit, meta, tokenizer, labels, steps=cfg.sample_steps, seed=0)

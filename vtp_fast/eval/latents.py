@@ -2,7 +2,8 @@
 
 A latent set is a directory: `latents-00000.safetensors`, ... (each `latents` (n, C, h, w) float32 and `labels`
 (n,) int64) and `meta.json` (channels, grid, per-channel mean/std, class names, the tokenizer it came from and
-its config). As in the paper's protocol, every image is encoded center-cropped and horizontally flipped.
+its config). As in the paper's protocol, every image (center-cropped to a square by `load_images`) is encoded
+together with its horizontal mirror (`flip=False` skips the mirrors).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vtp_fast.data.pairs import normalize_u8
+from vtp_fast.models.pretrained import replace_dir
 from vtp_fast.models.vtp import VTP
 
 
@@ -93,6 +95,8 @@ def extract_latents(model: VTP, data: LabelledImages, out: str | Path, *, flip: 
                     per_file: int = 16384, tokenizer: str = "", progress: bool = True) -> dict:
     """Encode every image (and, with `flip`, its horizontal mirror) into latent shards + meta.json under `out`,
     written to a temp dir and renamed. Returns the meta."""
+    if len(data) == 0:
+        raise ValueError(f"extract-latents: the data set {data.name} holds no images")
     model.eval()
     device = next(model.parameters()).device
     out = Path(out)
@@ -137,11 +141,7 @@ def extract_latents(model: VTP, data: LabelledImages, out: str | Path, *, flip: 
             "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(model),
             "image_size": int(data.images.shape[1])}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return meta
 
 
@@ -181,8 +181,8 @@ def load_latents(path: str | Path) -> LatentSet:
     n_classes = len(meta["class_names"])
     if labels.numel() and (labels.min() < 0 or labels.max() >= max(n_classes, 1)):
         raise ValueError(f"{path}: labels up to {int(labels.max())} but {n_classes} class names in meta.json")
-    mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    return LatentSet((z - mean) / std, labels, meta)
+    raw = LatentSet(z, labels, meta)
+    return LatentSet((z - raw.mean) / raw.std, labels, meta)
 
 
 def check_tokenizer(meta: dict, model: VTP) -> None:

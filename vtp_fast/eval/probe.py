@@ -69,11 +69,9 @@ def zero_shot_classifier(model, class_names: list[str], templates: list[str] = T
 
 @torch.no_grad()
 def zero_shot_accuracy(model, images: Tensor, labels: Tensor, classifier: Tensor, batch: int = 256) -> dict:
-    """Normalised images (N, 3, H, W), labels (N,) in [0, C), classifier (C, E) -> {"top1", "top5", "chance"}.
-
-    Same scoring as ``vtp_fast.eval.zeroshot.classify`` (cosine similarity, top-k with k = min(5, C)), but
-    batches are moved to the model's device here, so the images may stay on the CPU.
-    """
+    """Normalised images (N, 3, H, W), labels (N,) in [0, C), classifier (C, E) -> {"top1", "top5", "chance"}:
+    cosine similarity, top-k with k = min(5, C). Batches move to the model's device, so images may stay on the
+    CPU."""
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     device = _device(model)
@@ -85,6 +83,15 @@ def zero_shot_accuracy(model, images: Tensor, labels: Tensor, classifier: Tensor
     return {"top1": (top[:, 0] == labels).float().mean().item(),
             "top5": (top == labels[:, None]).any(1).float().mean().item(),
             "chance": 1.0 / classifier.shape[0]}
+
+
+@torch.no_grad()
+def zero_shot_names(model, images: Tensor, captions: list[str]) -> dict:
+    """Classify each image among the distinct captions of the set (e.g. emoji names), its own being right."""
+    names = sorted(set(captions))
+    index = {n: i for i, n in enumerate(names)}
+    labels = torch.tensor([index[c] for c in captions])
+    return zero_shot_accuracy(model, images, labels, zero_shot_classifier(model, names, ["{}"]))
 
 
 # ---------------------------------------------------------------------------------------------- features
