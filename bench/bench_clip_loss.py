@@ -5,8 +5,9 @@
 Shapes are (n, N, E): this rank's n pairs against the N gathered pairs of width E, this rank's rows last
 (offset N - n). "fwd" runs the loss with autograd recording, as in training, so its peak memory includes what
 the backward keeps; "fwd+bwd" adds the gradients of all five inputs. TFLOP/s counts the model's matmuls: 2nNE
-per direction for the logits, twice that again in the backward (8nNE per direction in all); recomputation inside
-a fused kernel is not credited. Peak memory is the CUDA allocator's peak above the inputs (None on the CPU).
+per direction for the logits and twice that in the backward (6nNE per direction, 12nNE for fwd+bwd);
+recomputation inside a fused kernel is not credited. Peak memory is the CUDA allocator's peak above the inputs
+(None on the CPU).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ SHAPES = {"cpu": [(256, 4096, 64)], "cuda": [(4096, 65536, 256), (16384, 65536, 
 QUICK = {"cpu": [(32, 512, 32)], "cuda": [(1024, 65536, 256)]}
 TEMPS = (0.1, 0.04)  # DINOv2's student and (final) teacher temperatures
 
-TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflops", "peak_mem_mb"]
+TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
 
 
 def _inputs(n: int, k: int, d: int, device: str, dtype: torch.dtype):
@@ -55,7 +55,7 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
                 t = measure(call, device, warmup=2 if quick else 5, repeat=3 if quick else 20)
                 rows.append({"bench": "prototype_ce", "op": op_name, "backend": name, "shape": [n, k, d],
                              "dtype": str(dtype).removeprefix("torch."), **t,
-                             "tflops": flops / t["median_ms"] / 1e9})
+                             "tflop_per_s": flops / t["median_ms"] / 1e9})
             if device == "cuda":
                 torch.cuda.empty_cache()  # the reference's (n, K) buffers must not count against the next backend
     return rows

@@ -24,7 +24,7 @@ def load(name: str):
 def test_bench_quick_run(name, tmp_path):
     module = load(name)
     rows = module.run("cpu", quick=True)
-    assert rows and all(r["median_ms"] >= 0 for r in rows)
+    assert rows and all(r["median_ms"] >= 0 for r in rows if name != "parity")  # parity measures errors, not time
     assert set(module.TABLE_COLUMNS) <= set().union(*rows) | {"peak_mem_mb"}
     if name in REGISTRY:  # an op: every backend against the reference and torch.compile of it
         assert {"reference", "compiled_reference"} <= {r["backend"] for r in rows}
