@@ -172,10 +172,11 @@ def report(rows: list[dict], cfg: StudyConfig, out: Path, seconds: float) -> Non
     (out / "study.json").write_text(json.dumps({"rows": rows, "config": cfg.__dict__, "seconds": seconds,
                                                 "env": env_info()}, indent=1, default=list))
     columns = ["name", "tokenizer_gflops", "rfid", "psnr", "zero_shot_top1", "probe_cls_meanpatch", "probe_latent",
-               "gfid"]
+               "gfid", "gkid"]
     table = markdown_table(rows, columns)
     note = (f"FID/KID from {cfg.fid_samples} images (CPU; noisy at this count), DiT {cfg.dit_steps} steps, "
-            f"{cfg.sample_steps} Euler steps, study time {seconds / 60:.1f} min")
+            f"{cfg.sample_steps} Euler steps; tokenizer training {sum(r['seconds'] for r in rows) / 60:.1f} min in "
+            f"all, this invocation {seconds / 60:.1f} min (stages already done are skipped)")
     (out / "study.md").write_text(f"# scaling study\n\n{note}\n\n{table}\n")
     print(table)
     print(note)
