@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,12 @@ def test_bench_quick_run(name, tmp_path):
     write_rows(rows, tmp_path / "rows.jsonl")
     first = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[0])
     assert {"torch", "git", "device_name", "date"} <= set(first)
+
+
+def test_pytest_benchmark_cases_run_once_and_match_the_reference():
+    """bench/pytest_ops.py (the pytest-benchmark entry) runs every case once, each checking its result."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(BENCH / "pytest_ops.py"),
+                        "--benchmark-disable"], capture_output=True, text=True, timeout=600,
+                       cwd=BENCH.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout
