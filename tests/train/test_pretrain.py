@@ -244,3 +244,16 @@ def test_corrupt_images_from_preparation_are_counted(tmp_path):
     manifest["styles"] = {"google": {"corrupt": 2}, "twitter": {"corrupt": 1}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     assert emoji_pairs(root, ("google", "twitter"), 16).skipped == {"empty_caption": 0, "corrupt_image": 3}
+
+
+def test_metrics_log_resume_keeps_rows_up_to_the_checkpoint_and_skips_a_torn_line(tmp_path):
+    from vtp_fast.train.common import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (10, 20, 30):
+        log.write(step=step, loss=1.0 / step)
+    with open(path, "a") as f:
+        f.write('{"step": 40, "lo')  # killed mid-write
+    assert [r["step"] for r in MetricsLog(path, resume_at=20).read()] == [10, 20]  # 30 is redone after resume
+    assert MetricsLog(path).read() == []  # a fresh run starts a fresh log

@@ -71,9 +71,8 @@ class MetricsLog:
         if resume_at == 0:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_at]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [row for row in self.read() if row.get("step", 0) <= resume_at]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
         self.start = time.perf_counter()
 
     def write(self, **row: Any) -> None:
@@ -84,9 +83,14 @@ class MetricsLog:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """The rows logged; a torn line (the run was killed while writing it) is skipped."""
+        rows = []
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         rows = [r for r in self.read() if key in r]
