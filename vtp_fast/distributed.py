@@ -73,9 +73,11 @@ def main_first():
     """Rank 0 runs the body first (preparing a shared cache: data, shards), the other ranks after it."""
     if rank() != 0:
         barrier()
-    yield
-    if rank() == 0:
-        barrier()
+    try:
+        yield
+    finally:  # also when rank 0 fails: the others then run the body themselves and fail with their own error
+        if rank() == 0:
+            barrier()
 
 
 def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:

@@ -107,11 +107,10 @@ def score_tokenizer(out: Path, checkpoint: str, cfg: StudyConfig, held_out, trai
 
 
 def generative_scores(out: Path, checkpoint: str, cfg: StudyConfig, train_set, curve: tuple[int, ...]) -> dict:
-    """Latents of the training images, the same DiT trained on them, gFID at the DiT steps in `curve`."""
-    from vtp_fast.eval import evaluate
+    """Latents of the training images, the same DiT trained on them, gFID at the DiT steps in `curve` (each
+    point's score is kept, so an interrupted study resumes at the next point)."""
     from vtp_fast.eval.latents import extract_latents
     from vtp_fast.models.pretrained import load_pretrained
-    from vtp_fast.train.dit import DiTTrainConfig, export_dit, generate, load_dit, train_dit
 
     if (r := _done(out / "generation.json")) is not None:
         return r
@@ -123,20 +122,29 @@ def generative_scores(out: Path, checkpoint: str, cfg: StudyConfig, train_set, c
     result = {"dit_steps": [], "gfid": [], "gkid": []}
     previous = 0
     for stop in curve:  # one DiT run resumed to each curve point, exported and sampled there
-        dcfg = load_config(DiTTrainConfig, [], [
-            f"latents={out / 'latents'}", f"steps={cfg.dit_steps}", f"stop_at={stop}", f"out_dir={out / 'dit'}",
-            f"checkpoint_every={max(1, stop - previous)}", "resume=auto", "log_every=50",
-            f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}"])
-        train_dit(dcfg)
-        dit, meta = load_dit(out / "dit" / "dit")
-        images = generate(dit, meta, tokenizer, labels, steps=cfg.sample_steps, seed=0)
-        g = evaluate.generation_scores(images, train_set, len(labels), progress=False)
+        if (g := _done(out / f"dit-{stop}" / "scores.json")) is None:
+            g = _score_dit_at(out, stop, previous, cfg, tokenizer, train_set, labels)
         result["dit_steps"].append(stop)
         result["gfid"].append(g["gfid"])
         result["gkid"].append(g["gkid"])
-        export_dit(dit, meta, out / f"dit-{stop}")
         previous = stop
     return _save(out / "generation.json", result)
+
+
+def _score_dit_at(out: Path, stop: int, previous: int, cfg: StudyConfig, tokenizer, train_set, labels) -> dict:
+    from vtp_fast.eval import evaluate
+    from vtp_fast.train.dit import DiTTrainConfig, export_dit, generate, load_dit, train_dit
+
+    dcfg = load_config(DiTTrainConfig, [], [
+        f"latents={out / 'latents'}", f"steps={cfg.dit_steps}", f"stop_at={stop}", f"out_dir={out / 'dit'}",
+        f"checkpoint_every={max(1, stop - previous)}", "resume=auto", "log_every=50",
+        f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}"])
+    train_dit(dcfg)
+    dit, meta = load_dit(out / "dit" / "dit")
+    images = generate(dit, meta, tokenizer, labels, steps=cfg.sample_steps, seed=0)
+    g = evaluate.generation_scores(images, train_set, len(labels), progress=False)
+    export_dit(dit, meta, out / f"dit-{stop}")
+    return _save(out / f"dit-{stop}" / "scores.json", {"gfid": g["gfid"], "gkid": g["gkid"]})
 
 
 def run_study(out: str | Path, quick: bool = False) -> Path:
@@ -175,8 +183,8 @@ def report(rows: list[dict], cfg: StudyConfig, out: Path, seconds: float) -> Non
                "gfid", "gkid"]
     table = markdown_table(rows, columns)
     note = (f"FID/KID from {cfg.fid_samples} images (CPU; noisy at this count), DiT {cfg.dit_steps} steps, "
-            f"{cfg.sample_steps} Euler steps; tokenizer training {sum(r['seconds'] for r in rows) / 60:.1f} min in "
-            f"all, this invocation {seconds / 60:.1f} min (stages already done are skipped)")
+            f"{cfg.sample_steps} Euler steps; this invocation took {seconds / 60:.1f} min (stages already done are "
+            "skipped)")
     (out / "study.md").write_text(f"# scaling study\n\n{note}\n\n{table}\n")
     print(table)
     print(note)

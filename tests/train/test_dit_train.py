@@ -34,16 +34,24 @@ def losses(out) -> list[tuple[int, float]]:
     return [(r["step"], r["total"]) for r in rows]
 
 
-def test_resume_continues_exactly_and_fresh_runs_refuse_old_checkpoints(latents, tmp_path):
+def test_resume_continues_exactly_and_fresh_runs_refuse_old_checkpoints(latents, tmp_path, capsys):
     straight = tmp_path / "straight"
     train_dit(config(latents, straight))
     split = tmp_path / "split"
     train_dit(config(latents, split, stop_at=3))
     assert [s for s, _ in losses(split)] == [1, 2, 3]
+    capsys.readouterr()
     train_dit(config(latents, split, resume="auto"))
+    assert "resuming at 3" in capsys.readouterr().out  # continued, not started over
     assert losses(split) == losses(straight)  # the same batches, noise, t and label dropout after the resume
     a = read_safetensors(straight / "dit" / "model.safetensors")
     b = read_safetensors(split / "dit" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="earlier run's checkpoints"):
         train_dit(config(latents, split))  # resume=none over an earlier run
+
+
+def test_resuming_past_stop_at_is_refused(latents, tmp_path):
+    train_dit(config(latents, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="stop_at"):
+        train_dit(config(latents, tmp_path / "run", stop_at=3, resume="auto"))

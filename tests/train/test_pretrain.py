@@ -257,3 +257,14 @@ def test_metrics_log_resume_keeps_rows_up_to_the_checkpoint_and_skips_a_torn_lin
         f.write('{"step": 40, "lo')  # killed mid-write
     assert [r["step"] for r in MetricsLog(path, resume_at=20).read()] == [10, 20]  # 30 is redone after resume
     assert MetricsLog(path).read() == []  # a fresh run starts a fresh log
+
+
+def test_checkpointer_sweeps_what_interrupted_saves_and_replaces_left(tmp_path):
+    from vtp_fast.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep=2)
+    left = [tmp_path / ".step_00000010.tmp-123", tmp_path / ".step_00000010.old-456"]
+    for d in [*left, tmp_path / "step_00000005"]:
+        d.mkdir()
+    ckpt.sweep()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]

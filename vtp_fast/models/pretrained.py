@@ -134,8 +134,9 @@ def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor]
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete directory `src` to `dst`; an existing `dst` is moved aside first and restored if the
-    move fails, so `dst` is always either the old or the new directory."""
+    """Move the complete directory `src` to `dst`; an existing `dst` is moved aside (`.NAME.old-PID`) first and
+    restored if the move fails. A process killed between the two renames leaves the old directory aside, never a
+    partial `dst`."""
     if not dst.exists():
         os.replace(src, dst)
         return

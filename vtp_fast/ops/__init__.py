@@ -7,6 +7,6 @@ from vtp_fast.ops import (  # noqa: F401 - importing registers the ops
     pixel_shuffle_l1,
     prototype_ce,
 )
-from vtp_fast.ops.registry import REGISTRY, BackendUnavailable, default_device, use_backend
+from vtp_fast.ops.registry import REGISTRY, BackendUnavailable, building_for, default_device, use_backend
 
-__all__ = ["REGISTRY", "BackendUnavailable", "default_device", "use_backend"]
+__all__ = ["REGISTRY", "BackendUnavailable", "building_for", "default_device", "use_backend"]

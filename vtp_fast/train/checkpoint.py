@@ -67,9 +67,9 @@ class Checkpointer:
         return Path(resume)
 
     def sweep(self) -> None:
-        """Remove temp dirs of saves that were interrupted."""
+        """Remove temp dirs of saves that were interrupted, and checkpoints set aside by an interrupted replace."""
         if self.root.is_dir():
-            for p in self.root.glob(".step_*.tmp-*"):
+            for p in [*self.root.glob(".step_*.tmp-*"), *self.root.glob(".step_*.old-*")]:
                 shutil.rmtree(p, ignore_errors=True)
 
     def save(self, step: int, model: nn.Module | None, model_state: dict | None, modules: dict[str, dict],

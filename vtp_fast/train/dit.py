@@ -26,6 +26,7 @@ from vtp_fast.data.views import sample_seed
 from vtp_fast.eval.latents import LatentSet, check_tokenizer, load_latents
 from vtp_fast.models.dit import DiT, DiTConfig, dit_config
 from vtp_fast.models.pretrained import load_state_strict, read_safetensors, replace_dir
+from vtp_fast.ops import building_for
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, autocast, ema_update, pick_device, seed_everything
 from vtp_fast.train.flow import flow_loss, sample
@@ -110,10 +111,13 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT,
 def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
     device = dist.init_from_env() if dist.launched_distributed() else pick_device(cfg.device)
     main, world = dist.rank() == 0, dist.world_size()
+    if cfg.batch % world:
+        raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")
     gen = seed_everything(cfg.seed)  # model init: the same on every rank
     latents = load_latents(cfg.latents)
-    model = build_dit(cfg, latents).to(device)
-    ema = build_dit(cfg, latents).to(device).requires_grad_(False)
+    with building_for(device):
+        model = build_dit(cfg, latents).to(device)
+        ema = build_dit(cfg, latents).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     if cfg.compile:
         for block in model.blocks:
@@ -128,6 +132,9 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
         state = Checkpointer.load(resume, None, {"dit": model, "ema": ema})
         dist.load_optimizer_state(opt, state["optimizer"])
         start = int(state["step"])
+    end = min(cfg.stop_at or cfg.steps, cfg.steps)
+    if start > end:
+        raise ConfigError(f"stop_at: step {end} is before the checkpoint being resumed ({resume})")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.sweep()
@@ -138,10 +145,7 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
               f"{'resuming at ' + str(start) if start else 'from scratch'} -> {out}")
     log = MetricsLog(out / "metrics.jsonl", resume_at=start) if main else None
     n = latents.latents.shape[0]
-    if cfg.batch % world:
-        raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")
     per_rank = cfg.batch // world
-    end = min(cfg.stop_at or cfg.steps, cfg.steps)
     amp = autocast(cfg.precision, device)
     bar = tqdm(total=end, initial=start, desc="train-dit", unit="step", disable=not main, dynamic_ncols=True)
     tic, logged = time.perf_counter(), start

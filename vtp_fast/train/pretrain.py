@@ -42,6 +42,7 @@ from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.models.presets import vtp_config
 from vtp_fast.models.pretrained import load_pretrained, load_state_strict, save_pretrained
 from vtp_fast.models.vtp import VTP
+from vtp_fast.ops import building_for
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, OptimConfig, autocast, pick_device, seed_everything
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
@@ -259,11 +260,16 @@ class Trainer:
 
 
 def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
+    with building_for(device):  # every layer and loss resolves its ops' backends for the training device
+        return _build_trainer(cfg, device)
+
+
+def _build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     objective = Objective(cfg.objective.term_weights())
     overrides = {**cfg.model.overrides, "train_clip": "clip" in objective, "train_reconstruction": True,
                  "image_size": cfg.data.image_size}
     if cfg.model.init:
-        model = load_pretrained(cfg.model.init, rope_dtype=cfg.model.rope_dtype)
+        model = load_pretrained(cfg.model.init, device, rope_dtype=cfg.model.rope_dtype)
         if "clip" in objective and not model.config.train_clip:
             raise ConfigError(f"model.init: {cfg.model.init} has no text tower but objective.clip > 0")
     else:
@@ -508,7 +514,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
             probe_data = probe_set(emoji.images[pick], emoji.labels[pick], emoji.category_names, cfg.run.probe_images)
         else:
             probe_data = probe_set(eval_u8, None, None, cfg.run.probe_images)
-    decoder = pick_decoder(cfg.data.decoder) if isinstance(pairs, ShardSource) else "torchvision"
+    from_shards = isinstance(pairs, ShardSource)
+    decoder = pick_decoder(cfg.data.decoder) if from_shards else "torchvision"
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
                        steps=cfg.run.steps * cfg.batch.accumulation, trim_text=t.causal_text,
                        decoder=decoder, dali_threads=cfg.data.dali_threads,
@@ -521,7 +528,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     if main:
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
-              f"{len(pairs)} pairs ({describe_data(cfg)}; decoder {decoder if cfg.data.shards else 'none'}); "
+              f"{len(pairs)} pairs ({describe_data(cfg)}; decoder {decoder if from_shards else 'none'}); "
               f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
               f" -> {out}")
