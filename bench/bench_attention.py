@@ -46,7 +46,7 @@ def _timed(fn, device: str, quick: bool) -> dict | None:
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    backends = {b.name: b.impl for b in OP.runnable(device) if b.priority >= 0}
+    backends = {b.name: b.impl for b in OP.timed(device)}
     compiled = torch.compile(attention_ref)
     rows = []
     for b, h, side, d in (QUICK if quick else DENSE)[device]:

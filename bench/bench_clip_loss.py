@@ -26,7 +26,7 @@ TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", 
 
 def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    fns = {b.name: b.impl.clip_loss for b in OP.runnable(device) if b.priority >= 0}
+    fns = {b.name: b.impl.clip_loss for b in OP.timed(device)}
     fns["compiled_reference"] = torch.compile(clip_loss_ref)
     rows = []
     for n, big_n, dim in (QUICK if quick else SHAPES)[device]:

@@ -22,7 +22,7 @@ TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "gb_per_s", "pe
 
 def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    impls = {b.name: b.impl for b in OP.runnable(device) if b.priority >= 0}
+    impls = {b.name: b.impl for b in OP.timed(device)}
     compiled_gather = torch.compile(masked_gather_ref)
     compiled_scatter = torch.compile(masked_scatter_ref)
     rows = []

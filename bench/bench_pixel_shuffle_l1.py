@@ -27,7 +27,7 @@ TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "target_dtype", "median_ms",
 
 def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    impls = {b.name: b.impl for b in OP.runnable(device) if b.priority >= 0}
+    impls = {b.name: b.impl for b in OP.timed(device)}
     impls["compiled_reference"] = SimpleNamespace(pixel_shuffle=torch.compile(pixel_shuffle_ref),
                                                   pixel_shuffle_l1=torch.compile(pixel_shuffle_l1_ref))
     rows = []

@@ -35,7 +35,7 @@ def _inputs(n: int, k: int, d: int, device: str, dtype: torch.dtype):
 
 def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    fns = {b.name: b.impl.prototype_ce for b in OP.runnable(device) if b.priority >= 0}
+    fns = {b.name: b.impl.prototype_ce for b in OP.timed(device)}
     fns["compiled_reference"] = torch.compile(prototype_ce_ref)
     rows = []
     for n, k, d in (QUICK if quick else SHAPES)[device]:

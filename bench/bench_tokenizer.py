@@ -23,7 +23,7 @@ QUICK = {"cpu": ("vtp-nano", 2, 32), "cuda": ("vtp-b", 16, 256)}
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     preset, batch, size = (QUICK if quick else SETUP)[device]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    names = [b.name for b in OP.runnable(device) if b.priority >= 0]
+    names = [b.name for b in OP.timed(device)]
     variants = [(n, nullcontext()) for n in names]
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -18,20 +18,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 
-def _backends(op) -> list[str]:
-    return [b.name for b in op.runnable(DEVICE) if b.priority >= 0]
-
-
-def _impl(op, name: str):
-    return next(b.impl for b in op.runnable(DEVICE) if b.name == name)
+def _backends(op):
+    return pytest.mark.parametrize("backend", op.timed(DEVICE), ids=lambda b: b.name)
 
 
 @pytest.mark.parametrize("shape", bench_masked_gather.SHAPES[DEVICE], ids=str)
 @pytest.mark.parametrize("direction", ["gather", "scatter"])
-@pytest.mark.parametrize("backend", _backends(masked_gather.OP))
+@_backends(masked_gather.OP)
 def test_masked_gather(benchmark, backend, direction, shape):
     b, n, d = shape
-    impl = _impl(masked_gather.OP, backend)
+    impl = backend.impl
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(b, n, d, device=DEVICE, generator=gen).to(DTYPE)
     index = masked_gather.mask_to_index(torch.rand(b, n, device=DEVICE, generator=gen) < 0.4)
@@ -45,10 +41,10 @@ def test_masked_gather(benchmark, backend, direction, shape):
 
 
 @pytest.mark.parametrize("shape", bench_pixel_shuffle_l1.SHAPES[DEVICE][:1], ids=str)
-@pytest.mark.parametrize("backend", _backends(pixel_shuffle_l1.OP))
+@_backends(pixel_shuffle_l1.OP)
 def test_pixel_shuffle_l1_fwd_bwd(benchmark, backend, shape):
     b, h, w, p, _ = shape
-    impl = _impl(pixel_shuffle_l1.OP, backend)
+    impl = backend.impl
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     tokens = torch.randn(b, h * w, 3 * p * p, device=DEVICE, generator=gen).to(DTYPE).requires_grad_()
     target = torch.randn(b, 3, h * p, w * p, device=DEVICE, generator=gen).to(DTYPE)

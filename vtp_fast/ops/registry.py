@@ -60,6 +60,11 @@ class Op:
         ok = [b for b in self.backends.values() if b.available and device in b.devices]
         return sorted(ok, key=lambda b: -b.priority)
 
+    def timed(self, device: str) -> list[Backend]:
+        """The runnable backends worth benchmarking on `device`: not those that only run interpreted (Triton under
+        TRITON_INTERPRET=1, registered with a negative priority)."""
+        return [b for b in self.runnable(device) if b.priority >= 0]
+
     def resolve(self, device: str | torch.device | None = None) -> Backend:
         """The backend to use on `device` (default: the process's default device, see `default_device`)."""
         device = torch.device(device).type if device is not None else default_device()
@@ -67,7 +72,9 @@ class Op:
         if name is None:
             runnable = self.runnable(device)
             if not runnable:
-                raise BackendUnavailable(f"op {self.name}: nothing runs on {device!r} (devices: {', '.join(DEVICES)})")
+                runs_on = sorted({d for b in self.backends.values() if b.available for d in b.devices})
+                raise BackendUnavailable(f"op {self.name}: nothing runs on {device!r} (its backends run on: "
+                                         f"{', '.join(runs_on) or 'no device'})")
             return runnable[0]
         backend = self.backends.get(name)
         if backend is None:
