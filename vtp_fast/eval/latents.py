@@ -181,8 +181,9 @@ def load_latents(path: str | Path) -> LatentSet:
     n_classes = len(meta["class_names"])
     if labels.numel() and (labels.min() < 0 or labels.max() >= max(n_classes, 1)):
         raise ValueError(f"{path}: labels up to {int(labels.max())} but {n_classes} class names in meta.json")
-    raw = LatentSet(z, labels, meta)
-    return LatentSet((z - raw.mean) / raw.std, labels, meta)
+    latents = LatentSet(z, labels, meta)
+    latents.latents = (z - latents.mean) / latents.std  # normalised with the statistics in meta.json
+    return latents
 
 
 def check_tokenizer(meta: dict, model: VTP) -> None:
