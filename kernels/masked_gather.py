@@ -8,8 +8,13 @@ Launchers take 2-D contiguous row buffers:
 import torch
 import triton
 import triton.language as tl
+from vtp_fast.kernels import launch
 
 BLOCK_M = 16
+# The work these kernels do, read by vtp_fast/perf_model.py (`vtp-fast bench --model`); update it with the kernels.
+# "fwd" = gather, "bwd" = the scatter (the gather's backward, masked_scatter's forward); "passes" = DRAM passes over
+# the moved rows; "launches" = kernels started here (the scatter's position table: full, arange, index_put).
+WORK = {"fwd": {"passes": 1, "launches": 1}, "bwd": {"passes": 1, "launches": 4}}
 
 
 def _block_d(dim: int) -> int:
@@ -52,7 +57,7 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if m_rows and dim:
         block_d = _block_d(dim)
         grid = (triton.cdiv(m_rows, BLOCK_M), triton.cdiv(dim, block_d))
-        _gather_rows_kernel[grid](x, index, out, x.shape[0], m_rows, dim, BLOCK_M=BLOCK_M, BLOCK_D=block_d)
+        launch(_gather_rows_kernel, grid, x, index, out, x.shape[0], m_rows, dim, BLOCK_M=BLOCK_M, BLOCK_D=block_d)
     return out
 
 
@@ -65,6 +70,6 @@ def scatter(src: torch.Tensor, index: torch.Tensor, fill: torch.Tensor | None, n
         pos[index] = torch.arange(index.shape[0], device=src.device)
         block_d = _block_d(dim)
         grid = (triton.cdiv(num_rows, BLOCK_M), triton.cdiv(dim, block_d))
-        _scatter_rows_kernel[grid](src, pos, fill if fill is not None else src, out, num_rows, dim,
+        launch(_scatter_rows_kernel, grid, src, pos, fill if fill is not None else src, out, num_rows, dim,
                                    HAS_FILL=fill is not None, BLOCK_M=BLOCK_M, BLOCK_D=block_d)
     return out

@@ -16,8 +16,13 @@ atomics, and the image is never written.
 import torch
 import triton
 import triton.language as tl
+from vtp_fast.kernels import launch, loop_bound
 
 _TILE = 2048  # elements a program touches per channel step
+# The work these kernels do, read by vtp_fast/perf_model.py (`vtp-fast bench --model`); update it with the kernels.
+# "fwd" = l1 (partials kernel, their sum, the mean), "bwd" = l1_backward (the scale, the kernel); "passes" = DRAM
+# passes over tokens and target; "launches" = kernels started here, PyTorch glue included.
+WORK = {"fwd": {"passes": 1, "launches": 3}, "bwd": {"passes": 1, "launches": 2}}
 
 
 def _blocks(channels: int) -> tuple[int, int]:
@@ -46,7 +51,7 @@ def _tile(pid, c0, n_tokens, hw, w, p, C, H, W, BLOCK_T: tl.constexpr, BLOCK_C: 
 @triton.jit
 def _shuffle_kernel(tok_ptr, img_ptr, n_tokens, hw, w, p, C, H, W, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, loop_bound(C), BLOCK_C):
         tok_off, img_off, mask = _tile(pid, c0, n_tokens, hw, w, p, C, H, W, BLOCK_T, BLOCK_C)
         tl.store(img_ptr + img_off, tl.load(tok_ptr + tok_off, mask=mask), mask=mask)
 
@@ -56,7 +61,7 @@ def _l1_partials_kernel(tok_ptr, tgt_ptr, part_ptr, n_tokens, hw, w, p, C, H, W,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     acc = tl.zeros((BLOCK_T, BLOCK_C), ACC)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, loop_bound(C), BLOCK_C):
         tok_off, img_off, mask = _tile(pid, c0, n_tokens, hw, w, p, C, H, W, BLOCK_T, BLOCK_C)
         a = tl.load(tok_ptr + tok_off, mask=mask, other=0).to(ACC)
         t = tl.load(tgt_ptr + img_off, mask=mask, other=0).to(ACC)
@@ -70,7 +75,7 @@ def _l1_backward_kernel(tok_ptr, tgt_ptr, scale_ptr, gtok_ptr, gtgt_ptr, n_token
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     scale = tl.load(scale_ptr)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, loop_bound(C), BLOCK_C):
         tok_off, img_off, mask = _tile(pid, c0, n_tokens, hw, w, p, C, H, W, BLOCK_T, BLOCK_C)
         d = tl.load(tok_ptr + tok_off, mask=mask, other=0).to(ACC) - tl.load(tgt_ptr + img_off, mask=mask,
                                                                               other=0).to(ACC)
@@ -96,7 +101,7 @@ def shuffle(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
     image = torch.empty((tokens.shape[0], 3, h * p, w * p), dtype=tokens.dtype, device=tokens.device)
     if image.numel():
         grid, shape, (block_t, block_c) = _geometry(tokens, h, w, p)
-        _shuffle_kernel[grid](tokens, image, *shape, BLOCK_T=block_t, BLOCK_C=block_c)
+        launch(_shuffle_kernel, grid, tokens, image, *shape, BLOCK_T=block_t, BLOCK_C=block_c)
     return image
 
 
@@ -106,8 +111,8 @@ def l1(tokens: torch.Tensor, target: torch.Tensor, p: int) -> torch.Tensor:
         return torch.full((), float("nan"), dtype=acc, device=tokens.device)  # the mean of nothing
     grid, shape, (block_t, block_c) = _geometry(tokens, target.shape[2] // p, target.shape[3] // p, p)
     partials = torch.empty(grid[0], dtype=acc, device=tokens.device)
-    _l1_partials_kernel[grid](tokens, target, partials, *shape, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                              BLOCK_T=block_t, BLOCK_C=block_c)
+    launch(_l1_partials_kernel, grid, tokens, target, partials, *shape,
+           ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=block_t, BLOCK_C=block_c)
     return partials.sum() / target.numel()
 
 
@@ -120,8 +125,7 @@ def l1_backward(grad: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor, 
         # grad / numel as autograd's mean backward computes it (an IEEE division), bit for bit
         scale = grad.reshape(()).to(acc) / target.numel()
         grid, shape, (block_t, block_c) = _geometry(tokens, target.shape[2] // p, target.shape[3] // p, p)
-        _l1_backward_kernel[grid](tokens, target, scale, grad_tokens if need_tokens else tokens,
-                                  grad_target if need_target else target, *shape, NEED_TOKENS=need_tokens,
-                                  NEED_TARGET=need_target, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                  BLOCK_T=block_t, BLOCK_C=block_c)
+        launch(_l1_backward_kernel, grid, tokens, target, scale, grad_tokens if need_tokens else tokens,
+               grad_target if need_target else target, *shape, NEED_TOKENS=need_tokens, NEED_TARGET=need_target,
+               ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_T=block_t, BLOCK_C=block_c)
     return grad_tokens, grad_target

@@ -29,6 +29,15 @@ def test_info_reports_native_extension_and_backends():
     assert resolved["masked_gather"] == "native" and resolved["attention"] == "sdpa"
 
 
+def test_info_says_where_fp32_attention_goes_on_a_gpu():
+    """The Triton attention kernel is not offered at fp32 on a GPU (the compile gate shows it spilling): info for
+    cuda names where fp32 goes."""
+    pytest.importorskip("triton")
+    r = run_cli("info", "--device", "cuda")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s+triton: fp32 on CUDA runs through SDPA", r.stdout, flags=re.M), r.stdout
+
+
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt") / "nano"

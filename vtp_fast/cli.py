@@ -64,6 +64,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for row in rows:
         states = ", ".join(f"{k}={v}" for k, v in row["backends"].items())
         print(f"  {row['op']:{width}s} -> {row['resolved']:10s} [{states}]")
+        for backend, note in row["notes"].items():
+            print(f"  {'':{width}s}    {backend}: {note}")
     return 0
 
 

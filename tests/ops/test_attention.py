@@ -37,10 +37,11 @@ def run(fn, q, k, v, **kw):
     return (out, *torch.autograd.grad(out, (q, k, v), g))
 
 
-CASES = [  # (B, H, N, D, causal, rope grid or None)
+CASES = [  # (B, H, N, D, causal, rope grid or None); the interpreter's tiles are 32 wide, ragged ends 16
     (1, 1, 1, 32, False, None),
     (2, 2, 17, 32, False, None),
     (1, 2, 33, 64, True, None),
+    (1, 1, 82, 32, True, None),  # full tiles, then ragged pieces on both sides of the diagonal
     (2, 1, 17, 32, False, (4, 4)),  # CLS + 4x4 patches
     (1, 2, 16, 32, False, (2, 8)),  # no prefix token, non-square grid
     (1, 1, 257, 64, False, (16, 16)),
@@ -102,10 +103,11 @@ def packed(shapes, d, gen, grids=None):
 @pytest.mark.parametrize("rope", [False, True])
 def test_varlen_packs_views_of_different_sizes(rope):
     gen = torch.Generator().manual_seed(3)
-    if rope:  # CLS + 4x4 and CLS + 2x2 grids
-        q, k, v, starts, lens, max_len, tables = packed([(2, 17), (3, 5)], 32, gen, [(4, 4), (2, 2)])
+    if rope:  # CLS + 6x6 (a full 32-wide tile and a ragged end), CLS + 4x4 and CLS + 2x2 grids
+        q, k, v, starts, lens, max_len, tables = packed([(1, 37), (2, 17), (3, 5)], 32, gen,
+                                                        [(6, 6), (4, 4), (2, 2)])
     else:  # a one-token sequence too
-        q, k, v, starts, lens, max_len, tables = packed([(2, 17), (3, 5), (1, 1)], 32, gen)
+        q, k, v, starts, lens, max_len, tables = packed([(1, 37), (2, 17), (3, 5), (1, 1)], 32, gen)
 
     def call(fn, *xs):
         xs = [x.detach().clone().requires_grad_() for x in xs]
@@ -119,6 +121,56 @@ def test_varlen_packs_views_of_different_sizes(rope):
                                                       else None), q, k, v)
     for what, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth, strict=True):
         assert_flash_rule(g, r, t, torch.float32, what)
+
+
+@pytest.mark.triton
+def test_deterministic_backward_sums_dq_in_a_fixed_order():
+    """With deterministic algorithms on, the backward runs one key block column per launch, so dQ's additions land
+    in a fixed order: the gradients repeat bit for bit and agree with the parallel (atomic) path."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 65, 32, generator=gen) for _ in range(3))  # CLS + 8x8: 2 full key blocks + 1
+    rope = rope_tables(8, 8, 32)
+    parallel = run(impl("triton").attention, q, k, v, rope=rope)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (run(impl("triton").attention, q, k, v, rope=rope) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    ref, truth = run(attention_ref, q, k, v, rope=rope), run(attention_ref, q.double(), k.double(), v.double(),
+                                                            rope=tuple(t.double() for t in rope))
+    for what, a, b, p, r, t in zip(("out", "dq", "dk", "dv"), first, second, parallel, ref, truth, strict=True):
+        assert torch.equal(a, b), what
+        torch.testing.assert_close(a, p, rtol=1e-5, atol=1e-6)
+        assert_flash_rule(a, r, t, torch.float32, what)
+
+
+@pytest.mark.triton
+def test_launch_plan_for_a_gpu_without_one():
+    """On a planned sm_90 target (meta tensors, nothing runs): bf16 plans the RoPE pre-pass, the forward, and the
+    backward's delta, main and dq passes, the main one over every key block at once (or one launch per key block
+    column when deterministic); fp32 is not offered (the op sends it to SDPA)."""
+    from vtp_fast.kernels import attention as kern
+    from vtp_fast.kernels import offline
+
+    def plan(dtype, deterministic=False):
+        q = torch.empty(4, 12, 257, 64, dtype=dtype, device="meta")
+        sin = torch.empty(257, 64, dtype=torch.bfloat16, device="meta")
+        lens = torch.empty(4, dtype=torch.int32, device="meta")
+        args = dict(seq_start=lens, seq_len=lens, lmax=257, causal=False, layout="dense")
+        with offline(90, 132) as state:
+            out, lse, qs, ks = kern.forward(q, q, q, sin, sin, **args)
+            kern.backward(torch.empty_like(out), qs, ks, q, out, lse, sin, sin, **args, deterministic=deterministic)
+        return [(launch.kernel.fn.__name__, launch.grid) for launch in state.launches]
+
+    names = [name for name, _ in plan(torch.bfloat16)]
+    assert names == ["_rope", "_attn_fwd", "_delta", "_attn_bwd", "_rope"]
+    blocks, programs = dict(plan(torch.bfloat16))["_attn_bwd"]
+    assert programs == 4 * 12 and blocks > 1
+    serial = [grid for name, grid in plan(torch.bfloat16, deterministic=True) if name == "_attn_bwd"]
+    assert serial == [(1, 4 * 12)] * blocks
+    with pytest.raises(NotImplementedError, match="fp32"):
+        plan(torch.float32)
 
 
 @pytest.mark.triton
@@ -184,6 +236,14 @@ def test_rope_prefix_tokens_pass_through_the_rope_dtype():
     assert torch.equal(rq[0, 0, 0], q[0, 0, 0].to(torch.bfloat16).float())
     fs, fc = full_rope((sin, cos), 5)
     assert torch.equal(fs[0], torch.zeros(8, dtype=torch.bfloat16)) and torch.equal(fc[0], torch.ones(8).bfloat16())
+
+
+@pytest.mark.cuda
+def test_cuda_triton_sends_fp32_to_sdpa():
+    q, k, v = (torch.randn(2, 4, 65, 64, device="cuda") for _ in range(3))
+    rope = tuple(t.cuda() for t in rope_tables(8, 8, 64, "fp32"))
+    got = OP.backends["triton"].impl.attention(q, k, v, rope=rope)
+    assert torch.equal(got, OP.backends["sdpa"].impl.attention(q, k, v, rope=rope))
 
 
 @pytest.mark.cuda

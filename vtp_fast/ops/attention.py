@@ -10,7 +10,8 @@
       each (T, D) per token (prefix tokens: sin 0, cos 1). Non-causal.
 
 Backends: PyTorch SDPA (the default), flash-attn and xformers on CUDA when importable, the fused Triton kernel
-(RoPE inside, one launch for all packed views), and the pure-PyTorch reference (fp32 math).
+(RoPE inside, one launch for all packed views; bf16/fp16 on CUDA, fp32 there goes to SDPA), and the pure-PyTorch
+reference (fp32 math).
 """
 
 from __future__ import annotations
@@ -84,12 +85,18 @@ def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, seq_start: Tensor, seq
     _check_varlen(q, seq_start, seq_len, max_len)
     if seq_len.numel() and int(seq_len.max()) > max_len:
         raise ValueError(f"attention_varlen: max_len {max_len} < the longest sequence ({int(seq_len.max())})")
+    return _per_view(attention_ref, q, k, v, seq_start, seq_len, rope)
+
+
+def _per_view(fn, q: Tensor, k: Tensor, v: Tensor, seq_start: Tensor, seq_len: Tensor, rope: Rope | None) -> Tensor:
+    """Packed (T, H, D) -> (T, H, D) by one dense call fn(q, k, v) per sequence (reads seq_start / seq_len on the
+    host)."""
     if rope is not None:
         q, k = rotate_packed(q, *rope), rotate_packed(k, *rope)
     out = torch.empty_like(q)
     for s, n in zip(seq_start.tolist(), seq_len.tolist(), strict=True):
         part = [t[s:s + n].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, n, D)
-        out[s:s + n] = attention_ref(*part)[0].transpose(0, 1)
+        out[s:s + n] = fn(*part)[0].transpose(0, 1)
     return out
 
 
@@ -142,6 +149,9 @@ if optional.available("triton"):
     from vtp_fast.kernels import attention as _kernels
 
     _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    # fp32 tiles exceed the register file on sm_80/sm_90 (the compile gate shows them spilling): the launchers do
+    # not offer fp32 on a GPU, and this backend hands fp32 on CUDA to SDPA.
+    _FP32_NOTE = "fp32 on CUDA runs through SDPA (the Triton kernel spills at fp32; bf16/fp16 only)"
 
     def _fake_fwd(q, k, v, sin, cos, seq_start, seq_len, max_len: int, causal: bool, varlen: bool):
         if varlen:
@@ -149,21 +159,29 @@ if optional.available("triton"):
         else:
             b, h, n, d = q.shape
             out = q.new_empty(b, n, h, d).permute(0, 2, 1, 3)
-        return out, q.new_empty(seq_len.shape[0] * q.shape[1], max(max_len, 1), dtype=torch.float32)
+        lse = q.new_empty(seq_len.shape[0] * q.shape[1], max(max_len, 1), dtype=torch.float32)
+        rotated = q.new_empty(q.shape if sin is not None else (0,))
+        return out, lse, rotated, torch.empty_like(rotated)
 
     @torch.library.custom_op("vtp_fast::attention_triton", mutates_args=())
     def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, sin: Tensor | None, cos: Tensor | None, seq_start: Tensor,
-                       seq_len: Tensor, max_len: int, causal: bool, varlen: bool) -> tuple[Tensor, Tensor]:
-        return _kernels.forward(q, k, v, sin, cos, seq_start, seq_len, max_len, causal,
-                                "varlen" if varlen else "dense")
+                       seq_len: Tensor, max_len: int, causal: bool,
+                       varlen: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(out, lse, q rotated, k rotated); without RoPE the last two are empty (the backward takes q, k)."""
+        out, lse, qs, ks = _kernels.forward(q, k, v, sin, cos, seq_start, seq_len, max_len, causal,
+                                            "varlen" if varlen else "dense")
+        if sin is None:  # qs, ks are q, k: an output may not alias an input
+            qs, ks = q.new_empty(0), q.new_empty(0)
+        return out, lse, qs, ks
 
     @torch.library.custom_op("vtp_fast::attention_triton_backward", mutates_args=())
     def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sin: Tensor | None,
                        cos: Tensor | None, seq_start: Tensor, seq_len: Tensor, max_len: int, causal: bool,
-                       varlen: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       varlen: bool, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k: rotated with RoPE (the forward's outputs 2, 3)."""
         do = do if do.stride(-1) == 1 else do.contiguous()
         return _kernels.backward(do, q, k, v, out, lse, sin, cos, seq_start, seq_len, max_len, causal,
-                                 "varlen" if varlen else "dense")
+                                 "varlen" if varlen else "dense", deterministic)
 
     _attention_fwd.register_fake(_fake_fwd)
     _attention_bwd.register_fake(lambda do, q, k, v, *rest: (q.new_empty(q.shape), q.new_empty(q.shape),
@@ -171,12 +189,16 @@ if optional.available("triton"):
 
     def _setup(ctx, inputs, output):
         q, k, v, sin, cos, seq_start, seq_len, max_len, causal, varlen = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1], sin, cos, seq_start, seq_len)
+        out, lse, qs, ks = output
+        if sin is None:
+            qs, ks = q, k
+        ctx.save_for_backward(qs, ks, v, out, lse, sin, cos, seq_start, seq_len)
         ctx.args = (max_len, causal, varlen)
 
-    def _backward(ctx, do, _dlse):
-        q, k, v, out, lse, sin, cos, seq_start, seq_len = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(do, q, k, v, out, lse, sin, cos, seq_start, seq_len, *ctx.args)
+    def _backward(ctx, do, *_unused):
+        qs, ks, v, out, lse, sin, cos, seq_start, seq_len = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(do, qs, ks, v, out, lse, sin, cos, seq_start, seq_len, *ctx.args,
+                                    torch.are_deterministic_algorithms_enabled())
         return dq, dk, dv, None, None, None, None, None, None, None
 
     torch.library.register_autograd(_attention_fwd, _backward, setup_context=_setup)
@@ -192,9 +214,14 @@ if optional.available("triton"):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return q, k, v
 
+    def _to_sdpa(q: Tensor) -> bool:
+        return q.dtype == torch.float32 and q.device.type == "cuda"
+
     def _attention_triton(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, rope: Rope | None = None) -> Tensor:
         _check(q, k, v, rope)
         q, k, v = _prepare(q, k, v)
+        if _to_sdpa(q):
+            return attention_sdpa(q, k, v, causal=causal, rope=rope)
         b, _, n, _ = q.shape
         sin, cos = full_rope(rope, n) if rope is not None else (None, None)
         seq_start = torch.zeros(b, dtype=torch.int32, device=q.device)
@@ -206,6 +233,8 @@ if optional.available("triton"):
         _check(q, k, v, rope, dims=3)
         _check_varlen(q, seq_start, seq_len, max_len)
         q, k, v = _prepare(q, k, v)
+        if _to_sdpa(q):  # one SDPA call per view (reads the lengths on the host)
+            return _per_view(F.scaled_dot_product_attention, q, k, v, seq_start, seq_len, rope)
         sin, cos = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (None, None)
         return _attention_fwd(q, k, v, sin, cos, seq_start, seq_len, max_len, False, True)[0]
 
@@ -213,7 +242,7 @@ if optional.available("triton"):
     # VTP_FAST_BACKEND_ATTENTION=triton. Never automatic under the CPU interpreter (too slow).
     _interp = optional.triton_interpreter()
     OP.register("triton", SimpleNamespace(attention=_attention_triton, attention_varlen=_attention_varlen_triton,
-                                          packs_views=True),
+                                          packs_views=True, note=_FP32_NOTE),
                 priority=-1 if _interp else 8, devices=("cpu",) if _interp else ("cuda",))
 else:
     OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))

@@ -12,7 +12,8 @@ float32 (float64 for float64 inputs).
 
 With K up to 65,536 prototypes the (n, K) logits dominate a DINOv2 step's memory. The reference materialises
 them; the Triton backend never does: one pass over K with online rescaling gives
-loss = LSE_k(s) - sum_k softmax(t)_k s_k, and the backward recomputes the logits chunk by chunk.
+loss = LSE_k(s) - sum_k softmax(t)_k s_k, and the backward recomputes the logits once, tile by tile, keeping
+at most a bounded chunk (64 MiB in bf16) of dloss/dlogits for the student's gradient.
 """
 
 from __future__ import annotations
@@ -86,32 +87,28 @@ if optional.available("triton"):
         softmaxes."""
         return _triton.forward(student, teacher, weight, teacher_weight, center, student_temp, teacher_temp)
 
-    @torch.library.custom_op("vtp_fast::prototype_ce_triton_grad_student", mutates_args=())
-    def _grad_student_op(grad: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
-                         center: Tensor, stats: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
-        """grad (n,) float32 and the forward's inputs and stats -> d(sum grad * loss) / d student, (n, d)."""
-        return _triton.grad_student(grad, student, teacher, weight, teacher_weight, center, stats, student_temp,
-                                    teacher_temp)
-
-    @torch.library.custom_op("vtp_fast::prototype_ce_triton_grad_weight", mutates_args=())
-    def _grad_weight_op(grad: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
-                        center: Tensor, stats: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
-        """grad (n,) float32 and the forward's inputs and stats -> d(sum grad * loss) / d weight, (K, d)."""
-        return _triton.grad_weight(grad, student, teacher, weight, teacher_weight, center, stats, student_temp,
-                                   teacher_temp)
+    @torch.library.custom_op("vtp_fast::prototype_ce_triton_backward", mutates_args=())
+    def _backward_op(grad: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
+                     center: Tensor, stats: Tensor, student_temp: float, teacher_temp: float, need_student: bool,
+                     need_weight: bool) -> tuple[Tensor, Tensor]:
+        """grad (n,) float32 and the forward's inputs and stats -> d(sum grad * loss) / d student (n, d) and
+        / d weight (K, d); one not needed comes back empty, shape (0,). Both from one recomputation of the logits
+        (kernels/prototype_ce.py)."""
+        grad_student, grad_weight = _triton.backward(grad, student, teacher, weight, teacher_weight, center, stats,
+                                                     student_temp, teacher_temp, need_student, need_weight)
+        return (student.new_empty(0) if grad_student is None else grad_student,
+                weight.new_empty(0) if grad_weight is None else grad_weight)
 
     @_forward_op.register_fake
     def _(student, teacher, weight, teacher_weight, center, student_temp, teacher_temp):
         n = student.shape[0]
         return student.new_empty(n, dtype=torch.float32), student.new_empty((4, n), dtype=torch.float32)
 
-    @_grad_student_op.register_fake
-    def _(grad, student, teacher, weight, teacher_weight, center, stats, student_temp, teacher_temp):
-        return torch.empty_like(student)
-
-    @_grad_weight_op.register_fake
-    def _(grad, student, teacher, weight, teacher_weight, center, stats, student_temp, teacher_temp):
-        return torch.empty_like(weight)
+    @_backward_op.register_fake
+    def _(grad, student, teacher, weight, teacher_weight, center, stats, student_temp, teacher_temp, need_student,
+          need_weight):
+        return (torch.empty_like(student) if need_student else student.new_empty(0),
+                torch.empty_like(weight) if need_weight else weight.new_empty(0))
 
     def _setup(ctx, inputs, output):
         student, teacher, weight, teacher_weight, center, student_temp, teacher_temp = inputs
@@ -123,9 +120,10 @@ if optional.available("triton"):
     def _backward(ctx, grad_loss, _grad_stats):
         saved = ctx.saved_tensors
         grad = grad_loss.float().contiguous()  # (n,); a .sum()'s gradient arrives expanded, with stride 0
-        grad_student = _grad_student_op(grad, *saved, *ctx.temps) if ctx.needs_input_grad[0] else None
-        grad_weight = _grad_weight_op(grad, *saved, *ctx.temps) if ctx.needs_input_grad[2] else None
-        return grad_student, None, grad_weight, None, None, None, None  # the teacher side is a target
+        need_student, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_student, grad_weight = _backward_op(grad, *saved, *ctx.temps, need_student, need_weight)
+        return (grad_student if need_student else None, None, grad_weight if need_weight else None, None, None,
+                None, None)  # the teacher side is a target
 
     torch.library.register_autograd(_forward_op, _backward, setup_context=_setup)
 

@@ -158,5 +158,7 @@ def summary(device: str | None = None) -> list[dict]:
             "backends": {b.name: ("ok" if b.available and device in b.devices
                                   else (b.reason or f"not on {device}"))
                          for b in op.backends.values()},
+            # what a backend does differently from its name, e.g. dtypes it hands to another backend
+            "notes": {b.name: b.impl.note for b in op.backends.values() if getattr(b.impl, "note", "")},
         })
     return rows
