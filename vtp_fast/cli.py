@@ -342,6 +342,12 @@ def cmd_data_emoji(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels_check(args: argparse.Namespace) -> int:
+    from vtp_fast import kernel_check
+
+    return kernel_check.main(args)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtp-fast", description=__doc__)
@@ -431,7 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     p.add_argument("--out", help="append JSONL rows (device, versions, git revision) to this file")
     p.add_argument("--report", nargs="+", metavar="JSONL", help="render rows of earlier runs as a markdown table")
+    p.add_argument("--model", action="store_true", help="the H200 performance model of the fast ops (FLOPs, bytes, "
+                   "bound, expected %%) beside the --report rows, else the newest bench/results/h200/ rows")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("kernels", help="kernel tools: the ahead-of-time compile gate")
+    kernels_sub = p.add_subparsers(dest="tool", required=True)
+    q = kernels_sub.add_parser("check", help="compile every Triton kernel configuration for GPU targets (no GPU "
+                                             "needed): registers, spills, shared memory, MMA kind, warnings")
+    q.add_argument("--arch", default="90,80", help="compute capabilities, or 'native' for the visible GPU")
+    q.add_argument("--dtypes", default="bfloat16,float16,float32", help="input dtypes, where an op accepts them")
+    q.add_argument("--ops", help="comma-separated ops (default: all; 'csrc' for the CUDA sources only)")
+    q.add_argument("--subset", action="store_true", help="the CI subset: one or two shapes per op")
+    q.add_argument("--cuda", action="store_true", help="also compile csrc/*.cu with nvcc -Xptxas -v")
+    q.add_argument("--markdown", help="write the table here")
+    q.add_argument("--json", help="write one JSON row per kernel configuration here")
+    q.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
+    q.add_argument("-v", "--verbose", action="store_true", help="name each case as it compiles")
+    q.set_defaults(func=cmd_kernels_check)
 
     p = sub.add_parser("data", help="prepare bundled data sets")
     data_sub = p.add_subparsers(dest="dataset", required=True)
