@@ -15,7 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
-from vtp_fast.benchmark import bench_cli, measure, plot_scaling
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, plot_scaling, timed_backends
 from vtp_fast.nn.rope import Rope2D
 from vtp_fast.ops.attention import OP, attention_ref
 
@@ -25,6 +25,7 @@ DENSE = {"cpu": [(2, 4, 8, 64)], "cuda": [(64, 16, 16, 64), (256, 16, 4, 64), (1
                                           (32, 8, 16, 128)]}
 QUICK = {"cpu": [(1, 2, 2, 32)], "cuda": [(8, 16, 16, 64)]}
 CROPS = {"cpu": (2, 4, (4, 2), 64), "cuda": (32, 16, (16, 6), 64)}  # (B, H, (global, local) grid sides, D)
+QUICK_CROPS = {"cpu": (2, [(1, 4), (2, 2)], 32), "cuda": (16, [(2, 16), (4, 6)], 64)}  # (H, [(views, side)], D)
 
 
 def _sdpa_backends(device: str) -> dict[str, object]:
@@ -44,11 +45,11 @@ def _timed(fn, device: str, quick: bool) -> dict | None:
         return {"error": str(e).splitlines()[0][:120]}
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    backends = {b.name: b.impl for b in OP.timed(device)}
+    backends = {b.name: (label, b.impl) for label, b in timed_backends(OP, device)}  # name -> (row label, impl)
     compiled = torch.compile(attention_ref)
-    rows = []
+    rows = RowLog(emit)
     for b, h, side, d in (QUICK if quick else DENSE)[device]:
         n = side * side + 1
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -56,10 +57,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         sin, cos = Rope2D(d)(side, side)
         rope = (sin.to(device), cos.to(device))
         flops = 4 * b * h * n * n * d
-        calls = {name: (impl.attention, nullcontext()) for name, impl in backends.items()}
+        calls = {label: (impl.attention, nullcontext()) for label, impl in backends.values()}
         calls["compiled_reference"] = (compiled, nullcontext())
         for name, ctx in _sdpa_backends(device).items():
-            calls[name] = (backends["sdpa"].attention, ctx)
+            calls[name] = (backends["sdpa"][1].attention, ctx)
         for case, r in (("plain", None), ("rope", rope)):
             for name, (fn, ctx) in calls.items():
                 for pass_name, f in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
@@ -69,33 +70,38 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                             if pass_name == "fwd+bwd":
                                 out.backward(grad)
                     t = _timed(call, device, quick)
-                    rows.append({"bench": "attention", "case": case, "pass": pass_name, "backend": name,
-                                 "shape": [b, h, n, d], "seq_len": n, "dtype": str(dtype).removeprefix("torch."),
-                                 **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
-    rows += _multicrop(device, dtype, backends, quick)
-    return rows
+                    rows.add({"bench": "attention", "case": case, "pass": pass_name, "device": device,
+                              "backend": name, "shape": [b, h, n, d], "seq_len": n,
+                              "dtype": str(dtype).removeprefix("torch."),
+                              **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
+    _multicrop(device, dtype, backends, quick, rows)
+    return rows.rows
 
 
-def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> list[dict]:
+def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool, rows: RowLog) -> None:
     """2 global + 8 local views per image: packed varlen (one launch) vs one dense call per view."""
-    b, h, (g_side, l_side), d = CROPS[device]
-    views = [(2 * b, g_side), (8 * b, l_side)] if not quick else [(2, g_side), (4, l_side)]
+    if quick:
+        h, views, d = QUICK_CROPS[device]
+    else:
+        b, h, (g_side, l_side), d = CROPS[device]
+        views = [(2 * b, g_side), (8 * b, l_side)]
     qkv = [tuple(torch.randn(nb, h, s * s + 1, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
            for nb, s in views]
     ropes = [tuple(t.to(device) for t in Rope2D(d)(s, s)) for _, s in views]
     flops = sum(4 * nb * h * (s * s + 1) ** 2 * d for nb, s in views)
-    rows = []
+
     def per_view(impl):
         return lambda: [impl.attention(*t, rope=r) for t, r in zip(qkv, ropes, strict=True)]
 
-    calls = {f"{name} (per view)": per_view(impl) for name, impl in backends.items()}
+    calls = {f"{label} (per view)": per_view(impl) for label, impl in backends.values()}
     if "triton" in backends:
         from vtp_fast.nn.block import PackedViews
 
         packed = PackedViews.build([(nb, s * s + 1) for nb, s in views], ropes, torch.device(device))
         flat = [torch.cat([t[j].transpose(1, 2).reshape(-1, h, d) for t in qkv]).detach().requires_grad_()
                 for j in range(3)]
-        calls["triton (packed varlen)"] = lambda: [backends["triton"].attention_varlen(*flat, *packed)]
+        label, triton = backends["triton"]
+        calls[f"{label} (packed varlen)"] = lambda: [triton.attention_varlen(*flat, *packed)]
     for name, fn in calls.items():
         for pass_name, f in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
             def call(fn=fn, pass_name=pass_name):
@@ -103,11 +109,10 @@ def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool) -> 
                 if pass_name == "fwd+bwd":
                     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             t = _timed(call, device, quick)
-            rows.append({"bench": "attention", "case": "multicrop", "pass": pass_name, "backend": name,
-                         "shape": [[nb, h, s * s + 1, d] for nb, s in views],
-                         "dtype": str(dtype).removeprefix("torch."),
-                         **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
-    return rows
+            rows.add({"bench": "attention", "case": "multicrop", "pass": pass_name, "device": device,
+                      "backend": name, "shape": [[nb, h, s * s + 1, d] for nb, s in views],
+                      "dtype": str(dtype).removeprefix("torch."),
+                      **t, "tflop_per_s": f / t["median_ms"] / 1e9 if "median_ms" in t else None})
 
 
 def main() -> None:

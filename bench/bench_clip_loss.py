@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
 from vtp_fast.ops.clip_loss import OP, clip_loss_ref
 
 SHAPES = {"cpu": [(256, 2048, 256)], "cuda": [(4096, 32768, 768), (1024, 32768, 768)]}
@@ -24,11 +24,12 @@ QUICK = {"cpu": [(32, 128, 64)], "cuda": [(1024, 8192, 768)]}
 TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
 
 
-def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None,
+        emit: Emit | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    fns = {b.name: b.impl.clip_loss for b in OP.timed(device)}
+    fns = {label: b.impl.clip_loss for label, b in timed_backends(OP, device)}
     fns["compiled_reference"] = torch.compile(clip_loss_ref)
-    rows = []
+    rows = RowLog(emit)
     for n, big_n, dim in (QUICK if quick else SHAPES)[device]:
         gen = torch.Generator(device=device).manual_seed(0)
         all_image = F.normalize(torch.randn(big_n, dim, device=device, generator=gen), dim=-1)
@@ -48,10 +49,10 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
             for op_name, call, flops in (("fwd", forward, 4 * n * big_n * dim),
                                          ("fwd+bwd", forward_backward, 12 * n * big_n * dim)):
                 t = measure(call, device, warmup=2 if quick else 5, repeat=3 if quick else 20)
-                rows.append({"bench": "clip_loss", "op": op_name, "backend": name, "shape": [n, big_n, dim],
-                             "offset": offset, "dtype": str(dtype).removeprefix("torch."), **t,
-                             "tflop_per_s": flops / t["median_ms"] / 1e9})
-    return rows
+                rows.add({"bench": "clip_loss", "op": op_name, "device": device, "backend": name,
+                          "shape": [n, big_n, dim], "offset": offset, "dtype": str(dtype).removeprefix("torch."), **t,
+                          "tflop_per_s": flops / t["median_ms"] / 1e9})
+    return rows.rows
 
 
 def main() -> None:

@@ -5,8 +5,12 @@
 Shards of JPEGs (synthetic photographs-like images at 320 px, or --shards) are read by `StepBatches`: every
 sample's plain 256 px image (CLIP + reconstruction), and for a quarter of the batch (the balanced batch's SSL
 share) 2 global 256 px + 8 local 96 px crops with flips and colour jitter, iBOT masks and tokenized captions.
-Decoders: PIL (the torchvision CPU path, DataLoader workers = threads), DALI CPU operators (threads = DALI
-threads), on a GPU also DALI `mixed` and torchvision nvJPEG. The same number of CPU threads for each.
+Decoders: PIL (the torchvision CPU path, DataLoader workers = threads), DALI (CPU operators, or `mixed` on a
+GPU; threads = DALI threads) and, on a GPU, torchvision nvJPEG. The same number of CPU threads for each.
+
+A row is labelled by what ran, not by what was asked for: "device" is where the batches' pixels were decoded (the
+device of the tensors the pipeline returned), "backend" the decoder that produced them; a batch a GPU decoder
+could not decode goes through PIL, and a row with any such batch is labelled as that fallback.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vtp_fast import optional
-from vtp_fast.benchmark import bench_cli
+from vtp_fast.benchmark import Emit, RowLog, bench_cli
 from vtp_fast.data.pairs import BatchShape, ShardSource, StepBatches
 from vtp_fast.data.shards import Sample, ShardSet, write_shards
 from vtp_fast.data.views import ViewConfig
@@ -43,22 +47,38 @@ def synthetic_jpegs(n: int, side: int, seed: int = 0) -> list[Sample]:
     return out
 
 
-def _throughput(data: StepBatches, workers: int, batches: int) -> tuple[float, float]:
-    """(images/s, median ms per batch) over `batches` batches after one warm-up batch."""
+def _throughput(data: StepBatches, workers: int, batches: int) -> tuple[float, float, set[str], int]:
+    """(images/s, median ms per batch, devices the decoded images came back on, batches with a bad sample) over
+    `batches` batches after one warm-up batch."""
     loader = DataLoader(data, batch_size=None, sampler=range(batches + 1), num_workers=workers,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     it = iter(loader)
     next(it)  # pipeline build, worker start
-    times, t0 = [], time.perf_counter()
+    times, devices, fallbacks, t0 = [], set(), 0, time.perf_counter()
     for _ in range(batches):
         t = time.perf_counter()
-        next(it)
+        batch = next(it)
         times.append(time.perf_counter() - t)
+        devices.add(batch["images"].device.type)
+        fallbacks += int(batch["bad_samples"]) > 0
     total = time.perf_counter() - t0
-    return batches * data.shape.size / total, 1e3 * float(np.median(times))
+    return batches * data.shape.size / total, 1e3 * float(np.median(times)), devices, fallbacks
 
 
-def run(device: str = "cpu", quick: bool = False, shards: str | None = None) -> list[dict]:
+def _label(name: str, devices: set[str], fallbacks: int) -> tuple[str, str]:
+    """(device, backend) of what actually decoded the batches: decoder `name`, whose images came back on
+    `devices`; `fallbacks` batches had a bad sample, which for a GPU decoder means the batch went through PIL."""
+    if fallbacks and name != "torchvision":
+        return "cpu", f"PIL (fallback from {name} in {fallbacks} batches)"
+    device = "cuda" if devices == {"cuda"} else "cpu"
+    if name == "torchvision":
+        return device, "PIL (torchvision path)"
+    if name == "dali":  # DALI's `mixed` decoder hands back GPU tensors, its CPU operators CPU tensors
+        return device, "DALI mixed (GPU)" if device == "cuda" else "DALI CPU"
+    return device, "torchvision nvJPEG (GPU)" if device == "cuda" else "torchvision decode_jpeg (CPU)"
+
+
+def run(device: str = "cpu", quick: bool = False, shards: str | None = None, emit: Emit | None = None) -> list[dict]:
     threads = min(os.cpu_count() or 2, 2 if device == "cpu" else 16)
     size, batch, batches = (64, 8, 2) if quick else (256, 64, 8)
     views = ViewConfig(global_size=size, local_size=32 if quick else 96, local_crops=2 if quick else 8)
@@ -69,24 +89,25 @@ def run(device: str = "cpu", quick: bool = False, shards: str | None = None) -> 
                          progress=False)
         source = ShardSource(ShardSet(shards), size, 32)
         shape = BatchShape(size=batch, ssl=batch // 4, rec=batch // 4)
+        gpu = device == "cuda" and torch.cuda.is_available()
         decoders = [("torchvision", threads)]
         if optional.available("dali"):
             decoders.append(("dali", 0))
-        if device == "cuda":
+        if gpu:
             decoders.append(("nvjpeg", 0))
-        rows = []
+        rows = RowLog(emit)
         for name, workers in decoders:
             torch.set_num_threads(1 if workers else threads)
-            data = StepBatches(source, shape, views, seed=0, decoder=name, dali_threads=threads)
-            ips, ms = _throughput(data, workers, batches)
-            label = {"torchvision": "PIL (torchvision path)", "dali": f"DALI {'mixed' if device == 'cuda' else 'CPU'}",
-                     "nvjpeg": "torchvision nvJPEG (GPU)"}[name]
-            rows.append({"bench": "data", "decoder": label, "threads": threads, "batch": batch, "image_size": size,
-                         "ssl": shape.ssl, "local_crops": views.local_crops, "images_per_s": ips, "median_ms": ms})
+            data = StepBatches(source, shape, views, seed=0, decoder=name, dali_threads=threads,
+                               dali_device="gpu" if gpu else "cpu")
+            ips, ms, devices, fallbacks = _throughput(data, workers, batches)
+            where, label = _label(name, devices, fallbacks)
+            pil = rows.rows[0]["images_per_s"] if rows.rows else ips  # the first decoder is PIL
+            rows.add({"bench": "data", "device": where, "backend": label, "decoder": label, "threads": threads,
+                      "batch": batch, "image_size": size, "ssl": shape.ssl, "local_crops": views.local_crops,
+                      "images_per_s": ips, "median_ms": ms, "ratio_vs_pil": ips / pil, "fallback_batches": fallbacks})
         torch.set_num_threads(threads)
-    for r in rows:
-        r["ratio_vs_pil"] = r["images_per_s"] / rows[0]["images_per_s"]
-    return rows
+    return rows.rows
 
 
 def main() -> None:

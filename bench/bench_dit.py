@@ -13,8 +13,9 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backends
 from vtp_fast.models.dit import DiT, dit_config
+from vtp_fast.ops import building_for
 from vtp_fast.train.flow import flow_loss
 from vtp_fast.train.profile import peak_tflops
 
@@ -24,13 +25,16 @@ SETUP = {"cpu": ("dit-tiny", 64, 4), "cuda": ("dit-xl/1", 256, 16)}
 QUICK = {"cpu": ("dit-nano", 8, 4), "cuda": ("dit-b/1", 64, 16)}
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> list[dict]:
+    """Eager, then compiled; each row is emitted when its mode is measured. "backend": the op backends the built
+    DiT's layers resolved to (for `device`)."""
     preset, batch, grid = (QUICK if quick else SETUP)[device]
-    rows = []
+    rows = RowLog(emit)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = DiT(dit_config(preset, in_channels=64, input_size=grid)).to(device)
+        with building_for(device):
+            model = DiT(dit_config(preset, in_channels=64, input_size=grid)).to(device)
         if mode == "compiled":
             for block in model.blocks:
                 block.compile()
@@ -52,12 +56,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         t = measure(step, device, warmup=1 if quick else 3, repeat=2 if quick else 10)
         achieved = flops / (t["median_ms"] / 1e3) / 1e12
         peak = peak_tflops(torch.device(device))
-        rows.append({"bench": "dit", "mode": mode, "preset": preset, "batch": batch, "grid": grid, **t,
-                     "images_per_s": batch * 1e3 / t["median_ms"], "tflop_per_s": achieved,
-                     "mfu": achieved / peak if peak else None})
-    for r in rows:
-        r["speedup_vs_eager"] = rows[0]["median_ms"] / r["median_ms"]
-    return rows
+        eager_ms = rows.rows[0]["median_ms"] if rows.rows else t["median_ms"]
+        rows.add({"bench": "dit", "mode": mode, "device": device, "backend": resolved_backends(model),
+                  "preset": preset, "batch": batch, "grid": grid, **t, "images_per_s": batch * 1e3 / t["median_ms"],
+                  "tflop_per_s": achieved, "mfu": achieved / peak if peak else None,
+                  "speedup_vs_eager": eager_ms / t["median_ms"]})
+    return rows.rows
 
 
 def main() -> None:

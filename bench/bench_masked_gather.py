@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
 from vtp_fast.ops.masked_gather import OP, mask_to_index, masked_gather_ref, masked_scatter_ref
 
 SHAPES = {"cpu": [(32, 196, 384)], "cuda": [(256, 256, 768), (64, 1024, 1024)]}
@@ -20,12 +20,13 @@ QUICK = {"cpu": [(4, 16, 64)], "cuda": [(64, 256, 768)]}
 TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "gb_per_s", "peak_mem_mb"]
 
 
-def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None,
+        emit: Emit | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    impls = {b.name: b.impl for b in OP.timed(device)}
+    impls = {label: b.impl for label, b in timed_backends(OP, device)}
     compiled_gather = torch.compile(masked_gather_ref)
     compiled_scatter = torch.compile(masked_scatter_ref)
-    rows = []
+    rows = RowLog(emit)
     for b, n, d in (QUICK if quick else SHAPES)[device]:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(b, n, d, device=device, generator=gen).to(dtype)
@@ -42,10 +43,10 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
             for op_name, fn, nbytes in (("gather", gather, 2 * moved),
                                         ("scatter", scatter, moved + b * n * d * x.element_size())):
                 t = measure(fn, device, warmup=2 if quick else 5, repeat=3 if quick else 20)
-                rows.append({"bench": "masked_gather", "op": op_name, "backend": name, "shape": [b, n, d],
-                             "masked": index.numel(), "dtype": str(dtype).removeprefix("torch."), **t,
-                             "gb_per_s": nbytes / t["median_ms"] / 1e6})
-    return rows
+                rows.add({"bench": "masked_gather", "op": op_name, "device": device, "backend": name,
+                          "shape": [b, n, d], "masked": index.numel(), "dtype": str(dtype).removeprefix("torch."), **t,
+                          "gb_per_s": nbytes / t["median_ms"] / 1e6})
+    return rows.rows
 
 
 def main() -> None:

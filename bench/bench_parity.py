@@ -12,16 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from vtp_fast import load_pretrained
-from vtp_fast.benchmark import bench_cli
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, resolved_backends
 
 TABLE_COLUMNS = ["device", "dtype", "tensor", "max_abs_error", "max_abs_value"]
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vtp_official_tiny"
 
 
 @torch.no_grad()
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> list[dict]:
     expected = load_file(FIXTURE / "expected.safetensors")
-    rows = []
+    rows = RowLog(emit)
     for dtype in (torch.float32, torch.bfloat16):
         model = load_pretrained(FIXTURE, device=device).to(dtype)
         e = {k: v.to(device) for k, v in expected.items()}
@@ -32,10 +32,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                "decoded": model.decode(e["latents"].to(dtype)),
                "clip_img": img, "clip_txt": txt, "last_cls": cls, "last_patch": patch}
         for name, value in got.items():
-            rows.append({"bench": "parity", "device": device, "dtype": str(dtype).removeprefix("torch."),
-                         "tensor": name, "max_abs_error": (value.float() - e[name]).abs().max().item(),
-                         "max_abs_value": e[name].abs().max().item()})
-    return rows
+            rows.add({"bench": "parity", "device": device, "backend": resolved_backends(model),
+                      "dtype": str(dtype).removeprefix("torch."), "tensor": name,
+                      "max_abs_error": (value.float() - e[name]).abs().max().item(),
+                      "max_abs_value": e[name].abs().max().item()})
+    return rows.rows
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
 from vtp_fast.ops.pixel_shuffle_l1 import OP, pixel_shuffle_l1_ref, pixel_shuffle_ref
 
 # (B, h, w, p, target dtype or None for the tokens' dtype)
@@ -25,12 +25,13 @@ QUICK = {"cpu": [(2, 4, 4, 16, None)], "cuda": [(64, 16, 16, 16, None)]}
 TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "target_dtype", "median_ms", "gb_per_s", "peak_mem_mb"]
 
 
-def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None,
+        emit: Emit | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    impls = {b.name: b.impl for b in OP.timed(device)}
+    impls = {label: b.impl for label, b in timed_backends(OP, device)}
     impls["compiled_reference"] = SimpleNamespace(pixel_shuffle=torch.compile(pixel_shuffle_ref),
                                                   pixel_shuffle_l1=torch.compile(pixel_shuffle_l1_ref))
-    rows = []
+    rows = RowLog(emit)
     for b, h, w, p, target_dtype in (QUICK if quick else SHAPES)[device]:
         target_dtype = target_dtype or dtype
         gen = torch.Generator(device=device).manual_seed(0)
@@ -48,11 +49,11 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
                 if op_name == "shuffle" and target_dtype != dtype:
                     continue  # the shuffle does not see the target: measured once per token dtype
                 t = measure(fn, device, warmup=2 if quick else 5, repeat=3 if quick else 20)
-                rows.append({"bench": "pixel_shuffle_l1", "op": op_name, "backend": name, "shape": [b, h, w, p],
-                             "dtype": str(dtype).removeprefix("torch."),
-                             "target_dtype": str(target_dtype).removeprefix("torch."), **t,
-                             "gb_per_s": nbytes / t["median_ms"] / 1e6})
-    return rows
+                rows.add({"bench": "pixel_shuffle_l1", "op": op_name, "device": device, "backend": name,
+                          "shape": [b, h, w, p], "dtype": str(dtype).removeprefix("torch."),
+                          "target_dtype": str(target_dtype).removeprefix("torch."), **t,
+                          "gb_per_s": nbytes / t["median_ms"] / 1e6})
+    return rows.rows
 
 
 def main() -> None:

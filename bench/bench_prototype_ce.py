@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
 from vtp_fast.ops.prototype_ce import OP, prototype_ce_ref
 
 SHAPES = {"cpu": [(256, 4096, 64)], "cuda": [(4096, 65536, 256), (16384, 65536, 256)]}
@@ -33,11 +33,12 @@ def _inputs(n: int, k: int, d: int, device: str, dtype: torch.dtype):
     return student, teacher, weight, center
 
 
-def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None,
+        emit: Emit | None = None) -> list[dict]:
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    fns = {b.name: b.impl.prototype_ce for b in OP.timed(device)}
+    fns = {label: b.impl.prototype_ce for label, b in timed_backends(OP, device)}
     fns["compiled_reference"] = torch.compile(prototype_ce_ref)
-    rows = []
+    rows = RowLog(emit)
     for n, k, d in (QUICK if quick else SHAPES)[device]:
         student, teacher, weight, center = _inputs(n, k, d, device, dtype)
         x, w = student.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -53,12 +54,12 @@ def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = No
 
             for op_name, call, flops in (("fwd", forward, 4 * macs), ("fwd+bwd", forward_backward, 8 * macs)):
                 t = measure(call, device, warmup=2 if quick else 5, repeat=3 if quick else 20)
-                rows.append({"bench": "prototype_ce", "op": op_name, "backend": name, "shape": [n, k, d],
-                             "dtype": str(dtype).removeprefix("torch."), **t,
-                             "tflop_per_s": flops / t["median_ms"] / 1e9})
+                rows.add({"bench": "prototype_ce", "op": op_name, "device": device, "backend": name,
+                          "shape": [n, k, d], "dtype": str(dtype).removeprefix("torch."), **t,
+                          "tflop_per_s": flops / t["median_ms"] / 1e9})
             if device == "cuda":
                 torch.cuda.empty_cache()  # the reference's (n, K) buffers must not count against the next backend
-    return rows
+    return rows.rows
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backends
 from vtp_fast.config import load_config
 from vtp_fast.data.pairs import StepBatches, synthetic_pairs
 from vtp_fast.train.pretrain import PretrainConfig, build_trainer, schedules, to_device, train_step
@@ -25,9 +25,12 @@ GPU = ["model.preset=vtp-b", "data.image_size=256", "batch.size=256", "batch.ssl
        "ssl.hidden=2048", "ssl.bottleneck=256", "objective.perceptual=0", "run.precision=bf16"]
 
 
-def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = None) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = None,
+        emit: Emit | None = None) -> list[dict]:
+    """Eager, then compiled; each row is emitted when its mode is measured ("speedup_vs_eager" against the eager
+    row). "backend": the op backends the built trainer's layers and losses resolved to."""
     base = overrides or (QUICK if quick else GPU if device == "cuda" else CPU)
-    rows = []
+    rows = RowLog(emit)
     for mode in ("eager", "compiled"):
         cfg = load_config(PretrainConfig, [], [*base, f"run.compile={str(mode == 'compiled').lower()}",
                                                f"run.device={device}"])
@@ -43,13 +46,13 @@ def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = 
             train_step(t, [batches[i % len(batches)]], schedules(cfg, i))
 
         timing = measure(one_step, device, warmup=2 if quick else 3, repeat=2 if quick else 10)
-        rows.append({"bench": "step", "mode": mode, "preset": cfg.model.preset, "batch": cfg.batch.size,
-                     "ssl": cfg.batch.ssl, "rec": cfg.batch.rec, "image_size": cfg.data.image_size,
-                     "objective": t.objective.weights, **timing, "steps_per_s": 1e3 / timing["median_ms"],
-                     "images_per_s": cfg.batch.size * 1e3 / timing["median_ms"]})
-    for r in rows:
-        r["speedup_vs_eager"] = rows[0]["median_ms"] / r["median_ms"]
-    return rows
+        eager_ms = rows.rows[0]["median_ms"] if rows.rows else timing["median_ms"]
+        rows.add({"bench": "step", "mode": mode, "device": device, "backend": resolved_backends(t.student),
+                  "preset": cfg.model.preset, "batch": cfg.batch.size, "ssl": cfg.batch.ssl, "rec": cfg.batch.rec,
+                  "image_size": cfg.data.image_size, "objective": t.objective.weights, **timing,
+                  "steps_per_s": 1e3 / timing["median_ms"], "images_per_s": cfg.batch.size * 1e3 / timing["median_ms"],
+                  "speedup_vs_eager": eager_ms / timing["median_ms"]})
+    return rows.rows
 
 
 def main() -> None:

@@ -11,29 +11,31 @@ from contextlib import nullcontext
 import torch
 
 from vtp_fast import VTP, vtp_config
-from vtp_fast.benchmark import bench_cli, measure
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backends, timed_backends
 from vtp_fast.ops.attention import OP
-from vtp_fast.ops.registry import use_backend
+from vtp_fast.ops.registry import building_for, use_backend
 
 TABLE_COLUMNS = ["preset", "backend", "batch", "image_size", "dtype", "median_ms", "images_per_s"]
 SETUP = {"cpu": ("vtp-tiny", 16, 64), "cuda": ("vtp-l", 64, 256)}  # preset, batch, image size
 QUICK = {"cpu": ("vtp-nano", 2, 32), "cuda": ("vtp-b", 16, 256)}
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> list[dict]:
+    """One row per attention backend, emitted when measured; "backends" lists what every op of the built model
+    resolved to."""
     preset, batch, size = (QUICK if quick else SETUP)[device]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    names = [b.name for b in OP.timed(device)]
+    names = [b.name for _, b in timed_backends(OP, device)]
     variants = [(n, nullcontext()) for n in names]
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         variants.append(("sdpa_math", sdpa_kernel(SDPBackend.MATH)))
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    rows = []
+    rows = RowLog(emit)
     for name, ctx in variants:
         backend = "sdpa" if name == "sdpa_math" else name
-        with use_backend("attention", backend):
+        with use_backend("attention", backend), building_for(device):
             torch.manual_seed(0)
             model = VTP(vtp_config(preset, image_size=size, train_clip=False)).to(device, dtype).eval()
 
@@ -43,10 +45,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 model.decode(model.encode(x))
 
         t = measure(step, device, warmup=1 if quick else 3, repeat=2 if quick else 10)
-        rows.append({"bench": "tokenizer", "preset": preset, "backend": name, "batch": batch, "image_size": size,
-                     "dtype": str(dtype).removeprefix("torch."), **t, "images_per_s": batch * 1e3 / t["median_ms"]})
+        rows.add({"bench": "tokenizer", "preset": preset, "device": device, "backend": name,
+                  "backends": resolved_backends(model), "batch": batch, "image_size": size,
+                  "dtype": str(dtype).removeprefix("torch."), **t, "images_per_s": batch * 1e3 / t["median_ms"]})
         del model
-    return rows
+    return rows.rows
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vtp_fast.benchmark import write_rows
+from vtp_fast.benchmark import RowLog, row_writer, write_rows
 from vtp_fast.ops import REGISTRY
 
 BENCH = Path(__file__).parents[1] / "bench"
@@ -25,8 +25,11 @@ def load(name: str):
 @pytest.mark.parametrize("name", NAMES)
 def test_bench_quick_run(name, tmp_path):
     module = load(name)
-    rows = module.run("cpu", quick=True)
+    emitted = []
+    rows = module.run("cpu", quick=True, emit=emitted.append)
     assert rows and all(r["median_ms"] >= 0 for r in rows if name != "parity")  # parity measures errors, not time
+    assert emitted == rows  # every row handed out as it was measured, none added or changed afterwards
+    assert all(r["device"] == "cpu" and isinstance(r["backend"], str) and r["backend"] for r in rows)
     assert set(module.TABLE_COLUMNS) <= set().union(*rows) | {"peak_mem_mb"}
     if name in REGISTRY:  # an op: every backend against the reference and torch.compile of it
         assert {"reference", "compiled_reference"} <= {r["backend"] for r in rows}
@@ -38,6 +41,46 @@ def test_bench_quick_run(name, tmp_path):
     write_rows(rows, tmp_path / "rows.jsonl")
     first = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[0])
     assert {"torch", "git", "device_name", "date"} <= set(first)
+    assert first["device"] == "cpu" and first["device_name"].startswith("CPU")  # never the name of a GPU it skipped
+
+
+def test_rows_are_emitted_as_they_are_measured(tmp_path):
+    """A sweep stopped after its first measurement (as a time limit stops it) has already written that row."""
+    class Stop(Exception):
+        pass
+
+    path = tmp_path / "rows.jsonl"
+    write = row_writer(path)
+
+    def emit(row):
+        write(row)
+        raise Stop
+
+    with pytest.raises(Stop):
+        load("masked_gather").run("cpu", quick=True, emit=emit)
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert row["bench"] == "masked_gather" and row["median_ms"] >= 0 and row["device"] == "cpu"
+
+
+def test_a_row_must_name_its_device_and_backend():
+    rows = RowLog()
+    with pytest.raises(ValueError, match="device"):
+        rows.add({"bench": "x", "backend": "reference"})
+    with pytest.raises(ValueError, match="backend"):
+        rows.add({"bench": "x", "device": "cpu"})
+    assert rows.rows == []
+
+
+def test_data_rows_are_labelled_by_what_decoded():
+    """The label follows the device the decoded images came back on and any fall-back to PIL, not the request."""
+    label = load("data")._label
+    assert label("torchvision", {"cpu"}, 0) == ("cpu", "PIL (torchvision path)")
+    assert label("dali", {"cpu"}, 0) == ("cpu", "DALI CPU")
+    assert label("dali", {"cuda"}, 0) == ("cuda", "DALI mixed (GPU)")
+    assert label("nvjpeg", {"cuda"}, 0) == ("cuda", "torchvision nvJPEG (GPU)")
+    assert label("nvjpeg", {"cpu"}, 0)[0] == "cpu" and "nvJPEG" not in label("nvjpeg", {"cpu"}, 0)[1]
+    device, backend = label("nvjpeg", {"cuda"}, 3)
+    assert device == "cpu" and backend.startswith("PIL (fallback from nvjpeg")
 
 
 def test_pytest_benchmark_cases_run_once_and_match_the_reference():

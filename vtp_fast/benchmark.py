@@ -1,11 +1,17 @@
 """Honest timing for the benchmarks in bench/: synchronised, warm-up excluded, median of repeats, with the
-device, library versions and git revision recorded in every JSONL row."""
+device, library versions and git revision recorded in every JSONL row.
+
+A benchmark's `run(device, quick, ..., emit=None)` returns its rows and also hands each one to `emit` the moment
+it is measured (through `RowLog`), so a run stopped at a time limit keeps every row it finished. Every row names
+the `device` ("cpu" / "cuda") and the `backend` that actually ran it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -13,31 +19,64 @@ import time
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from vtp_fast.ops.registry import Backend, Op
+
+Emit = Callable[[dict], None]  # receives each benchmark row as soon as it is measured
+
 
 @cache
-def env_info() -> dict:
-    """Where a row was measured: device, versions, git revision, date."""
+def _git_revision() -> str:
+    """$VTP_FAST_GIT_REV (set by bench/device_check.sh, whose copy of the tree may have no .git), else git."""
+    if os.environ.get("VTP_FAST_GIT_REV"):
+        return os.environ["VTP_FAST_GIT_REV"]
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        rev = "unknown"
+        return "unknown"
+
+
+@cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env_info(device: str | None = None) -> dict:
+    """Where a row was measured: the device it ran on ("cpu" / "cuda"; default: cuda when one is visible) and its
+    name, the CPU threads torch uses now, versions, git revision, date."""
+    return {**_static_env(device), "cpu_threads": torch.get_num_threads()}
+
+
+@cache
+def _static_env(device: str | None) -> dict:
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    cuda = torch.cuda.is_available()
+    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = kind == "cuda" and torch.cuda.is_available()
     return {
-        "device_name": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "triton": triton_version,
-        "python": platform.python_version(), "git": rev,
+        "device": kind,
+        "device_name": torch.cuda.get_device_name(0) if on_gpu else f"CPU ({_cpu_name()})",
+        "torch": torch.__version__, "cuda": torch.version.cuda if on_gpu else None, "triton": triton_version,
+        "python": platform.python_version(), "git": _git_revision(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        # torch.compile's backend forced for every graph (the dry run: aot_eager, no Inductor code generation)
+        **({"compile_override": os.environ["TORCH_COMPILE_OVERRIDE_BACKENDS"]}
+           if os.environ.get("TORCH_COMPILE_OVERRIDE_BACKENDS") else {}),
     }
 
 
@@ -51,8 +90,12 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
     """Median wall time of fn() in ms (synchronised around each call), plus quartiles and peak memory.
 
     On CUDA the peak is torch's allocator peak during the timed calls; on the CPU it is not measured (None).
+    With VTP_FAST_BENCH_TINY=1 (bench/device_check.sh --dry-run) fn runs once, untimed warm-up skipped: the row
+    proves the code path runs ("repeats": 1), its time means little.
     """
     device = torch.device(device)
+    if os.environ.get("VTP_FAST_BENCH_TINY") == "1":
+        warmup, repeat, min_time_s = 0, 1, 0.0
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -74,14 +117,75 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
 
 
 def write_rows(rows: Sequence[dict], path: str | Path | None) -> None:
-    """Append rows (each merged with env_info()) to a JSONL file."""
+    """Append rows to a JSONL file, each over env_info() of the device it names (the row's own keys win)."""
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps({**row, **env_info()}) + "\n")
+            f.write(json.dumps({**env_info(row.get("device")), **row}, default=str) + "\n")
+            f.flush()
+
+
+class RowLog:
+    """The rows of one benchmark run, each handed to `emit` (if any) as soon as it is added.
+
+    Rows must name the `device` ("cpu" / "cuda") and the `backend` that produced them; `add` refuses a row that
+    does not, so no row can be filed under a device or backend it did not run on by omission.
+    """
+
+    def __init__(self, emit: Emit | None = None):
+        self.rows: list[dict] = []
+        self.emit = emit
+
+    def add(self, row: dict) -> dict:
+        missing = [k for k in ("device", "backend") if not row.get(k)]
+        if missing:
+            raise ValueError(f"benchmark row without {' and '.join(missing)}: {row}")
+        self.rows.append(row)
+        if self.emit is not None:
+            self.emit(row)
+        return row
+
+
+def row_writer(path: str | Path | None, columns: Sequence[str] = ()) -> Emit:
+    """An `emit` for RowLog: appends each row to the JSONL file at `path` (when given) and prints one line."""
+    def emit(row: dict) -> None:
+        write_rows([row], path)
+        shown = [c for c in ("bench", *columns, "device", "backend") if c in row]
+        cells = [f"{c}={row[c]:.4g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in dict.fromkeys(shown)]
+        print("row: " + " ".join(cells), flush=True)
+
+    return emit
+
+
+def timed_backends(op: Op, device: str) -> list[tuple[str, Backend]]:
+    """(row label, backend) for every backend of registry op `op` worth timing on `device` (op.timed).
+
+    With VTP_FAST_BENCH_INTERPRETED=1 (bench/device_check.sh --dry-run) the backends that only run interpreted
+    (Triton under TRITON_INTERPRET=1) are included too, labelled "<name> (interpreter)": that exercises the
+    benchmark's code path on the CPU; their times say nothing about a GPU.
+    """
+    chosen = op.timed(device)
+    if os.environ.get("VTP_FAST_BENCH_INTERPRETED") == "1":
+        chosen = op.runnable(device)
+    return [(b.name if b.priority >= 0 else f"{b.name} (interpreter)", b) for b in chosen]
+
+
+def resolved_backends(*modules: torch.nn.Module) -> str:
+    """The op backends the layers of `modules` resolved to when they were built, e.g. "attention=sdpa,
+    clip_loss=triton" (an op whose layers resolved differently lists each backend)."""
+    from vtp_fast.ops.registry import REGISTRY, Backend
+
+    found: dict[str, set[str]] = {}
+    for module in modules:
+        for m in module.modules():
+            for value in vars(m).values():
+                if isinstance(value, Backend):
+                    op = next((o.name for o in REGISTRY.values() if o.backends.get(value.name) is value), "?")
+                    found.setdefault(op, set()).add(value.name)
+    return ", ".join(f"{op}={'/'.join(sorted(names))}" for op, names in sorted(found.items())) or "no registry ops"
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -117,8 +221,9 @@ def plot_scaling(rows: Sequence[dict], x: str, y: str, series: str, path: str | 
 def bench_cli(run: Callable[..., list[dict]], columns: Sequence[str], doc: str,
               extra: Callable[[argparse.ArgumentParser], None] | None = None,
               run_args: Sequence[str] = ()) -> tuple[list[dict], argparse.Namespace]:
-    """The command line of a bench/bench_<name>.py module: --device, --out (append JSONL rows), --quick, plus
-    the module's own options (`extra`), of which `run_args` are passed to run(device, quick, ...)."""
+    """The command line of a bench/bench_<name>.py module: --device, --out (append JSONL rows, each as soon as it
+    is measured), --quick, plus the module's own options (`extra`), of which `run_args` are passed to
+    run(device, quick, ..., emit=...)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="append JSONL rows here")
@@ -126,7 +231,7 @@ def bench_cli(run: Callable[..., list[dict]], columns: Sequence[str], doc: str,
     if extra is not None:
         extra(p)
     args = p.parse_args()
-    rows = run(args.device, args.quick, *(getattr(args, a) or None for a in run_args))
-    write_rows(rows, args.out)
+    rows = run(args.device, args.quick, *(getattr(args, a) or None for a in run_args),
+               emit=row_writer(args.out, columns))
     print(markdown_table(rows, columns))
     return rows, args

@@ -276,19 +276,32 @@ def bench_dir() -> Path:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "model", False):  # the performance model beside measured rows (--report, else the newest h200)
+        from vtp_fast.perf_model import report
+
+        print(report(args.report, bench_dir() / "results" / "h200"))
+        return 0
     import importlib.util
     import json
 
     import torch
 
-    from vtp_fast.benchmark import markdown_table, write_rows
+    from vtp_fast.benchmark import markdown_table, row_writer
 
     if args.report:
-        rows = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines() if line.strip()]
-        columns = [c for c in ("bench", "op", "pass", "mode", "backend", "shape", "dtype", "median_ms", "gb_per_s",
-                               "tflop_per_s", "images_per_s", "peak_mem_mb", "device_name", "git")
+        rows, broken = [], 0
+        for line in (line for f in args.report for line in Path(f).read_text().splitlines() if line.strip()):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a run stopped while writing it
+                broken += 1
+        columns = [c for c in ("bench", "op", "case", "pass", "mode", "device", "backend", "shape", "dtype",
+                               "median_ms", "gb_per_s", "tflop_per_s", "images_per_s", "peak_mem_mb", "error",
+                               "device_name", "git")
                    if any(c in r for r in rows)]
         print(markdown_table(rows, columns))
+        if broken:
+            print(f"\n({broken} unreadable line(s) skipped)")
         return 0
     names = sorted(p.stem.removeprefix("bench_") for p in bench_dir().glob("bench_*.py"))
     chosen = args.names or names
@@ -300,9 +313,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir() / f"bench_{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        rows = module.run(device, args.quick)
-        write_rows(rows, args.out)
-        print(f"\n## {name} ({device})\n")
+        print(f"\n## {name} ({device})\n", flush=True)
+        rows = module.run(device, args.quick, emit=row_writer(args.out, module.TABLE_COLUMNS))  # each row as measured
+        print()
         print(markdown_table(rows, module.TABLE_COLUMNS))
     if args.out:
         print(f"\nrows appended to {args.out}")
