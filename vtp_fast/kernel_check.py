@@ -490,8 +490,14 @@ def main(args) -> int:
     print(text)
     print(summary)
     if args.markdown:
+        from vtp_fast.benchmark import env_info
+
+        env = env_info("cpu")
+        where = (f"`vtp-fast kernels check {' '.join(sys.argv[3:])}`".replace("  ", " ") + f": Triton {env['triton']}, "
+                 f"torch {env['torch']}, git {env['git']}, {env['date']}; "
+                 + ("compiled by the GPU's driver" if native else "compiled offline for GPUTarget(cuda, arch)"))
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(f"{text}\n\n{summary}\n")
+        Path(args.markdown).write_text(f"{where}\n\n{text}\n\n{summary}\n")
     if args.json:
         write_json(rows, Path(args.json))
     for r in failed:
