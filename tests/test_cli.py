@@ -144,3 +144,32 @@ def test_pretrain_smoke(tmp_path, capsys):
 
     m = load_pretrained(out / "checkpoint")
     assert m.config.train_clip and m.config.image_size == 32
+
+
+@pytest.mark.parametrize("error", ["config", "input", "image", "checkpoint", "diverged", "value", "os", "key"])
+def test_only_the_projects_own_errors_are_one_line(error, monkeypatch, capsys):
+    from vtp_fast import cli
+    from vtp_fast.config import ConfigError, InputError, UserError
+    from vtp_fast.data.images import ImageError
+    from vtp_fast.models.pretrained import CheckpointError
+    from vtp_fast.train.pretrain import TrainingDiverged
+
+    raised = {"config": ConfigError("optim.lr: bad"), "input": InputError("x.csv: no column path"),
+              "image": ImageError("a.png: unreadable image"), "checkpoint": CheckpointError("m: truncated"),
+              "diverged": TrainingDiverged("3 consecutive steps"), "value": ValueError("a bug"),
+              "os": OSError("a bug too"), "key": KeyError("a bug as well")}[error]
+
+    def boom(args):
+        raise raised
+
+    monkeypatch.delenv("VTP_FAST_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    if error in ("value", "os", "key"):  # not a user error: it propagates, so the traceback is shown
+        with pytest.raises(type(raised)):
+            main(["info"])
+        assert not isinstance(raised, cli.user_errors())
+        return
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vtp-fast: error: {str(raised)}"]
+    assert isinstance(raised, UserError) or error in ("image", "checkpoint")  # those two: see cli.user_errors

@@ -110,7 +110,8 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    # inclusive: quartiles within the measured range (the default extrapolates below the fastest repeat)
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "repeats": len(times),
             "peak_mem_mb": peak}

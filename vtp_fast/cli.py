@@ -11,16 +11,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from vtp_fast.config import InputError
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user causes with arguments, configs, checkpoints, images or data: one line, no traceback
-    (set VTP_FAST_DEBUG=1 for the traceback). ConfigError and ImageError are ValueErrors."""
-    from vtp_fast.data.emoji import EmojiDataError
-    from vtp_fast.models.pretrained import CheckpointError
-    from vtp_fast.ops.registry import BackendUnavailable
-    from vtp_fast.train.pretrain import TrainingDiverged
+    """The project's own errors about what the user handed it (arguments, configs, input files and data sets,
+    checkpoints, a backend asked for by name, a diverged run), all `UserError`s: one line, no traceback (set
+    VTP_FAST_DEBUG=1 for it). Nothing else: a plain ValueError or OSError is a bug (or the machine's problem) and
+    shows its traceback."""
+    from vtp_fast.config import UserError
 
-    return (ValueError, OSError, CheckpointError, EmojiDataError, BackendUnavailable, TrainingDiverged)
+    return (UserError,)
 
 
 def _fail(message: str) -> int:
@@ -140,7 +141,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model = _model(args)
     images = _load_images(args.images, model.config.vision_patch_size, args.size)
     if len({tuple(i.shape) for i in images}) != 1:
-        raise ValueError("the images differ in size; pass --size N to resize and center-crop them all")
+        raise InputError("the images differ in size; pass --size N to resize and center-crop them all")
     with torch.no_grad():
         x = model.normalize(torch.stack(images).to(model.pixel_mean.device))
         latents = torch.cat([model.encode(x[i:i + 64]) for i in range(0, len(x), 64)]).cpu().contiguous()
@@ -212,7 +213,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.classes:
         unknown = [c for c in args.classes if c not in classes]
         if unknown:
-            raise ValueError(f"unknown classes {unknown}; this DiT knows: {', '.join(classes)}")
+            raise InputError(f"unknown classes {unknown}; this DiT knows: {', '.join(classes)}")
         chosen = [classes.index(c) for c in args.classes]
     else:
         chosen = list(range(max(1, len(classes))))
@@ -241,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     needed = "--samples" if args.what == "gfid" else "--checkpoint"
     if getattr(args, needed.lstrip("-")) is None:
-        raise ValueError(f"eval {args.what} needs {needed}")
+        raise InputError(f"eval {args.what} needs {needed}")
     data = load_images(args.data, size=args.size)
     if args.what == "gfid":
         npz = np.load(args.samples)
@@ -271,7 +272,7 @@ def bench_dir() -> Path:
     """bench/ of the source tree this package runs from (benchmarks are not installed with the package)."""
     path = Path(__file__).resolve().parents[1] / "bench"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the benchmarks live in the source tree's bench/; run from a checkout")
+        raise InputError(f"{path}: the benchmarks live in the source tree's bench/; run from a checkout")
     return path
 
 
@@ -307,7 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     chosen = args.names or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choices: {', '.join(names)}")
+        raise InputError(f"unknown benchmark(s) {unknown}; choices: {', '.join(names)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for name in chosen:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir() / f"bench_{name}.py")
@@ -338,7 +339,7 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
     elif Path(source).suffix in (".csv", ".parquet"):
         samples, total = shards.table_samples(Path(source), args.path_column, args.caption_column, args.label_column)
     else:
-        raise ValueError(f"{source}: not 'emoji', 'fashion-mnist', an image folder or a .csv/.parquet table")
+        raise InputError(f"{source}: not 'emoji', 'fashion-mnist', an image folder or a .csv/.parquet table")
     paths = shards.write_shards(samples, args.out, prefix=args.prefix, per_shard=args.per_shard, total=total)
     print(f"{len(paths)} shards with index files -> {args.out}"
           f" ({args.out}/{args.prefix}-{{00000..{len(paths) - 1:05d}}}.tar)")

@@ -19,8 +19,19 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of the project's own errors about what a user handed it (a config, an input file, a checkpoint, a data
+    set): the `vtp-fast` command reports these, and only these, as one line without a traceback (anything else is a
+    bug and shows its traceback). It lives here, at the bottom of the package, so every layer can raise one."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key."""
+
+
+class InputError(UserError, ValueError):
+    """An input the user named (a data set, a latent set, an exported model, a command-line argument) cannot be used;
+    the message names it and the problem."""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -63,6 +63,13 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """In-place maximum over ranks (no gradient), returned for chaining."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

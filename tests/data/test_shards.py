@@ -11,7 +11,15 @@ from PIL import Image
 
 from tests.helpers import make_prepared_emoji
 from vtp_fast.data import pairs as pairs_mod
-from vtp_fast.data.pairs import BatchShape, ShardSource, StepBatches, epoch_order
+from vtp_fast.data.pairs import (
+    BAD_KINDS,
+    BadSampleCount,
+    BatchShape,
+    ShardSource,
+    StepBatches,
+    describe_pairs,
+    epoch_order,
+)
 from vtp_fast.data.shards import Sample, ShardSet, emoji_samples, expand, read_index, write_shards
 from vtp_fast.data.text import tokenize
 from vtp_fast.data.views import ViewConfig
@@ -149,38 +157,118 @@ def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
             reasons[i] = str(e)
     expected = {i: e for i, (_, e) in enumerate(zoo)}
     assert reasons == expected
-    # a whole batch over the zoo: bad samples are replaced and counted, the batch keeps its size
+    # a whole batch over the zoo (one epoch: every id drawn once): bad samples are replaced and each one counted
+    # once, by kind, however many retries land on it
     batches = StepBatches(source, BatchShape(size=len(zoo), ssl=4, rec=2), VIEWS, seed=0)
     batch = batches[0]
     assert batch["images"].shape[0] == len(zoo)
-    bad = [expected[i] is not None for i in range(len(zoo))]
+    bad = {i: e for i, e in expected.items() if e is not None}
+    assert dict(zip(batch["bad_ids"].tolist(), [BAD_KINDS[k] for k in batch["bad_kinds"].tolist()],
+                    strict=True)) == bad
+    assert not set(batch["ids"].tolist()) & set(bad), "only usable samples reach the batch"
+    count = BadSampleCount()
+    count.update(batch)
+    count.update(batches[1])  # the next epoch meets the same bad samples again: still counted once
+    assert count.metrics() == {"data/bad_samples": len(bad), "data/bad_samples/corrupt_image": 3,
+                               "data/bad_samples/empty_caption": 1, "data/bad_samples/no_caption": 1}
+    resumed = BadSampleCount()
+    resumed.load_state_dict(count.state_dict())  # what a checkpoint keeps
+    assert resumed.metrics() == count.metrics()
+    assert describe_pairs(source) == (f"{len(zoo) - len(bad)} usable pairs ({len(zoo)} samples, {len(bad)} bad: "
+                                      "corrupt_image 3, empty_caption 1, no_caption 1)")
 
-    def run_of_bad(i):  # a bad id is replaced by the next id, which may be bad too: each try counts
-        k = 0
-        while bad[(i + k) % len(zoo)]:
-            k += 1
-        return k
 
-    ids = batches.positions(0)[0].tolist()
-    assert int(batch["bad_samples"]) == sum(run_of_bad(i) for i in ids) >= sum(bad)
-    assert not any(bad[i] for i in batch["ids"].tolist()), "only usable samples reach the batch"
+def test_a_bad_sample_is_replaced_by_a_spread_of_samples_not_always_its_neighbour(tmp_path):
+    """Replacing a bad sample by the next id drew the sample after a run of bad ones once per bad one; the
+    replacements are now pseudo-random, deterministic, and each bad sample is reported once naming shard and key."""
+    good = _png(np.zeros((8, 8, 3), dtype=np.uint8))
+    samples = [Sample(good if i % 10 < 5 else b"garbage", "png", f"s {i}") for i in range(40)]  # runs of 5 bad
+    write_shards(samples, tmp_path, per_shard=20, progress=False)
+    source = ShardSource(ShardSet(str(tmp_path)), 8, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = StepBatches(source, BatchShape(size=40, ssl=0, rec=0), VIEWS, seed=3)
+        batch = batches[0]
+        again = batches[0]
+    used = batch["ids"].tolist()
+    assert torch.equal(again["ids"], batch["ids"]), "deterministic"
+    assert all(i % 10 < 5 for i in used)
+    drawn = batches.positions(0)[0].tolist()
+    assert [j for i, j in zip(drawn, used, strict=True) if i % 10 < 5] == [i for i in drawn if i % 10 < 5]
+    replacements = [j for i, j in zip(drawn, used, strict=True) if i % 10 >= 5]
+    assert len(set(replacements)) >= 8, replacements  # next-id replacement: 4 ids (0, 10, 20, 30), 6 draws each
+    assert max(used.count(i) for i in set(used)) <= 4, sorted(used)
+    reports = [str(w.message) for w in caught if "bad sample" in str(w.message)]
+    assert len(reports) == 20 == len(set(reports))  # once per bad sample, not per retry or per batch
+    assert any("shard-00000.tar:000000005: bad sample (corrupt_image)" in r for r in reports)
 
 
-def test_non_utf8_caption_is_decoded_with_replacement(tmp_path):
+def test_non_utf8_caption_is_a_bad_sample(tmp_path):
     import tarfile
 
     good = _png(np.zeros((8, 8, 3), dtype=np.uint8))
     path = tmp_path / "s-00000.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in (("000000000.png", good), ("000000000.txt", "café".encode("latin-1"))):
+        for name, data in (("000000000.png", good), ("000000000.txt", "café".encode("latin-1")),
+                           ("000000001.png", good), ("000000001.txt", "café".encode())):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     source = ShardSource(ShardSet(str(path)), 16, 16)  # no .idx: built by scanning
-    _, _, caption = source.sample(0)
-    assert caption == "caf\ufffd"  # the invalid byte replaced, the sample kept
-    tokens = tokenize(caption, 16)[0]
-    assert tokens[0] == 49406 and (tokens == 49407).any()
+    with pytest.raises(pairs_mod.BadSample, match="caption_not_utf8"):
+        source.sample(0)
+    assert source.sample(1)[2] == "café"
+    batch = StepBatches(source, BatchShape(size=2, ssl=0, rec=0), VIEWS, seed=0)[0]
+    assert batch["ids"].tolist() == [1, 1] and batch["bad_ids"].tolist() == [0]
+    assert [BAD_KINDS[k] for k in batch["bad_kinds"].tolist()] == ["caption_not_utf8"]
+
+
+def _warned(caught, needle):
+    return [str(w.message) for w in caught if needle in str(w.message)]
+
+
+def test_every_damaged_shard_warns_once_names_the_file_and_is_counted(tmp_path):
+    samples = [Sample(_png(np.full((8, 8, 3), i, dtype=np.uint8)), "png", f"sample {i}") for i in range(20)]
+    write_shards(samples, tmp_path / "s", per_shard=5, progress=False)  # shards 0..3, 5 samples each
+    d = tmp_path / "s"
+    cut = d / "shard-00001.tar"
+    second_image = read_index(d / "shard-00001.idx")[1][0]
+    cut.write_bytes(cut.read_bytes()[: second_image[1] + 40])  # inside the second sample's image; stale idx kept
+    boundary = d / "shard-00002.tar"
+    groups = read_index(d / "shard-00002.idx")
+    end_of_third = groups[2][-1][1] + 512  # the third sample's caption data (< 512 bytes) ends in this block
+    boundary.write_bytes(boundary.read_bytes()[:end_of_third])  # cut between samples: no end-of-archive blocks
+    (d / "shard-00002.idx").unlink()
+    (d / "shard-00003.idx").write_text("v1.2 7\nnonsense\n")  # an unreadable index: rescanned
+    (d / "shard-00004.tar").write_bytes(b"")  # an empty shard
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shards = ShardSet([str(d / "shard-{00000..00005}.tar")])  # 00005 does not exist
+    assert len(_warned(caught, "shard-00001.tar: truncated shard; keeping its 1 complete samples")) == 1
+    assert len(_warned(caught, "shard-00002.tar: truncated shard; keeping its 3 complete samples")) == 1
+    assert len(_warned(caught, "shard-00003.idx: unreadable index")) == 1
+    assert len(_warned(caught, "shard-00004.tar: empty shard; keeping its 0 complete samples")) == 1
+    assert len(_warned(caught, "shard-00005.tar: missing shard")) == 1
+    assert len(caught) == 5
+    assert shards.problems == {"truncated_shard": 2, "unreadable_index": 1, "empty_shard": 1, "missing_shard": 1}
+    assert {(p.name, k, n) for p, k, n in shards.damaged} == {
+        ("shard-00001.tar", "truncated_shard", 1), ("shard-00002.tar", "truncated_shard", 3),
+        ("shard-00003.idx", "unreadable_index", 0), ("shard-00004.tar", "empty_shard", 0),
+        ("shard-00005.tar", "missing_shard", 0)}
+    assert len(shards) == 5 + 1 + 3 + 5
+    source = ShardSource(shards, 8, 16)
+    assert [source.sample(i)[2] for i in range(len(shards))] == [f"sample {i}" for i in (*range(6), 10, 11, 12,
+                                                                                       *range(15, 20))]
+
+
+def test_an_intact_shard_set_warns_nothing(tmp_path):
+    write_shards([Sample(_png(np.zeros((8, 8, 3), np.uint8)), "png", "x")] * 3, tmp_path, per_shard=2,
+                 progress=False)
+    (tmp_path / "shard-00001.idx").unlink()  # only missing: rebuilt silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shards = ShardSet(str(tmp_path))
+    assert len(shards) == 3 and not shards.problems
 
 
 def test_truncated_tar_and_missing_shard(tmp_path):
@@ -198,3 +286,13 @@ def test_truncated_tar_and_missing_shard(tmp_path):
     assert 5 < len(shards) < 10  # the complete samples before the cut are kept
     for i in range(len(shards)):
         assert shards[i].image[:4] == b"\x89PNG"
+
+
+def test_a_data_set_smaller_than_the_batch_warns_with_both_numbers(tmp_path):
+    write_shards([Sample(_png(np.zeros((8, 8, 3), np.uint8)), "png", "x")] * 3, tmp_path, progress=False)
+    source = ShardSource(ShardSet(str(tmp_path)), 8, 16)
+    with pytest.warns(UserWarning, match="holds 3 samples, fewer than the global batch of 8"):
+        StepBatches(source, BatchShape(size=4, ssl=0, rec=0), VIEWS, seed=0, world=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StepBatches(source, BatchShape(size=3, ssl=0, rec=0), VIEWS, seed=0)

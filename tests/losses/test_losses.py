@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vtp_fast.config import ConfigError
-from vtp_fast.losses.clip import ClipLoss, clip_loss_global
+from vtp_fast.losses.clip import MAX_LOGIT_SCALE, ClipLoss, clamp_logit_scale_, clip_loss_global
 from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.losses.reconstruction import LPIPS, ReconstructionLoss
@@ -44,14 +44,38 @@ def test_clip_loss_matches_written_out_cross_entropy():
         torch.testing.assert_close(a, t.grad)
 
 
-def test_clip_logit_scale_clamped_at_100():
+def test_clip_logit_scale_at_the_cap_keeps_its_gradient_and_matches_open_clip():
     g = gen(1)
-    img, txt = (F.normalize(torch.randn(4, 6, generator=g), dim=-1) for _ in range(2))
-    big = torch.tensor(math.log(1000.0), requires_grad=True)
-    loss = ClipLoss()(img, txt, big)
-    assert loss.item() == pytest.approx(clip_loss_global(img, txt, torch.tensor(100.0)).item(), rel=1e-6)
+    img, txt = (F.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    cap = torch.tensor(math.log(MAX_LOGIT_SCALE), dtype=torch.float64, requires_grad=True)
+    loss = ClipLoss()(img, txt, cap)
     loss.backward()
-    assert big.grad.item() == 0.0
+    assert cap.grad.item() != 0.0  # a clamp inside the graph would make this exactly zero
+    # analytic: d/dl of the symmetric CE at scale s = e^l is s * mean over both directions of (E_p[sim] - sim_ii)
+    sim = img @ txt.T
+    s = MAX_LOGIT_SCALE
+    expect = s * ((torch.softmax(s * sim, 1) * sim).sum(1) - sim.diag()).mean() / 2
+    expect = expect + s * ((torch.softmax(s * sim.T, 1) * sim.T).sum(1) - sim.diag()).mean() / 2
+    # rel 1e-6: the op may reduce in another order or in fp32 (observed 3e-9); a cut-off gradient is off by 100%
+    assert cap.grad.item() == pytest.approx(expect.item(), rel=1e-6)
+    open_clip = pytest.importorskip("open_clip")  # open_clip: model.logit_scale.exp() handed to its ClipLoss
+    theirs = torch.tensor(math.log(MAX_LOGIT_SCALE), dtype=torch.float64, requires_grad=True)
+    open_clip.ClipLoss()(img, txt, theirs.exp()).backward()
+    assert cap.grad.item() == pytest.approx(theirs.grad.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(clip_loss_global(img, txt, torch.tensor(s, dtype=torch.float64)).item())
+
+
+def test_clamp_logit_scale_after_the_step_lets_a_capped_scale_come_back_down():
+    for direction, expect in ((1.0, math.log(MAX_LOGIT_SCALE) - 0.5), (-1.0, math.log(MAX_LOGIT_SCALE))):
+        p = torch.nn.Parameter(torch.tensor(math.log(MAX_LOGIT_SCALE)))
+        opt = torch.optim.SGD([p], lr=0.5)
+        p.grad = torch.tensor(direction)  # positive gradient: the step lowers the scale; negative: raises it
+        opt.step()
+        clamp_logit_scale_(p)
+        assert p.item() == pytest.approx(expect)
+    low = torch.nn.Parameter(torch.tensor(-3.0))
+    clamp_logit_scale_(low)
+    assert low.item() == 0.0  # open_clip's lower bound: the scale never drops below 1
 
 
 def ce(t_row, s_row, temp):
@@ -105,7 +129,7 @@ def test_sinkhorn_knopp_balances_prototypes():
     g = gen(4)
     b, k = 64, 8
     logits = torch.randn(b, k, generator=g)
-    q = sinkhorn_knopp(logits, 0.5, torch.tensor(float(b)), iterations=50)
+    q = sinkhorn_knopp(logits, 0.5, iterations=50)
     torch.testing.assert_close(q.sum(1), torch.ones(b), rtol=1e-5, atol=1e-5)  # each row a distribution
     torch.testing.assert_close(q.sum(0), torch.full((k,), b / k), rtol=1e-3, atol=1e-3)  # prototypes equally used
     loss = DINOLoss(k, centering="sinkhorn_knopp")
@@ -117,6 +141,60 @@ def test_sinkhorn_knopp_balances_prototypes():
     s = emb(b).float()
     expect = -(targets.probs * torch.log_softmax(s @ w.float().T / 0.1, -1)).sum(-1)
     torch.testing.assert_close(loss.cross_entropy(s, w.float(), targets), expect)
+
+
+def dinov2_sinkhorn(teacher_output, teacher_temp, n_iterations=3):
+    """DINOv2's SinkhornKnopp teacher (dinov2/loss/dino_clstoken_loss.py, one process), written out: exp in the
+    dtype given (DINOv2 uses fp32)."""
+    q = torch.exp(teacher_output / teacher_temp).t()  # (K, B)
+    b, k = q.shape[1], q.shape[0]
+    q /= torch.sum(q)
+    for _ in range(n_iterations):
+        q /= torch.sum(q, dim=1, keepdim=True)
+        q /= k
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def test_sinkhorn_knopp_equals_dinov2_where_finite_and_stays_finite_where_it_overflows():
+    g = gen(14)
+    logits = torch.randn(24, 40, generator=g)
+    # small logits: DINOv2's fp32 version is finite, ours gives the same numbers
+    ours = sinkhorn_knopp(logits, 0.05)
+    theirs = dinov2_sinkhorn(logits.float(), 0.05)
+    assert torch.isfinite(theirs).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours, dinov2_sinkhorn(logits.double(), 0.05).float(), rtol=1e-4, atol=1e-6)
+    # logits of ~5-15 units at temperature 0.05: exp(100+) overflows fp32 and DINOv2's targets are NaN; ours are
+    # finite and equal DINOv2's algorithm carried out in float64 (where exp(350) is still finite)
+    big = logits * 5
+    assert torch.isnan(dinov2_sinkhorn(big.float(), 0.05)).any()
+    ours = sinkhorn_knopp(big, 0.05)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, dinov2_sinkhorn(big.double(), 0.05).float(), rtol=1e-4, atol=1e-6)
+    # any scale (float64 overflows too): still finite, each row a distribution
+    huge = sinkhorn_knopp(logits * 1e4, 0.05)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge.sum(1), torch.ones(24), rtol=1e-5, atol=1e-5)
+    # an empty batch (iBOT with nothing masked) gives an empty, not a failing, result
+    assert sinkhorn_knopp(logits[:0], 0.05).shape == (0, 40)
+
+
+def test_centring_teacher_softmax_is_finite_at_any_logit_scale():
+    g = gen(15)
+    n, d, k = 6, 8, 12
+    loss = DINOLoss(k)
+    t = torch.randn(n, d, generator=g) * 100  # teacher logits in the thousands: exp would overflow fp32
+    w = torch.randn(k, d, generator=g)
+    s = torch.randn(n, d, generator=g)
+    targets = loss.teacher_targets(t, w, 0.04)
+    got = loss.cross_entropy(s, w, targets)
+    assert torch.isfinite(got).all()
+    logits = t.double() @ w.double().T  # the centre in force was zero
+    expect = -(torch.softmax(logits / 0.04, -1) * torch.log_softmax(s.double() @ w.double().T / 0.1, -1)).sum(-1)
+    torch.testing.assert_close(got, expect.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_ibot_loss_weights_and_normalisation():

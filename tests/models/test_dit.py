@@ -236,10 +236,13 @@ def test_presets_build_on_meta_with_expected_sizes(name, nominal):
         assert cfg.hidden // cfg.heads == 64
 
 
-def test_every_preset_is_valid():
+def test_every_preset_is_valid_and_builds_its_exact_parameter_count():
     for name in DIT_PRESETS:
         cfg = dit_config(name)
-        assert cfg.hidden % (4 * cfg.heads) == 0
+        assert cfg.hidden % (4 * cfg.heads) == 0, name  # 2-D RoPE needs head_dim divisible by 4
+        with torch.device("meta"):
+            model = DiT(cfg)
+        assert sum(t.numel() for t in model.parameters()) == expected_params(cfg), name
 
 
 def test_nano_dit_learns_the_flow_of_two_latents():

@@ -226,6 +226,21 @@ def test_tokenize_truncates_keeping_end_of_text():
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_builds(preset):
+def test_every_preset_builds_the_architecture_its_config_names(preset):
+    c = vtp_config(preset)
     with torch.device("meta"):
-        VTP(vtp_config(preset))
+        m = VTP(c)
+    sd = m.state_dict()
+    w, p = c.vision_embed_dim, c.vision_patch_size
+    assert sd["trunk.cls_token"].shape == (1, 1, w)
+    assert len(m.trunk.blocks) == c.vision_depth and len(m.pixel_decoder.blocks) == c.decoder_depth
+    assert f"trunk.blocks.{c.vision_depth - 1}.norm1.weight" in sd and f"trunk.blocks.{c.vision_depth}.norm1.weight" \
+        not in sd
+    if c.vision_feature_bottleneck != w:
+        assert sd["trunk.feature_bottleneck.weight"].shape == (c.vision_feature_bottleneck, w)
+    else:  # as published: no bottleneck layer when it would keep the width
+        assert not any(k.startswith("trunk.feature_bottleneck") for k in sd)
+    assert sd["pixel_decoder.proj_out.weight"].shape == (3 * p * p, c.decoder_embed_dim, 1, 1)
+    assert sd["token_embedding.weight"].shape == (c.text_vocab_size, c.text_embed_dim)
+    assert len(m.text_transformer.resblocks) == c.text_depth
+    assert all(t.is_meta for t in m.parameters())

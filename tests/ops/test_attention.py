@@ -9,7 +9,9 @@ from vtp_fast.nn.rope import Rope2D, apply_rope
 from vtp_fast.ops.attention import OP, attention_ref, attention_varlen_ref, full_rope
 from vtp_fast.ops.registry import use_backend
 
-CPU_BACKENDS = [b.name for b in OP.runnable("cpu") if b.name != "triton"]
+# the reference itself is not in this list: compared with itself it could not fail; it is checked against float64
+# in test_reference_against_float64
+CPU_BACKENDS = [b.name for b in OP.runnable("cpu") if b.name not in ("triton", "reference")]
 TRITON = pytest.param("triton", marks=pytest.mark.triton)
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3}  # absolute floor of the flash-attention error rule
 
@@ -46,6 +48,24 @@ CASES = [  # (B, H, N, D, causal, rope grid or None); the interpreter's tiles ar
     (1, 2, 16, 32, False, (2, 8)),  # no prefix token, non-square grid
     (1, 1, 257, 64, False, (16, 16)),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_against_float64(dtype):
+    """The pure-PyTorch reference (the yardstick of every backend) against the same formula in float64: outputs and
+    gradients within 1e-5 (fp32) / 5e-3 (fp16) of each tensor's largest entry (at least 1; measured: 7e-7 and 1e-3
+    over CASES)."""
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    for b, h, n, d, causal, grid in CASES:
+        gen = torch.Generator().manual_seed(n * 31 + d)
+        q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+        rope = rope_tables(*grid, d, "fp32") if grid else None
+        truth = run(attention_ref, q.double(), k.double(), v.double(), causal=causal,
+                    rope=(rope[0].double(), rope[1].double()) if rope else None)
+        ref = run(attention_ref, q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, rope=rope)
+        for what, r, t in zip(("out", "dq", "dk", "dv"), ref, truth, strict=True):
+            err = ((r.double() - t).abs().max() / t.abs().max().clamp_min(1.0)).item()  # dq is 0 at one token
+            assert err <= tol, f"{(b, h, n, d, causal, grid)} {what}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS + [TRITON])

@@ -118,3 +118,33 @@ def test_torchrun_fsdp_run_checkpoints_and_resumes_exactly(root, tmp_path):
     rows = lambda d: [(x["step"], x["loss/total"]) for x in map(json.loads, (d / "metrics.jsonl").read_text()  # noqa: E731
                                                                  .splitlines()) if "loss/total" in x]
     assert rows(part) == rows(full) and len(rows(full)) == 4
+
+
+def _sinkhorn_worker(rank, out_dir, logits, result_file):
+    from vtp_fast.losses.dino import sinkhorn_knopp
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous-sk", rank=rank, world_size=WORLD)
+    try:
+        results = []
+        for split in ((12, 12), (24, 0)):  # even, and every row on rank 0 (rank 1 has none, as iBOT may)
+            mine = logits.split(split)[rank]
+            q = sinkhorn_knopp(mine, 0.05)
+            parts = [None] * WORLD
+            dist.all_gather_object(parts, q)  # gloo's all_gather needs equal sizes
+            results.append(torch.cat(parts))
+        if rank == 0:
+            torch.save(results, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_over_two_processes_equals_one_process_at_overflowing_scale(tmp_path):
+    from vtp_fast.losses.dino import sinkhorn_knopp
+
+    logits = torch.randn(24, 40, generator=torch.Generator().manual_seed(3)) * 5  # exp(logit / 0.05) overflows fp32
+    result = tmp_path / "sk.pt"
+    mp.start_processes(_sinkhorn_worker, args=(tmp_path, logits, result), nprocs=WORLD, start_method="spawn")
+    whole = sinkhorn_knopp(logits, 0.05)
+    assert torch.isfinite(whole).all()
+    for got in torch.load(result, weights_only=True):
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-7)

@@ -9,7 +9,8 @@ from vtp_fast import VTP, vtp_config
 from vtp_fast.config import ConfigError
 from vtp_fast.eval.latents import LabelledImages, extract_latents
 from vtp_fast.models.pretrained import read_safetensors
-from vtp_fast.train.dit import DiTTrainConfig, train_dit
+from vtp_fast.train import dit as dit_train
+from vtp_fast.train.dit import DiTTrainConfig, ema_decay, train_dit
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +56,23 @@ def test_resuming_past_stop_at_is_refused(latents, tmp_path):
     train_dit(config(latents, tmp_path / "run"))
     with pytest.raises(ConfigError, match="stop_at"):
         train_dit(config(latents, tmp_path / "run", stop_at=3, resume="auto"))
+
+
+def test_ema_decay_warms_up_then_holds():
+    assert [ema_decay(0.999, s) for s in (0, 8, 80)] == pytest.approx([0.1, 0.5, 0.9])
+    assert ema_decay(0.999, 8990) == pytest.approx(0.999) and ema_decay(0.999, 10**6) == 0.999
+    assert ema_decay(0.3, 0) == 0.1 and ema_decay(0.3, 5) == 0.3  # the configured decay caps the warm-up
+
+
+def test_training_uses_the_warmed_up_decay_at_every_step_also_after_a_resume(latents, tmp_path, monkeypatch):
+    seen = []
+    real = dit_train.ema_update
+
+    def spy(ema_params, params, decay):
+        seen.append(decay)
+        real(ema_params, params, decay)
+
+    monkeypatch.setattr(dit_train, "ema_update", spy)
+    train_dit(config(latents, tmp_path / "run", stop_at=3))
+    train_dit(config(latents, tmp_path / "run", resume="auto"))
+    assert seen == pytest.approx([(1 + s) / (10 + s) for s in range(6)])  # not 0.999 from step 0

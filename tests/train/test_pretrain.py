@@ -2,6 +2,7 @@
 continuing from a published checkpoint."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -121,6 +122,8 @@ def _trainer(root, tmp_path, *extra):
 
 def test_one_step_trains_every_part_and_moves_the_teacher_by_ema(emoji_root, tmp_path):
     t, cfg, data = _trainer(emoji_root, tmp_path)
+    with torch.no_grad():
+        t.model.logit_scale.fill_(math.log(100) + 0.5)  # above open_clip's cap: clamped after the step
     before = {k: v.clone() for k, v in t.student.state_dict().items()}
     teacher_before = [p.clone() for p in t.teacher.parameters()]
     sched = schedules(cfg, 5)
@@ -130,6 +133,7 @@ def test_one_step_trains_every_part_and_moves_the_teacher_by_ema(emoji_root, tmp
                if v.is_floating_point() and not torch.equal(v, before[k])}
     assert {"trunk", "pixel_decoder", "text_transformer", "visual_proj"} <= changed  # model.<part>
     assert "head.mlp.0.weight" in {k for k, v in t.student.state_dict().items() if not torch.equal(v, before[k])}
+    assert t.model.logit_scale.item() == pytest.approx(math.log(100))
     m = sched["momentum"]
     mine, theirs = t.teacher.pairs(t.student)
     for new, old, s in zip(mine, teacher_before, theirs, strict=True):
@@ -163,7 +167,11 @@ def test_non_finite_step_changes_nothing_and_the_run_stops(emoji_root, tmp_path,
     assert [r["step"] for r in rows if r.get("skipped")] == [1, 2, 3]
 
 
-def test_resume_continues_bit_for_bit(emoji_root, tmp_path):
+def saved_rng(run, step):
+    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "train_state.pt", weights_only=True)["rng"]
+
+
+def test_resume_continues_bit_for_bit_down_to_the_saved_rng_state(emoji_root, tmp_path):
     full = tmp_path / "full"
     pretrain(small_config(emoji_root, full, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5"))
     part = tmp_path / "part"
@@ -175,6 +183,13 @@ def test_resume_continues_bit_for_bit(emoji_root, tmp_path):
     for ra, rb in zip(a, b, strict=True):
         assert {k: v for k, v in ra.items() if k.startswith("loss/")} == \
                {k: v for k, v in rb.items() if k.startswith("loss/")}, ra["step"]
+    # the complete RNG state saved by the resumed run is the uninterrupted run's (nothing drew after the restore)
+    a, b = saved_rng(full, 6), saved_rng(part, 6)
+    assert set(a) == set(b) >= {"torch_cpu", "python", "numpy"}
+    assert torch.equal(a["torch_cpu"], b["torch_cpu"])
+    assert a["python"] == b["python"]
+    assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+               for x, y in zip(a["numpy"].values(), b["numpy"].values(), strict=True))
 
 
 def test_sigkill_at_any_moment_then_resume_matches(emoji_root, tmp_path):
@@ -268,3 +283,21 @@ def test_checkpointer_sweeps_what_interrupted_saves_and_replaces_left(tmp_path):
         d.mkdir()
     ckpt.sweep()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]
+
+
+@pytest.mark.parametrize("source", ["synthetic", "own_shards"])
+def test_without_held_out_images_nothing_is_measured_on_noise(source, emoji_root, tmp_path, capsys):
+    from vtp_fast.train.pretrain import emoji_shards
+
+    if source == "synthetic":
+        extra = ["data.synthetic=true"]
+    else:  # one's own shards (here: the emoji training styles written as shards) and no data.eval_shards
+        extra = [f"data.shards={emoji_shards(emoji_root, ('google', 'twitter', 'fluent'))}", "data.num_workers=0"]
+    out = tmp_path / "run"
+    paths = pretrain(small_config(emoji_root, out, "run.steps=2", "run.eval_every=1", *extra))
+    text = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "eval_psnr" in r or "zero_shot_top1" in r]  # no metric without real held-out
+    assert "no held-out PSNR" in text and "held-out PSNR " not in text.replace("no held-out PSNR", "")
+    assert "psnr_curve" not in paths and not (out / "psnr.png").exists()
+    assert (out / "reconstructions.png").exists() and [r["step"] for r in loss_rows(out)] == [1, 2]

@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vtp_fast.config import UserError
+
 try:
     import resvg_py
 except ImportError:  # only preparing the OpenMoji style needs it
@@ -59,7 +61,7 @@ _SKIPPED_CATEGORY = "Component"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class EmojiDataError(RuntimeError):
+class EmojiDataError(UserError, RuntimeError):
     """The emoji data cannot be fetched, read or found; the message says what to do."""
 
 

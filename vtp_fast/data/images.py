@@ -11,20 +11,30 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from vtp_fast.config import UserError
+
 # the published VTP checkpoints' input normalisation (RGB in [0, 1])
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file cannot be used; the message names the file."""
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an (opened, not necessarily loaded) image has transparency: an alpha channel (RGBA, LA, PA) or a
+    transparent colour (palette or colour-key tRNS)."""
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha (RGBA, LA, palette transparency) composited on white, 16-bit and CMYK
-    converted."""
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    """Any PIL mode -> RGB: transparency (RGBA, LA, palette or colour-key) composited on white, 16-bit and CMYK
+    converted. The one alpha rule of every decoder (the DALI and nvJPEG paths get such images from here)."""
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif img.mode == "P":
+        img = img.convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(arr / (256.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))

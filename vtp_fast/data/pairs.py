@@ -6,14 +6,17 @@ DataLoader workers produce the same data. The global batch of step s holds posit
 endless stream of per-epoch shuffles of the data set (`epoch_order`); rank r takes its contiguous slice of it.
 
 Sources: `PairSet` (decoded images in memory: the emoji set, synthetic data) and `ShardSource` (WebDataset
-shards decoded per sample). A sample that cannot be used (corrupt image, missing or empty caption) is replaced
-by the next sample of the data set, deterministically, and counted in the batch's `bad_samples`.
+shards decoded per sample). A sample that cannot be used (corrupt image, missing, empty or non-UTF-8 caption) is
+replaced deterministically (`StepBatches.replacement`), reported once naming shard and key, and named in the
+batch's `bad_ids` / `bad_kinds`, which `BadSampleCount` turns into counts of distinct bad samples.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vtp_fast.config import ConfigError, InputError
 from vtp_fast.data.emoji import load_emoji
 from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.text import tokenize
@@ -32,8 +36,55 @@ MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
+BAD_KINDS = ("no_image", "no_caption", "empty_caption", "caption_not_utf8", "corrupt_image", "decoder_error")
+
+
 class BadSample(Exception):
-    """A sample that cannot be used; the message is the reason (a metrics key)."""
+    """A sample that cannot be used; the message is the reason (one of BAD_KINDS, a metrics key)."""
+
+
+class BadSampleCount:
+    """Distinct bad samples met by a run, by kind: fed each batch's `bad_ids` / `bad_kinds`, kept in the
+    checkpoint (`state_dict`), so a resumed run continues the count. A bad sample met again (a later epoch, a
+    retry) counts once."""
+
+    def __init__(self):
+        self.kind_of: dict[int, int] = {}  # sample id -> index into BAD_KINDS
+
+    def update(self, batch: dict) -> None:
+        """Take (pop) a batch's bad_ids (K,), bad_kinds (K,) and bad_samples ()."""
+        ids, kinds = batch.pop("bad_ids", None), batch.pop("bad_kinds", None)
+        batch.pop("bad_samples", None)
+        if ids is not None:
+            for i, k in zip(ids.tolist(), kinds.tolist(), strict=True):
+                self.kind_of.setdefault(i, k)
+
+    def __len__(self) -> int:
+        return len(self.kind_of)
+
+    def metrics(self) -> dict[str, int]:
+        """data/bad_samples and data/bad_samples/<kind> for every kind met."""
+        by_kind = Counter(BAD_KINDS[k] for k in self.kind_of.values())
+        return {"data/bad_samples": len(self), **{f"data/bad_samples/{k}": by_kind[k] for k in sorted(by_kind)}}
+
+    def sync(self) -> None:
+        """Merge every rank's bad samples (collective: call on every rank); a no-op in a single process."""
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            parts: list = [None] * tdist.get_world_size()
+            tdist.all_gather_object(parts, self.kind_of)
+            for part in parts:
+                for i, k in part.items():
+                    self.kind_of.setdefault(i, k)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        ids = sorted(self.kind_of)
+        return {"ids": torch.tensor(ids, dtype=torch.long),
+                "kinds": torch.tensor([self.kind_of[i] for i in ids], dtype=torch.long)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.kind_of = dict(zip(state["ids"].tolist(), state["kinds"].tolist(), strict=True))
 
 
 @dataclass
@@ -50,34 +101,78 @@ class PairSet:
 
 class ShardSource:
     """Samples of WebDataset shards, decoded on demand (PIL): the plain image is the full image resized (shorter
-    side) and center-cropped to `image_size`; the views are cut from the full image. Captions: UTF-8 (invalid
-    bytes replaced), truncated to the context with the end-of-text token kept; missing or empty -> BadSample."""
+    side) and center-cropped to `image_size`; the views are cut from the full image. Captions: UTF-8, truncated to
+    the context with the end-of-text token kept; missing, empty or not UTF-8 -> BadSample."""
 
     def __init__(self, shards, image_size: int, context_length: int):
         self.shards, self.image_size, self.context_length = shards, image_size, context_length
+        self.known_bad: dict[int, str] = {}  # sample id -> kind, as found (by `count_usable` or by reading)
 
     def __len__(self) -> int:
         return len(self.shards)
 
+    def count_usable(self) -> int:
+        """Check every sample as `encoded` does (caption, image header, PNG checksums; no pixels decoded) and return
+        how many are usable; the bad ones are reported (once) and remembered in `known_bad`."""
+        for i in range(len(self)):
+            if i not in self.known_bad:
+                try:
+                    self._checked(i)
+                except BadSample as e:
+                    self.known_bad[i] = str(e)
+                    warnings.warn(f"{self.where(i)}: bad sample ({e}), skipped and replaced", stacklevel=2)
+        return len(self) - len(self.known_bad)
+
+    def where(self, i: int) -> str:
+        """'shard path:key' of sample i, for messages."""
+        shard, j = self.shards.locate(i)
+        return f"{self.shards.shards[shard]}:{self.shards.groups[shard][j][0][3].rsplit('.', 1)[0]}"
+
     def encoded(self, i: int) -> tuple[bytes, tuple[int, int], str]:
-        """(encoded image, (height, width) from its header, caption) without decoding the pixels; BadSample for
-        a missing image or caption, an empty caption or an unreadable image header."""
+        """(encoded image, (height, width) from its header, caption) without decoding the pixels of an opaque
+        image; BadSample for a missing image or caption, an empty or non-UTF-8 caption, an unreadable image header
+        or a PNG whose chunks fail their checksums (a truncated or damaged file, which no decoder is ever given).
+        An image with transparency (RGBA, LA, palette or colour-key transparency) is composited on white here
+        (`vtp_fast.data.images.to_rgb`) and handed on as a PPM, so every decoder applies the same alpha rule."""
+        from vtp_fast.data.images import ImageError, open_rgb
+
+        raw, size, caption, alpha = self._checked(i)
+        if not alpha:
+            return raw.image, size, caption
+        try:
+            rgb = open_rgb(raw.image)
+        except ImageError:
+            raise BadSample("corrupt_image") from None
+        buf = io.BytesIO()
+        rgb.save(buf, format="PPM")
+        return buf.getvalue(), size, caption
+
+    def _checked(self, i: int):
+        """(raw sample, (height, width), caption, has transparency) or BadSample (see `encoded`)."""
         from PIL import Image, UnidentifiedImageError
+
+        from vtp_fast.data.images import has_alpha
 
         raw = self.shards[i]
         if raw.image is None:
             raise BadSample("no_image")
         if raw.caption is None:
             raise BadSample("no_caption")
-        caption = raw.caption.decode("utf-8", errors="replace").strip()
+        try:
+            caption = raw.caption.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise BadSample("caption_not_utf8") from None
         if not caption:
             raise BadSample("empty_caption")
         try:
             with Image.open(io.BytesIO(raw.image)) as img:
                 w, h = img.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                alpha = has_alpha(img)
+                if img.format == "PNG":
+                    img.verify()  # every chunk's CRC, without inflating the pixels
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
             raise BadSample("corrupt_image") from None
-        return raw.image, (h, w), caption
+        return raw, (h, w), caption, alpha
 
     def sample(self, i: int) -> tuple[Tensor, Tensor, str]:
         """(plain (S, S, 3) uint8, full image (3, H, W) float in [0, 1] for the views, caption)."""
@@ -85,13 +180,31 @@ class ShardSource:
 
         from vtp_fast.data.images import ImageError, center_crop_resize, open_rgb, to_tensor
 
-        image, _, caption = self.encoded(i)
+        raw, _, caption, _ = self._checked(i)
         try:
-            img = open_rgb(image, name=f"sample {i}")
+            img = open_rgb(raw.image, name=f"sample {i}")
         except ImageError:
             raise BadSample("corrupt_image") from None
         plain = torch.from_numpy(np.asarray(center_crop_resize(img, self.image_size)).copy())  # (S, S, 3)
         return plain, to_tensor(img), caption
+
+
+USABLE_SCAN_MAX = 50_000  # shard sets up to this size are checked sample by sample at start (`describe_pairs`)
+
+
+def describe_pairs(source) -> str:
+    """'N usable pairs' for a run header: a ShardSource of at most USABLE_SCAN_MAX samples is checked at once
+    (see `ShardSource.count_usable`); a larger one reports its indexed samples, its bad ones counted as met."""
+    if not isinstance(source, ShardSource):
+        return f"{len(source)} pairs"
+    if len(source) > USABLE_SCAN_MAX:
+        return f"{len(source)} samples (bad ones skipped and counted as they are read)"
+    usable = source.count_usable()
+    if usable == len(source):
+        return f"{usable} usable pairs"
+    kinds = Counter(source.known_bad.values())
+    return (f"{usable} usable pairs ({len(source)} samples, {len(source) - usable} bad: "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
 
 
 def emoji_pairs(root: Path, styles, context_length: int) -> PairSet:
@@ -180,6 +293,7 @@ def epoch_order(seed: int, epoch: int, n: int, positions: Tensor) -> Tensor:
 
 
 DECODERS = ("torchvision", "nvjpeg", "dali")
+REPLACE_TRIES = 8  # pseudo-random replacements tried for a bad sample before scanning the ids after it
 
 
 def pick_decoder(name: str) -> str:
@@ -188,9 +302,9 @@ def pick_decoder(name: str) -> str:
 
     if name != "auto":
         if name == "dali" and not optional.available("dali"):
-            raise ValueError(f"data.decoder: dali requested but unavailable ({optional.reason('dali')})")
+            raise ConfigError(f"data.decoder: dali requested but unavailable ({optional.reason('dali')})")
         if name == "nvjpeg" and not torch.cuda.is_available():
-            raise ValueError("data.decoder: nvjpeg needs a CUDA device")
+            raise ConfigError("data.decoder: nvjpeg needs a CUDA device")
         return name
     if optional.available("dali"):
         return "dali"
@@ -203,17 +317,22 @@ class StepBatches(Dataset):
                  dali_threads: int = 2, dali_device: str | None = None):
         """source: a PairSet or ShardSource; trim_text: cut token padding beyond the batch's longest caption
         (see `trim_tokens`); decoder (shards): "torchvision" (PIL on the CPU), "nvjpeg" (torchvision's GPU JPEG
-        decoder, views on the GPU) or "dali" (vtp_fast.data.dali). A batch the GPU decoders cannot decode goes
-        through PIL, which skips the bad image; it counts one bad sample more. dali_device: "gpu" or "cpu"
+        decoder, views on the GPU) or "dali" (vtp_fast.data.dali); see `assemble` for images a decoder fails
+        on. dali_device: "gpu" or "cpu"
         (default: "gpu" when CUDA is available), where the DALI decoder runs."""
         if decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {decoder!r} (choices: {', '.join(DECODERS)})")
+            raise ConfigError(f"unknown decoder {decoder!r} (choices: {', '.join(DECODERS)})")
         self.source, self.shape, self.views, self.trim_text = source, shape, views, trim_text
         self.seed, self.rank, self.world, self.steps = seed, rank, world, steps
         self.decoder = decoder if isinstance(source, ShardSource) else "torchvision"
         self._dali, self._dali_threads, self._dali_device = None, dali_threads, dali_device
+        # sample id -> kind, found by this process (each reported once); a ShardSource's, shared
+        self._known_bad: dict[int, str] = getattr(source, "known_bad", {})
         if len(source) == 0:
-            raise ValueError("the data set is empty")
+            raise InputError("the data set is empty")
+        if rank == 0 and len(source) < shape.size * world:
+            warnings.warn(f"the data set holds {len(source)} samples, fewer than the global batch of "
+                          f"{shape.size * world}: every batch repeats samples", stacklevel=2)
 
     def __len__(self) -> int:
         return self.steps
@@ -233,9 +352,9 @@ class StepBatches(Dataset):
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         return self.assemble(*self.positions(step))
 
-    def fetch(self, ids: Tensor) -> tuple[Tensor, Tensor, list[Tensor], Tensor, dict[str, int]]:
+    def fetch(self, ids: Tensor) -> tuple[Tensor, Tensor, list[Tensor], Tensor, dict[int, str]]:
         """(ids actually used, plain images (B, S, S, 3) uint8, full images for the first `shape.ssl`, tokens
-        (B, L), bad-sample counts). A bad sample is replaced by the next id of the data set."""
+        (B, L), bad samples met {id: kind}). A bad sample is replaced (see `_first_usable`)."""
         n_ssl = self.shape.ssl
         if isinstance(self.source, PairSet):  # decoded in memory: nothing can go bad
             imgs = self.source.images[ids]
@@ -247,38 +366,99 @@ class StepBatches(Dataset):
         return torch.tensor(used), torch.stack(plains), list(fulls[:n_ssl]), tokens, bad
 
     def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
-        """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`."""
-        if self.decoder != "torchvision":
+        """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`; bad_ids
+        (K,) and bad_kinds (K,) (indices into BAD_KINDS) name the distinct bad samples met (see BadSampleCount).
+
+        Images whose bytes fail PIL's checks never reach the GPU decoders. When a decoder still fails on a batch,
+        its pipeline is dropped (rebuilt on the next batch), the culprits are found (a full PIL decode, else the
+        decoder on each image alone), marked bad (reported once, naming shard and key) and the batch is rebuilt
+        without them: same decoder, same replacements as any later batch that meets them."""
+        from vtp_fast.data.images import ImageError
+
+        if self.decoder == "torchvision":
+            return self._assemble_pil(ids, epochs)
+        for _ in range(8):
             try:
                 return self._assemble_encoded(ids, epochs)
-            except RuntimeError:  # an image the decoder cannot decode: this batch through PIL, which skips it
-                batch = self._assemble_pil(ids, epochs)
-                batch["bad_samples"] += 1
-                return batch
-        return self._assemble_pil(ids, epochs)
+            except (RuntimeError, ImageError) as e:  # ImageError: the nvJPEG path's PIL decode of a non-JPEG
+                self._dali = None  # a pipeline that failed is not reused
+                if not self._find_undecodable(ids, e):
+                    break
+        return self._assemble_pil(ids, epochs)  # the decoder fails on images it decodes alone: PIL for this batch
 
-    def _first_usable(self, ids: Tensor, read) -> tuple[list[int], list, dict[str, int]]:
-        """read(id) for every id, a bad sample (BadSample) replaced by the next id of the data set: (ids used,
-        results, bad-sample counts by reason)."""
-        bad: dict[str, int] = {}
+    def _find_undecodable(self, ids: Tensor, error: Exception) -> bool:
+        """After the decoder failed on the batch of `ids`: mark the samples it cannot use bad; False when none
+        was found."""
+        from vtp_fast.data.images import ImageError, open_rgb
+
+        used, items, _ = self._first_usable(ids, self.source.encoded)
+        found = False
+        for i, (image, _, _) in zip(used, items, strict=True):
+            try:
+                open_rgb(image)
+            except ImageError:
+                self._mark_bad(i, "corrupt_image")
+                found = True
+        if found:
+            return True
+        self._decoder()
+        for i, (image, _, _) in zip(used, items, strict=True):
+            try:
+                self._dali.decode([image], self.source.image_size)
+            except (RuntimeError, ImageError):
+                self._dali = None
+                self._decoder()
+                self._mark_bad(i, "decoder_error", f" ({self.decoder}: {str(error).splitlines()[0][:200]})")
+                found = True
+        return found
+
+    def _mark_bad(self, i: int, kind: str, detail: str = "") -> None:
+        if i not in self._known_bad:
+            self._known_bad[i] = kind
+            where = self.source.where(i) if hasattr(self.source, "where") else f"sample {i}"
+            warnings.warn(f"{where}: bad sample ({kind}{detail}), skipped and replaced", stacklevel=3)
+
+    def replacement(self, i: int, attempt: int) -> int:
+        """The id tried in place of sample i at `attempt` (0: i itself): a fixed pseudo-random id for the first
+        REPLACE_TRIES attempts (so no sample is drawn more often for following a bad one), then every id after i in
+        turn (so a data set with any usable sample always yields one)."""
+        n = len(self.source)
+        if attempt == 0 or n == 1:
+            return i % n
+        if attempt <= REPLACE_TRIES:
+            return (i + 1 + sample_seed(self.seed, i, attempt, 2) % (n - 1)) % n
+        return (i + attempt - REPLACE_TRIES) % n
+
+    def _first_usable(self, ids: Tensor, read) -> tuple[list[int], list, dict[int, str]]:
+        """read(id) for every id, a bad sample (BadSample) replaced (see `replacement`): (ids used, results,
+        distinct bad samples met {id: kind})."""
+        bad: dict[int, str] = {}
         used, results = [], []
         n = len(self.source)
         for i in ids.tolist():
-            for attempt in range(n):
+            for attempt in range(n + REPLACE_TRIES):
+                j = self.replacement(i, attempt)
+                if j in self._known_bad:
+                    bad[j] = self._known_bad[j]
+                    continue
                 try:
-                    results.append(read((i + attempt) % n))
+                    results.append(read(j))
                     break
                 except BadSample as e:
-                    bad[str(e)] = bad.get(str(e), 0) + 1
+                    self._mark_bad(j, str(e))
+                    bad[j] = str(e)
             else:
-                raise ValueError("no usable sample in the data set")
-            used.append((i + attempt) % n)
+                raise InputError(f"no usable sample in the data set ({n} samples, all bad)")
+            used.append(j)
         return used, results, bad
 
-    def _assemble_encoded(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
-        """The DALI / nvJPEG path: pixels are decoded by the decoder, every random choice made here."""
-        from vtp_fast.data.views import sample_views
+    @staticmethod
+    def _bad_fields(bad: dict[int, str]) -> dict[str, Tensor]:
+        ids = sorted(bad)  # bad_samples: how many distinct ones this batch met (a run counts with BadSampleCount)
+        return {"bad_samples": torch.tensor(len(ids)), "bad_ids": torch.tensor(ids, dtype=torch.long),
+                "bad_kinds": torch.tensor([BAD_KINDS.index(bad[i]) for i in ids], dtype=torch.long)}
 
+    def _decoder(self):
         if self._dali is None:
             if self.decoder == "dali":
                 from vtp_fast.data.dali import DaliDecoder
@@ -289,19 +469,26 @@ class StepBatches(Dataset):
                 from vtp_fast.data.nvjpeg import NvjpegDecoder
 
                 self._dali = NvjpegDecoder()
+        return self._dali
+
+    def _assemble_encoded(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
+        """The DALI / nvJPEG path: pixels are decoded by the decoder, every random choice made here."""
+        from vtp_fast.data.views import sample_views
+
+        decoder = self._decoder()
         used, items, bad = self._first_usable(ids, self.source.encoded)
         encoded = [x[0] for x in items]
         tokens = tokenize([x[2] for x in items], self.source.context_length)
-        batch = {"images": self._dali.decode(encoded, self.source.image_size),
+        batch = {"images": decoder.decode(encoded, self.source.image_size),
                  "tokens": trim_tokens(tokens) if self.trim_text else tokens, "ids": torch.tensor(used),
-                 "bad_samples": torch.tensor(sum(bad.values()))}
+                 **self._bad_fields(bad)}
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2
             params = [sample_views(*items[k][1], self.views, grid,
                                    torch.Generator().manual_seed(sample_seed(self.seed, int(e), used[k], 1)))
                       for k, e in enumerate(epochs[:n].tolist())]
-            views = self._dali.views(encoded[:n], [p[0] for p in params])  # per view (n, 3, s, s)
+            views = decoder.views(encoded[:n], [p[0] for p in params])  # per view (n, 3, s, s)
             batch["global_crops"] = torch.cat(views[:2])  # view-major: (2n, 3, G, G)
             local = views[2:]
             batch["local_crops"] = torch.cat(local) if local else batch["global_crops"].new_zeros(0, 3, 1, 1)
@@ -318,7 +505,7 @@ class StepBatches(Dataset):
     def _assemble_pil(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
         ids, plains, fulls, tokens, bad = self.fetch(ids)
         batch = {"images": normalize_u8(plains), "tokens": trim_tokens(tokens) if self.trim_text else tokens,
-                 "ids": ids, "bad_samples": torch.tensor(sum(bad.values()))}
+                 "ids": ids, **self._bad_fields(bad)}
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2

@@ -7,9 +7,10 @@ one sample adjacent. Beside each `NAME.tar` the writer puts `NAME.idx` in DALI's
 `ShardSet[i]` returns the raw bytes of global sample i, which is what makes orders deterministic and resumable
 (see vtp_fast.data.pairs).
 
-Bad shards are harmless: a missing shard or index is skipped with a warning (an index is rebuilt by scanning the
-tar when it is only missing), a truncated tar keeps its complete samples, and a sample without an image is
-dropped; the counts are kept in `ShardSet.problems`.
+Bad shards are harmless: a missing shard is skipped, a missing index is rebuilt by scanning the tar (an unreadable
+one too), a truncated or damaged tar keeps its complete samples, and a sample without an image is dropped. Every
+damaged shard (missing, truncated, damaged, empty, unreadable index) warns once naming the file and the samples
+kept; the counts are in `ShardSet.problems`, the files in `ShardSet.damaged`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from vtp_fast.config import InputError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = "v1.2"
@@ -66,30 +69,57 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def index_entries(path: Path) -> list[list[tuple[str, int, int, str]]]:
-    """Samples of a tar as [(ext, data offset, size, member name), ...] groups, by scanning it. A truncated tar
-    yields its complete members (a sample whose last member is cut is dropped)."""
+def scan_tar(path: Path) -> tuple[list[list[tuple[str, int, int, str]]], str | None]:
+    """Samples of a tar as [(ext, data offset, size, member name), ...] groups, by scanning it, and the damage
+    found: None, "empty_shard" (no member), "truncated_shard" (cut off: a member runs past the end of the file,
+    or the end-of-archive blocks are missing) or "damaged_shard" (unreadable from some point on). A damaged tar
+    yields its complete samples: a sample whose members stop at the damage is dropped."""
     groups: list[list[tuple[str, int, int, str]]] = []
-    last = None
+    last, damage, end = None, None, 0
     size = path.stat().st_size
     try:
         with tarfile.open(path) as tar:
             for m in tar:
                 if not m.isfile():
                     continue
-                if m.offset_data + m.size > size:
-                    break
                 slash = m.name.rfind("/")
                 dot = m.name.find(".", slash + 1)
-                if dot <= slash + 1:  # no extension, or a hidden file
+                stem = m.name[:dot] if dot > slash + 1 else None
+                if m.offset_data + m.size > size:
+                    damage = "truncated_shard"
+                    if groups and stem == last:  # the cut member belongs to the last sample: incomplete
+                        groups.pop()
+                    break
+                end = m.offset_data + -(-m.size // 512) * 512
+                if stem is None:  # no extension, or a hidden file
                     continue
-                stem, ext = m.name[:dot], m.name[dot + 1:]
+                ext = m.name[dot + 1:]
                 if stem != last:
                     groups.append([])
                     last = stem
                 groups[-1].append((ext, m.offset_data, m.size, m.name))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        warnings.warn(f"{path}: damaged tar ({e}); keeping the {len(groups)} samples before the damage", stacklevel=2)
+    except (tarfile.TarError, OSError, EOFError):
+        if size == 0:
+            return [], "empty_shard"
+        # members before the damage are whole; nothing but part of a header after them: the file was cut there
+        damage = "truncated_shard" if size - end < 1024 else "damaged_shard"
+    return groups, damage or _end_damage(groups, end, size)
+
+
+def _end_damage(groups: list, end: int, size: int) -> str | None:
+    """'empty_shard' for no sample, 'truncated_shard' when the end-of-archive blocks after the last member's data
+    (ending at `end`) are missing, else None."""
+    if not groups:
+        return "empty_shard"
+    return "truncated_shard" if size < end + 1024 else None  # a complete tar ends with two zero blocks
+
+
+def index_entries(path: Path) -> list[list[tuple[str, int, int, str]]]:
+    """The sample groups of a tar (see `scan_tar`), with a warning naming a damaged one."""
+    groups, damage = scan_tar(path)
+    if damage is not None:
+        warnings.warn(f"{path}: {damage.replace('_', ' ')}; keeping its {len(groups)} complete samples",
+                      stacklevel=2)
     return groups
 
 
@@ -179,25 +209,44 @@ class ShardSet:
     """Random access to every sample of a list of shards (their .idx files, rebuilt when missing)."""
 
     def __init__(self, spec: str | Sequence[str]):
-        found, groups, problems = [], [], Counter()
+        found, groups, problems, damaged = [], [], Counter(), []
         for path in expand(spec):
             if not path.is_file():
                 warnings.warn(f"{path}: missing shard, skipped", stacklevel=2)
                 problems["missing_shard"] += 1
+                damaged.append((path, "missing_shard", 0))
                 continue
             idx = path.with_suffix(".idx")
-            try:
-                g = read_index(idx) if idx.is_file() else index_entries(path)
-            except (ValueError, IndexError) as e:
-                warnings.warn(f"{idx}: unreadable index ({e}); rescanning the tar", stacklevel=2)
-                g = index_entries(path)
+            g = None
+            if idx.is_file():
+                try:
+                    g = read_index(idx)
+                except (ValueError, IndexError, UnicodeDecodeError) as e:
+                    problems["unreadable_index"] += 1
+                    damaged.append((idx, "unreadable_index", 0))
+                    warnings.warn(f"{idx}: unreadable index ({e}); rescanning the tar", stacklevel=2)
+            if g is None:
+                g, damage = scan_tar(path)
+            else:  # the index of a tar cut off later names members past its end: the samples before the cut stay
+                size = path.stat().st_size
+                whole = [x for x in g if all(o + n <= size for _, o, n, _ in x)]
+                end = max((o + -(-n // 512) * 512 for x in whole for _, o, n, _ in x), default=0)
+                damage = "truncated_shard" if len(whole) < len(g) else _end_damage(whole, end, size)
+                g = whole
             usable = [x for x in g if any(e in IMAGE_EXTS for e, *_ in x)]
+            if damage is not None:
+                warnings.warn(f"{path}: {damage.replace('_', ' ')}; keeping its {len(usable)} complete samples",
+                              stacklevel=2)
+                problems[damage] += 1
+                damaged.append((path, damage, len(usable)))
             problems["sample_without_image"] += len(g) - len(usable)
             found.append(path)
             groups.append(usable)
         if not found:
-            raise FileNotFoundError(f"no readable shards in {spec!r}")
-        self.shards, self.groups, self.problems = found, groups, problems
+            raise InputError(f"no readable shards in {spec!r}")
+        self.shards, self.groups = found, groups
+        self.problems = Counter({k: v for k, v in problems.items() if v})
+        self.damaged: list[tuple[Path, str, int]] = damaged  # (file, problem, samples kept)
         self._offsets = np.cumsum([0] + [len(g) for g in groups])
         self._handles: dict[int, object] = {}
 
@@ -286,7 +335,7 @@ def fashion_mnist_dir() -> Path:
         files = []
     hits = [Path(f).parent for f in files if f.endswith("train-images-idx3-ubyte.gz")]
     if not hits:
-        raise FileNotFoundError("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+        raise InputError("Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
     return hits[0]
 
 
@@ -345,7 +394,7 @@ def table_samples(table: Path, path_col: str = "path", caption_col: str = "capti
             rows = list(csv.DictReader(f))
     missing = [c for c in (path_col, caption_col, label_col) if c and rows and c not in rows[0]]
     if missing:
-        raise ValueError(f"{table}: no column(s) {missing}; columns: {list(rows[0]) if rows else []}")
+        raise InputError(f"{table}: no column(s) {missing}; columns: {list(rows[0]) if rows else []}")
 
     def gen():
         for r in rows:

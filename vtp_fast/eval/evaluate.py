@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vtp_fast.config import InputError
 from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.eval.latents import LabelledImages
 from vtp_fast.eval.metrics import psnr
@@ -29,7 +30,7 @@ def pick(data: LabelledImages, n: int, seed: int = 0) -> Tensor:
 
 def require(data: LabelledImages, n: int, what: str) -> None:
     if len(data) < n:
-        raise ValueError(f"{what}: the reference set {data.name} has {len(data)} images, fewer than the {n} asked "
+        raise InputError(f"{what}: the reference set {data.name} has {len(data)} images, fewer than the {n} asked "
                          "for; lower the sample count or use a larger set")
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from vtp_fast.config import InputError
 from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.models.pretrained import replace_dir
 from vtp_fast.models.vtp import VTP
@@ -78,7 +79,7 @@ def load_images(spec: str, size: int = 64) -> LabelledImages:
         n_classes = max(labels) + 1 if labels else 0
         return LabelledImages(torch.stack(images), torch.tensor(labels), [str(c) for c in range(n_classes)], captions,
                               f"shards-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}-{size}")
-    raise ValueError(f"unknown data set {spec!r}: use emoji[:styles], fashion-mnist[:test] or a shards directory")
+    raise InputError(f"unknown data set {spec!r}: use emoji[:styles], fashion-mnist[:test] or a shards directory")
 
 
 def tokenizer_fingerprint(model: VTP) -> str:
@@ -96,7 +97,7 @@ def extract_latents(model: VTP, data: LabelledImages, out: str | Path, *, flip: 
     """Encode every image (and, with `flip`, its horizontal mirror) into latent shards + meta.json under `out`,
     written to a temp dir and renamed. Returns the meta."""
     if len(data) == 0:
-        raise ValueError(f"extract-latents: the data set {data.name} holds no images")
+        raise InputError(f"extract-latents: the data set {data.name} holds no images")
     model.eval()
     device = next(model.parameters()).device
     out = Path(out)
@@ -168,19 +169,19 @@ def load_latents(path: str | Path) -> LatentSet:
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path}: not a latent set (no meta.json); make one with vtp-fast extract-latents")
+        raise InputError(f"{path}: not a latent set (no meta.json); make one with vtp-fast extract-latents")
     meta = json.loads(meta_file.read_text())
     parts = [load_file(f) for f in sorted(path.glob("latents-*.safetensors"))]
     if not parts:
-        raise FileNotFoundError(f"{path}: no latent shards")
+        raise InputError(f"{path}: no latent shards")
     z = torch.cat([p["latents"] for p in parts])
     if z.shape[1] != meta["channels"] or list(z.shape[2:]) != meta["grid"]:
-        raise ValueError(f"{path}: latents {tuple(z.shape[1:])} do not match meta.json ({meta['channels']}, "
+        raise InputError(f"{path}: latents {tuple(z.shape[1:])} do not match meta.json ({meta['channels']}, "
                          f"{meta['grid']})")
     labels = torch.cat([p["labels"] for p in parts])
     n_classes = len(meta["class_names"])
     if labels.numel() and (labels.min() < 0 or labels.max() >= max(n_classes, 1)):
-        raise ValueError(f"{path}: labels up to {int(labels.max())} but {n_classes} class names in meta.json")
+        raise InputError(f"{path}: labels up to {int(labels.max())} but {n_classes} class names in meta.json")
     latents = LatentSet(z, labels, meta)
     latents.latents = (z - latents.mean) / latents.std  # normalised with the statistics in meta.json
     return latents
@@ -190,8 +191,8 @@ def check_tokenizer(meta: dict, model: VTP) -> None:
     """Refuse a tokenizer that did not make these latents (channels or weights differ)."""
     c = model.config.vision_feature_bottleneck
     if meta["channels"] != c:
-        raise ValueError(f"the latents have {meta['channels']} channels but the tokenizer makes {c}")
+        raise InputError(f"the latents have {meta['channels']} channels but the tokenizer makes {c}")
     fp = tokenizer_fingerprint(model)
     if meta.get("tokenizer_fingerprint") and meta["tokenizer_fingerprint"] != fp:
-        raise ValueError(f"the latents were made by another tokenizer ({meta.get('tokenizer') or 'unknown'}, "
+        raise InputError(f"the latents were made by another tokenizer ({meta.get('tokenizer') or 'unknown'}, "
                          f"fingerprint {meta['tokenizer_fingerprint']} != {fp}); re-extract them")

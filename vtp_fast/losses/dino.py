@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vtp_fast.distributed import all_gather_with_grad, all_reduce_sum, rank
+from vtp_fast.distributed import all_gather_with_grad, all_reduce_max, all_reduce_sum, rank
 from vtp_fast.ops import prototype_ce as prototype_ce_op
 
 Centering = Literal["centering", "sinkhorn_knopp"]
@@ -29,19 +29,35 @@ def cross_entropy_to_targets(student_logits: Tensor, teacher_probs: Tensor, stud
     return -(teacher_probs.to(dtype) * F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)).sum(-1)
 
 
+def _global_row_logsumexp(x: Tensor) -> Tensor:
+    """(K, n) per rank -> (K, 1): log sum_j exp(x[k, j]) over the columns of every rank, stable at any scale (the
+    row maximum over all ranks is subtracted before exponentiating)."""
+    m = x.amax(dim=1, keepdim=True) if x.shape[1] else x.new_full((x.shape[0], 1), float("-inf"))  # (K, 1)
+    m = all_reduce_max(m)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # no rows anywhere: nothing to shift
+    return all_reduce_sum(torch.exp(x - m).sum(dim=1, keepdim=True)).log() + m
+
+
 @torch.no_grad()
-def sinkhorn_knopp(logits: Tensor, temp: float, n_total: Tensor, iterations: int = 3) -> Tensor:
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     """Balanced assignment of rows to prototypes: (n, K) -> (n, K), rows sum to 1, columns near-uniform over the
-    global batch of `n_total` rows (a tensor, all ranks)."""
-    q = torch.exp(logits.float() / temp).T  # (K, n)
-    k = q.shape[0]
-    q /= all_reduce_sum(q.sum())
+    global batch (all ranks).
+
+    DINOv2's algorithm (exp(logits / temp), normalise the whole, then `iterations` times: each prototype to 1/K of
+    the mass over the global batch, each row to 1/B), computed in the log domain: every normalisation is a
+    log-sum-exp with its maximum subtracted, so logits of any scale give finite probabilities where DINOv2's
+    fp32 exp overflows to inf/NaN, and the same numbers (to rounding) wherever DINOv2's are finite. The global
+    normalisation and the 1/K, 1/B, x B factors of DINOv2 are constants that the following normalisation removes,
+    so they are left out: each iteration is "rows (prototypes) sum to one over the global batch", then "columns
+    (samples) sum to one".
+    """
+    lq = logits.float().T / temp  # (K, n) log q, unnormalised
     for _ in range(iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype gets 1/K of the mass
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)  # each row gets 1/B
-        q /= n_total
-    return (q * n_total).T
+        lq = lq - _global_row_logsumexp(lq)  # each prototype gets the same mass over the global batch
+        lq = torch.log_softmax(lq, dim=0)  # each sample's column sums to one
+    if iterations == 0:
+        lq = torch.log_softmax(lq, dim=0)
+    return lq.exp().T  # (n, K)
 
 
 @dataclass
@@ -83,9 +99,9 @@ class _TeacherTargets(nn.Module):
     def teacher_targets(self, emb: Tensor, weight: Tensor, temp: float) -> Targets:
         """Teacher head embeddings (n, d) and prototype weights (K, d) -> Targets; in centring mode the centre
         then moves to the EMA of the batch's mean teacher logits (W @ mean(emb): no logits needed)."""
-        count = all_reduce_sum(torch.tensor(float(emb.shape[0]), device=emb.device))
         if self.centering == "sinkhorn_knopp":
-            return Targets(temp, probs=sinkhorn_knopp(emb @ weight.T, temp, count, self.sinkhorn_iterations))
+            return Targets(temp, probs=sinkhorn_knopp(emb @ weight.T, temp, self.sinkhorn_iterations))
+        count = all_reduce_sum(torch.tensor(float(emb.shape[0]), device=emb.device))
         targets = Targets(temp, emb, weight, self.center[0].clone())
         mean_emb = all_reduce_sum(emb.float().sum(0)) / count.clamp_min(1)  # (d,)
         keep = torch.where(count > 0, self.center_momentum, 1.0)  # no rows on any rank: the centre stays

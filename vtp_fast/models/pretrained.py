@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vtp_fast.config import ConfigError, from_dict
+from vtp_fast.config import ConfigError, UserError, from_dict
 from vtp_fast.models.vtp import VTP, VTPConfig
 from vtp_fast.ops.registry import building_for
 
@@ -31,7 +31,7 @@ _HF_METADATA = {"architectures", "model_type", "transformers_version", "dtype", 
                 "auto_map", "decoder_use_qk_norm_eps"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read as the published layout; the message names the file and the problem."""
 
 

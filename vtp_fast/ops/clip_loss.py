@@ -5,11 +5,12 @@
     = (CE(scale * image @ all_text.T, labels) + CE(scale * text @ all_image.T, labels)) / 2,
       labels = offset + arange(n), each cross-entropy the mean over the n rows.
 
-This rank's rows are all_*[offset:offset + n]; `scale` is exp(logit_scale), already clamped. The loss is
-differentiable w.r.t. all five tensors; on one process the caller passes all_image=image, all_text=text,
-offset=0 and autograd sums both paths. The reference builds both (n, N) logits matrices; the Triton backend
-computes them in tiles with an online log-sum-exp, and its backward keeps d loss / d logits for at most a bounded
-chunk of columns (64 MiB in bf16), so its extra memory is O(n + N) plus that constant (kernels/clip_loss.py).
+This rank's rows are all_*[offset:offset + n]; `scale` is exp(logit_scale) (capped on the parameter after each
+optimizer step, as open_clip does, never in this graph). The loss is differentiable w.r.t. all five tensors; on
+one process the caller passes all_image=image, all_text=text, offset=0 and autograd sums both paths. The
+reference builds both (n, N) logits matrices; the Triton backend computes them in tiles with an online
+log-sum-exp, and its backward keeps d loss / d logits for at most a bounded chunk of columns (64 MiB in bf16), so
+its extra memory is O(n + N) plus that constant (kernels/clip_loss.py).
 """
 
 from __future__ import annotations

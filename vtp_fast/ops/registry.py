@@ -16,10 +16,12 @@ from types import SimpleNamespace
 
 import torch
 
+from vtp_fast.config import UserError
+
 DEVICES = ("cpu", "cuda")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 

@@ -3,7 +3,8 @@
 `<run>/checkpoints/step_00000100/` holds
   model/              the tokenizer in the published layout (load_pretrained reads it)
   modules.safetensors SSL head, teacher, loss centres, discriminator: every other module's state
-  train_state.pt      optimizer, step, RNG state, resolved config (torch.load weights_only); the data
+  train_state.pt      optimizer, step, RNG state, resolved config, the distinct bad samples met so far (ids and
+                      kinds, so a resumed run continues data/bad_samples) (torch.load weights_only); the data
                       position is the step (batches are a function of seed, step and rank)
 A checkpoint is built in a temp dir and renamed into place in one atomic step, so a run killed at any moment
 leaves either the previous checkpoints or a complete new one; temp dirs are never picked up and are swept at

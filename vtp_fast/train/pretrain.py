@@ -20,14 +20,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vtp_fast import distributed as dist
-from vtp_fast.config import ConfigError, save_config, to_dict
+from vtp_fast.config import ConfigError, UserError, save_config, to_dict
 from vtp_fast.data.emoji import STYLES, default_cache_dir, load_emoji, prepare_emoji
 from vtp_fast.data.pairs import (
     BadSample,
+    BadSampleCount,
     BatchShape,
     PairSet,
     ShardSource,
     StepBatches,
+    describe_pairs,
     emoji_pairs,
     normalize_u8,
     pick_decoder,
@@ -38,13 +40,22 @@ from vtp_fast.data.shards import emoji_samples as write_emoji_samples
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.plots import image_grid, plot_curves
 from vtp_fast.eval.probe import zero_shot_names
+from vtp_fast.losses.clip import clamp_logit_scale_
 from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.models.presets import vtp_config
 from vtp_fast.models.pretrained import load_pretrained, load_state_strict, save_pretrained
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import building_for
 from vtp_fast.train.checkpoint import Checkpointer
-from vtp_fast.train.common import MetricsLog, OptimConfig, autocast, pick_device, seed_everything
+from vtp_fast.train.common import (
+    MetricsLog,
+    OptimConfig,
+    autocast,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
 from vtp_fast.train.step import SSLConfig, Student, Teacher
 
@@ -180,7 +191,7 @@ class PretrainConfig:
             raise ConfigError("ssl.views.local_size: must be a multiple of the patch size 16")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Too many consecutive steps with non-finite losses; the last good checkpoint is kept."""
 
 
@@ -331,22 +342,47 @@ def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet | Shar
     return pairs, root
 
 
-def shard_eval_set(cfg: PretrainConfig, context_length: int) -> tuple[torch.Tensor, list[str]]:
-    """The first `data.eval_images` usable samples of the held-out shards: plain images and captions."""
-    source = ShardSource(ShardSet(cfg.data.eval_shards), cfg.data.image_size, context_length)
-    images, captions = [], []
+def no_eval_note(cfg: PretrainConfig) -> str:
+    """Why a run has no held-out metrics: evaluation runs on real held-out images only, never on noise."""
+    if cfg.data.synthetic:
+        return "synthetic data: no held-out PSNR or zero-shot (there are no real images to measure them on)"
+    return ("no data.eval_shards: no held-out PSNR or zero-shot; name held-out shards with data.eval_shards=... "
+            "to measure them (reconstructions.png shows training images)")
+
+
+def _usable(source: ShardSource, n: int) -> list[tuple[int, torch.Tensor]]:
+    """(index, plain uint8 image) of the first `n` usable samples of `source` (bad ones skipped)."""
+    found = []
     for i in range(len(source)):
         try:
             plain, _, _ = source.sample(i)
         except BadSample:
             continue
-        images.append(plain)
-        captions.append(source.shards[i].caption.decode("utf-8", errors="replace").strip())
-        if len(images) == cfg.data.eval_images:
+        found.append((i, plain))
+        if len(found) == n:
             break
-    if not images:
+    return found
+
+
+def first_images(pairs: PairSet | ShardSource, n: int) -> torch.Tensor:
+    """The first `n` usable training images (plain, uint8), for the reconstruction grid and the generative probe
+    of a run without held-out images."""
+    if not isinstance(pairs, ShardSource):
+        return pairs.images[:n]
+    found = _usable(pairs, n)
+    if not found:
+        raise ConfigError("data.shards: no usable sample in the training shards")
+    return torch.stack([plain for _, plain in found])
+
+
+def shard_eval_set(cfg: PretrainConfig, context_length: int) -> tuple[torch.Tensor, list[str]]:
+    """The first `data.eval_images` usable samples of the held-out shards: plain images and captions."""
+    source = ShardSource(ShardSet(cfg.data.eval_shards), cfg.data.image_size, context_length)
+    found = _usable(source, cfg.data.eval_images)
+    if not found:
         raise ConfigError(f"data.eval_shards: {cfg.data.eval_shards} holds no usable sample")
-    return torch.stack(images), captions
+    captions = [source.shards[i].caption.decode("utf-8").strip() for i, _ in found]  # usable: valid UTF-8
+    return torch.stack([plain for _, plain in found]), captions
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -432,6 +468,8 @@ def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -
             clip = t.cfg.optim.grad_clip
             grad_norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), clip if clip > 0 else float("inf"))
             t.optimizer.step()
+            if t.model.config.train_clip:
+                clamp_logit_scale_(t.model.logit_scale)  # open_clip's cap, outside the graph
         if t.teacher is not None:
             with t.student.probe.region("ema"):
                 t.teacher.update(t.student, sched["momentum"])
@@ -480,23 +518,24 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         pairs, root = load_pairs(cfg, t.model.config.text_context_length)
     if cfg.data.eval_shards:
         eval_u8, eval_captions = shard_eval_set(cfg, t.model.config.text_context_length)
-    elif root is None:  # synthetic data or shards without a held-out set: PSNR on unseen random images only
-        eval_u8 = synthetic_pairs(cfg.data.eval_images, cfg.data.image_size, 8, seed=cfg.run.seed + 1).images
-        eval_captions = None
+    elif root is None:  # synthetic data, or shards without a held-out set: no evaluation (never on noise)
+        eval_u8, eval_captions = None, None
     else:
         held_out = load_emoji(root, cfg.data.eval_styles)
         eval_idx = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[: cfg.data.eval_images]
         eval_u8, eval_captions = held_out.images[eval_idx], [held_out.captions[i] for i in eval_idx.tolist()]
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.run.keep_checkpoints)
-    start = 0
+    start, saved_rng, bad_count = 0, None, BadSampleCount()  # bad_count: distinct bad samples of the whole run
     resume_from = ckpt.resolve(cfg.run.resume)
     if resume_from is not None:
         state = Checkpointer.load(resume_from, t.model, t.modules())
         for name, opt in t.optimizers().items():
             dist.load_optimizer_state(opt, state[name])
-        torch.set_rng_state(state["rng_cpu"])
+        saved_rng = state.get("rng") or {"torch_cpu": state["rng_cpu"]}  # restored last, just before the loop
         start = int(state["step"])
+        if "bad_samples" in state:
+            bad_count.load_state_dict(state["bad_samples"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.sweep()
@@ -513,7 +552,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
             pick = torch.randperm(len(emoji), generator=torch.Generator().manual_seed(1))
             probe_data = probe_set(emoji.images[pick], emoji.labels[pick], emoji.category_names, cfg.run.probe_images)
         else:
-            probe_data = probe_set(eval_u8, None, None, cfg.run.probe_images)
+            probe_data = probe_set(eval_u8 if eval_u8 is not None else first_images(pairs, cfg.run.probe_images),
+                                   None, None, cfg.run.probe_images)
     from_shards = isinstance(pairs, ShardSource)
     decoder = pick_decoder(cfg.data.decoder) if from_shards else "torchvision"
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=world,
@@ -523,19 +563,22 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     on_gpu = decoder == "nvjpeg" or (decoder == "dali" and device.type == "cuda")  # decodes in this process
     loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
                         num_workers=0 if on_gpu else cfg.data.num_workers,
-                        pin_memory=device.type == "cuda" and not on_gpu)  # GPU-decoded batches are on the device
+                        pin_memory=device.type == "cuda" and not on_gpu,  # GPU-decoded batches are on the device
+                        generator=torch.Generator().manual_seed(cfg.run.seed))  # base seed: not from the global RNG
     n_params = sum(p.numel() for p in t.model.parameters())
     if main:
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {device} x{world}; "
-              f"{len(pairs)} pairs ({describe_data(cfg)}; decoder {decoder if from_shards else 'none'}); "
+              f"{describe_pairs(pairs)} ({describe_data(cfg)}; decoder {decoder if from_shards else 'none'}); "
               f"batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{'resuming at step ' + str(start) + ' from ' + str(resume_from) if resume_from else 'from scratch'}"
               f" -> {out}")
+        if eval_u8 is None:
+            print(f"vtp-fast pretrain: {no_eval_note(cfg)}")
         skipped = dict(getattr(pairs, "skipped", None) or getattr(getattr(pairs, "shards", None), "problems", {}))
         if any(skipped.values()):
             log.write(step=start, **{f"skipped_{k}": v for k, v in skipped.items()})
-    if start == 0:
+    if start == 0 and eval_u8 is not None:
         model = t.plain_model()
         if main:
             log.write(step=0, **evaluate(model, eval_u8, eval_captions, device))
@@ -544,10 +587,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     bad_streak, last_eval = 0, {}
     bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", unit="step", disable=not main, dynamic_ncols=True)
     it, tic, images_seen = iter(loader), time.perf_counter(), 0
-    bad_samples = 0
+    if saved_rng is not None:  # last, after everything above that may draw: the run continues the saved streams
+        set_rng_state(saved_rng)
     for step in range(start, cfg.run.steps):
         micro = [next(it) for _ in range(cfg.batch.accumulation)]
-        bad_samples += sum(int(b.pop("bad_samples")) for b in micro)
+        for b in micro:
+            bad_count.update(b)
         micro = [to_device(b, device) for b in micro]
         sched = schedules(cfg, step)
         logs, finite = train_step(t, micro, sched)
@@ -568,12 +613,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         bad_streak = 0
         if done % cfg.run.log_every == 0 or done == cfg.run.steps:
             values = {k: (dist.all_reduce_sum(v.float().clone()) / world).item() for k, v in logs.items()}
+            bad_count.sync()
             elapsed = time.perf_counter() - tic
             losses = set(t.objective.weights) | {"total", "disc"}
             row = {**{f"loss/{k}" if k in losses else k: v for k, v in values.items()},
                    **{k: v for k, v in sched.items() if k != "step"},
                    "images_per_s": images_seen / elapsed, "memory_mb": memory_mb(device),
-                   "data/bad_samples": bad_samples}
+                   **bad_count.metrics()}
             tic, images_seen = time.perf_counter(), 0
             if main:
                 log.write(step=done, **row)
@@ -581,7 +627,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
                 bar.set_postfix(loss=f"{values['total']:.3f}", img_s=f"{row['images_per_s']:.0f}",
                                 **{k: f"{v:.3f}" for k, v in last_eval.items() if k in ("zero_shot_top1",)})
         side_work = time.perf_counter()  # evaluation, probe and checkpoint time stays out of images_per_s
-        if done % cfg.run.eval_every == 0 or done == cfg.run.steps:
+        if eval_u8 is not None and (done % cfg.run.eval_every == 0 or done == cfg.run.steps):
             model = t.plain_model()
             if main:
                 last_eval = evaluate(model, eval_u8, eval_captions, device)
@@ -602,9 +648,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
             model_state = dist.full_state_dict(t.model)  # every rank: gathering FSDP shards is collective
             modules = {name: dist.full_state_dict(m) for name, m in t.modules().items()}
             optim_states = {name: dist.full_optimizer_state(opt) for name, opt in t.optimizers().items()}
+            bad_count.sync()
             if main:
                 ckpt.save(done, t.model, model_state, modules, {
-                    "step": done, **optim_states, "rng_cpu": torch.get_rng_state(), "config": to_dict(cfg)})
+                    "step": done, **optim_states, "rng": rng_state(), "config": to_dict(cfg),
+                    "bad_samples": bad_count.state_dict()})
             dist.barrier()
         tic += time.perf_counter() - side_work
         bar.update(1)
@@ -612,7 +660,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
     if tb is not None:
         tb.close()
     model = t.plain_model()
-    return _finish(model, cfg, out, log, eval_u8, t.device) if main else {}
+    if not main:
+        return {}
+    return _finish(model, cfg, out, log, eval_u8 if eval_u8 is not None else first_images(pairs, 12), t.device,
+                   note=None if eval_u8 is not None else no_eval_note(cfg))
 
 
 def describe_data(cfg: PretrainConfig) -> str:
@@ -639,10 +690,12 @@ def _tb_write(tb, step: int, row: dict) -> None:
                 tb.add_scalar(k, v, step)
 
 
-def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8: torch.Tensor,
-            device: torch.device) -> dict[str, Path]:
+def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, shown_u8: torch.Tensor,
+            device: torch.device, note: str | None = None) -> dict[str, Path]:
+    """Export, plots and the summary. `shown_u8`: the images of the reconstruction grid (held-out ones, or training
+    images when the run has no held-out set, which `note` then says)."""
     model.eval()
-    shown = normalize_u8(eval_u8[:12]).to(device)
+    shown = normalize_u8(shown_u8[:12]).to(device)
     with torch.no_grad():
         recon = model.denormalize(model.decode(model.encode(shown))).clamp(0, 1)
     loss_series = {k.removeprefix("loss/"): log.series(k) for k in sorted({k for r in log.read() for k in r})
@@ -651,11 +704,13 @@ def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8
         "checkpoint": save_pretrained(model, out / "checkpoint"),
         "reconstructions": image_grid([model.denormalize(shown).clamp(0, 1), recon], out / "reconstructions.png"),
         "loss_curves": plot_curves(loss_series, out / "loss.png", title=f"pretrain {cfg.model.preset}: loss terms"),
-        "psnr_curve": plot_curves({"held-out PSNR (dB)": log.series("eval_psnr")}, out / "psnr.png",
-                                  title="held-out reconstruction PSNR", ylabel="dB", log_y=False),
         "metrics": log.path,
         "config": out / "config.yaml",
     }
+    rows = [r for r in log.read() if "eval_psnr" in r]
+    if rows:
+        paths["psnr_curve"] = plot_curves({"held-out PSNR (dB)": log.series("eval_psnr")}, out / "psnr.png",
+                                          title="held-out reconstruction PSNR", ylabel="dB", log_y=False)
     if log.series("zero_shot_top1")[0]:
         paths["zero_shot_curve"] = plot_curves(
             {"top-1": log.series("zero_shot_top1"), "top-5": log.series("zero_shot_top5"),
@@ -663,9 +718,11 @@ def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, eval_u8
             title="zero-shot accuracy on the held-out style (emoji names)", ylabel="accuracy", log_y=False)
     if cfg.run.tensorboard and (out / "tb").exists():
         paths["tensorboard"] = out / "tb"
-    rows = [r for r in log.read() if "eval_psnr" in r]
-    summary = f"held-out PSNR {rows[0]['eval_psnr']:.2f} -> {rows[-1]['eval_psnr']:.2f} dB"
-    if "zero_shot_top1" in rows[-1]:
+    if not rows:
+        summary = note or "no held-out evaluation"
+    else:
+        summary = f"held-out PSNR {rows[0]['eval_psnr']:.2f} -> {rows[-1]['eval_psnr']:.2f} dB"
+    if rows and "zero_shot_top1" in rows[-1]:
         summary += (f"; zero-shot top-1 {rows[0]['zero_shot_top1']:.3f} -> {rows[-1]['zero_shot_top1']:.3f} "
                     f"(chance {rows[-1]['zero_shot_chance']:.4f}), top-5 {rows[-1]['zero_shot_top5']:.3f}")
     print(summary)
