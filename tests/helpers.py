@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from vtp_fast.data.emoji import STYLES
 
@@ -40,3 +43,21 @@ def make_prepared_emoji(root: Path, size: int = 64, styles=STYLES) -> Path:
         (root / f"index_{style}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "manifest.json").write_text(json.dumps({"format": 1, "size": size, "categories": sorted(SHAPES)}))
     return root
+
+
+def random_png(rng: np.random.Generator, side: int) -> bytes:
+    """A PNG of uniform random RGB pixels, side x side."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_with_bad_pixels(seed: int = 0) -> bytes:
+    """A PNG whose chunks all pass their CRC but whose compressed pixels are garbage: only a decoder notices."""
+    rng = np.random.default_rng(seed)
+    data = bytearray(random_png(rng, 24))
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    data[at + 4:at + 4 + length] = rng.integers(0, 255, length, dtype=np.uint8).tobytes()
+    data[at + 4 + length:at + 8 + length] = zlib.crc32(bytes(data[at:at + 4 + length])).to_bytes(4, "big")
+    return bytes(data)

@@ -1,16 +1,15 @@
 """Issue 10, end to end: pretraining on shards that hold corrupt PNGs starts, is interrupted and resumes with
 `--resume auto` under every decoder, and the distinct bad-sample count continues across the resume."""
 
-import io
 import json
 import shutil
 import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.data.test_decoders import _png_with_bad_pixels, require_dali
+from tests.data.test_decoders import require_dali
+from tests.helpers import png_with_bad_pixels, random_png
 from vtp_fast.config import load_config
 from vtp_fast.data.shards import Sample, write_shards
 from vtp_fast.train.pretrain import PretrainConfig, pretrain
@@ -25,13 +24,9 @@ SMALL = ["model.preset=vtp-nano", "data.image_size=32", "data.eval_images=4", "b
 @pytest.fixture(scope="module")
 def corrupt_shards(tmp_path_factory):
     rng = np.random.default_rng(0)
-    samples = []
-    for i in range(12):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
-        samples.append(Sample(buf.getvalue(), "png", f"a picture number {i}"))
+    samples = [Sample(random_png(rng, 40), "png", f"a picture number {i}") for i in range(12)]
     samples[2] = Sample(samples[2].image[: len(samples[2].image) // 2], "png", "a truncated png")
-    samples[7] = Sample(_png_with_bad_pixels(), "png", "a png with garbage pixels")
+    samples[7] = Sample(png_with_bad_pixels(), "png", "a png with garbage pixels")
     samples[10] = Sample(samples[10].image, "png", None)
     out = tmp_path_factory.mktemp("corrupt")
     write_shards(samples, out, per_shard=5, progress=False)

@@ -3,7 +3,6 @@ pixels that agree in geometry and statistics (DALI's resampling and colour opera
 
 import io
 import warnings
-import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from PIL import Image
 
 from bench.bench_data import synthetic_jpegs
 from tests.data.test_shards import _zoo
+from tests.helpers import png_with_bad_pixels, random_png
 from vtp_fast import optional
 from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.pairs import BAD_KINDS, BadSampleCount, BatchShape, ShardSource, StepBatches, pick_decoder
@@ -79,19 +79,6 @@ def test_dali_path_survives_the_bad_data_zoo(tmp_path):
     assert not set(batch["ids"].tolist()) & set(bad)
 
 
-def _png_with_bad_pixels(seed=0) -> bytes:
-    """A PNG whose chunks all pass their CRC but whose compressed pixels are garbage: only a decoder notices."""
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    at = data.index(b"IDAT")
-    length = int.from_bytes(data[at - 4:at], "big")
-    data[at + 4:at + 4 + length] = rng.integers(0, 255, length, dtype=np.uint8).tobytes()
-    data[at + 4 + length:at + 8 + length] = zlib.crc32(bytes(data[at:at + 4 + length])).to_bytes(4, "big")
-    return bytes(data)
-
-
 @pytest.mark.parametrize("decoder", ["torchvision", "dali", pytest.param("nvjpeg", marks=pytest.mark.cuda)])
 def test_a_run_over_corrupt_pngs_starts_and_resumes_with_every_decoder(tmp_path, decoder):
     """The crash of issue 10: DALI failed on a corrupt PNG, the batch fell back to PIL and the run died (rc 139) on
@@ -101,13 +88,9 @@ def test_a_run_over_corrupt_pngs_starts_and_resumes_with_every_decoder(tmp_path,
     if decoder == "dali":
         require_dali()
     rng = np.random.default_rng(1)
-    samples = []
-    for i in range(16):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
-        samples.append(Sample(buf.getvalue(), "png", f"caption {i}"))
+    samples = [Sample(random_png(rng, 24), "png", f"caption {i}") for i in range(16)]
     samples[3] = Sample(samples[3].image[:60], "png", "truncated")
-    samples[9] = Sample(_png_with_bad_pixels(), "png", "garbage pixels")
+    samples[9] = Sample(png_with_bad_pixels(), "png", "garbage pixels")
     write_shards(samples, tmp_path, per_shard=6, progress=False)
     source = ShardSource(ShardSet(str(tmp_path)), 16, 16)
     views = ViewConfig(global_size=16, local_size=16, local_crops=1)

@@ -50,37 +50,39 @@ CASES = [  # (B, H, N, D, causal, rope grid or None); the interpreter's tiles ar
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_reference_against_float64(dtype):
-    """The pure-PyTorch reference (the yardstick of every backend) against the same formula in float64: outputs and
-    gradients within 1e-5 (fp32) / 5e-3 (fp16) of each tensor's largest entry (at least 1; measured: 7e-7 and 1e-3
-    over CASES)."""
-    tol = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
-    for b, h, n, d, causal, grid in CASES:
-        gen = torch.Generator().manual_seed(n * 31 + d)
-        q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
-        rope = rope_tables(*grid, d, "fp32") if grid else None
-        truth = run(attention_ref, q.double(), k.double(), v.double(), causal=causal,
-                    rope=(rope[0].double(), rope[1].double()) if rope else None)
-        ref = run(attention_ref, q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, rope=rope)
-        for what, r, t in zip(("out", "dq", "dk", "dv"), ref, truth, strict=True):
-            err = ((r.double() - t).abs().max() / t.abs().max().clamp_min(1.0)).item()  # dq is 0 at one token
-            assert err <= tol, f"{(b, h, n, d, causal, grid)} {what}: relative error {err:.3g}"
-
-
-@pytest.mark.parametrize("name", CPU_BACKENDS + [TRITON])
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[:4]}-causal{c[4]}-rope{c[5]}" for c in CASES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dense_outputs_and_gradients(name, case, dtype):
+def _inputs_and_reference(case: tuple, dtype: torch.dtype):
+    """q, k, v (fp32), the rope tables, and the reference's (out, dq, dk, dv) in float64 (truth) and in dtype."""
     b, h, n, d, causal, grid = case
-    if name == "sdpa" and dtype == torch.float16:
-        pytest.skip("CPU SDPA fp16 is not a supported configuration")
     gen = torch.Generator().manual_seed(n * 31 + d)
     q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
     rope = rope_tables(*grid, d, "fp32") if grid else None
     truth = run(attention_ref, q.double(), k.double(), v.double(), causal=causal,
                 rope=(rope[0].double(), rope[1].double()) if rope else None)
     ref = run(attention_ref, q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, rope=rope)
+    return q, k, v, rope, truth, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_against_float64(dtype):
+    """The pure-PyTorch reference (the yardstick of every backend) against the same formula in float64: outputs and
+    gradients within 1e-5 (fp32) / 5e-3 (fp16) of each tensor's largest entry (at least 1; measured: 7e-7 and 1e-3
+    over CASES)."""
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    for case in CASES:
+        _, _, _, _, truth, ref = _inputs_and_reference(case, dtype)
+        for what, r, t in zip(("out", "dq", "dk", "dv"), ref, truth, strict=True):
+            err = ((r.double() - t).abs().max() / t.abs().max().clamp_min(1.0)).item()  # dq is 0 at one token
+            assert err <= tol, f"{case} {what}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS + [TRITON])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[:4]}-causal{c[4]}-rope{c[5]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_outputs_and_gradients(name, case, dtype):
+    causal = case[4]
+    if name == "sdpa" and dtype == torch.float16:
+        pytest.skip("CPU SDPA fp16 is not a supported configuration")
+    q, k, v, rope, truth, ref = _inputs_and_reference(case, dtype)
     got = run(impl(name).attention, q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, rope=rope)
     for what, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth, strict=True):
         assert g.shape == r.shape and g.dtype == dtype
