@@ -101,6 +101,17 @@ def launch(kernel, grid: tuple, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
+def split_reduction(programs: int, length: int, granule: int, x) -> tuple[int, int]:
+    """Split a reduced dimension of `length` into ranges so that `programs` x splits programs fill the device
+    (2 per SM; 4 in all under the interpreter, so that tests reach the merge of the partial results).
+
+    Returns (splits, span): ranges [j * span, (j + 1) * span), each non-empty, span a multiple of `granule`."""
+    target = 4 if gpu_arch(x) is None else 2 * sm_count(x.device)
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(length, granule)))
+    span = triton.cdiv(triton.cdiv(length, splits), granule) * granule
+    return triton.cdiv(length, span), span
+
+
 def _current() -> int:
     import torch
 

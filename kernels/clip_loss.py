@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from vtp_fast.kernels import gpu_arch, launch, loop_bound, sm_count
+from vtp_fast.kernels import gpu_arch, launch, loop_bound, sm_count, split_reduction
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,6 @@ def backward(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, a
     (n, dim), big_n = image.shape, all_image.shape[0]
     cfg = _configs(image)
     where = "cpu" if gpu_arch(image) is None else "gpu"
-    target = 4 if where == "cpu" else 2 * sm_count(image.device)  # programs that fill the GPU; 4: tests split
     granule = GRANULE[where]
     chunk = min(big_n, max(granule, CHUNK_ELEMENTS[where] // (2 * n) // granule * granule))  # columns
     buf = torch.empty(2 * n * chunk, dtype=image.dtype, device=image.device)  # per chunk: (2, n, cols)
@@ -290,9 +289,7 @@ def backward(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, a
         # dq += chunk @ k[c0:c0 + cols], the contraction split into ranges that fill the GPU, fp32 partials
         c = cfg.dq
         tiles = triton.cdiv(n, c.block_m) * triton.cdiv(dim, c.block_d)
-        splits = max(1, min(triton.cdiv(target, 2 * tiles), triton.cdiv(cols, granule)))
-        span = triton.cdiv(triton.cdiv(cols, splits), granule) * granule
-        splits = triton.cdiv(cols, span)
+        splits, span = split_reduction(2 * tiles, cols, granule, image)  # 2 * tiles: both directions
         dq = torch.empty((2, splits, n, dim), dtype=torch.float32, device=image.device)
         launch(_matmul_kernel, (tiles, splits, 2), buf, all_text[c0:c0 + cols], all_image[c0:c0 + cols], dq[0],
                dq[1], coef, n, cols, dim, span, cols, 1,

@@ -30,7 +30,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from vtp_fast.kernels import SMEM_LIMIT, gpu_arch, launch, loop_bound, sm_count
+from vtp_fast.kernels import SMEM_LIMIT, gpu_arch, launch, loop_bound, split_reduction
 
 LOG2E = math.log2(math.e)
 # Split ranges and K chunks are multiples of every loop block a launch may use, so only the tensor's end is ragged.
@@ -328,14 +328,8 @@ def _where(x: torch.Tensor) -> str:
 
 
 def _split(blocks: int, length: int, x: torch.Tensor) -> tuple[int, int]:
-    """Split a reduced dimension of `length` so that `blocks` x splits programs fill the device.
-
-    Returns (splits, span): ranges [j * span, (j + 1) * span), each non-empty, span a multiple of the granule."""
-    granule = GRANULE[_where(x)]
-    target = 4 if gpu_arch(x) is None else 2 * sm_count(x.device)  # 4 on CPU: tests reach the merge
-    splits = max(1, min(triton.cdiv(target, blocks), triton.cdiv(length, granule)))
-    span = triton.cdiv(triton.cdiv(length, splits), granule) * granule
-    return triton.cdiv(length, span), span
+    """(splits, span) of a reduced dimension of `length` for `blocks` programs (kernels.split_reduction)."""
+    return split_reduction(blocks, length, GRANULE[_where(x)], x)
 
 
 def _launch(plain, tuned, grid: tuple[int, int], args: tuple, x: torch.Tensor, meta: dict, tuned_name: str) -> None:
