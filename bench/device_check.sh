@@ -350,9 +350,9 @@ profile() {
 report() {
   [ -s "$ROWS" ] || { say "  no rows"; return 1; }
   TAIL=3 run "$PY" - "$ROWS" "$WORK" "$OUT/attention.png" <<'PYEOF'
-import contextlib, json, sys, traceback
+import contextlib, sys, traceback
 from vtp_fast import cli
-from vtp_fast.benchmark import plot_scaling
+from vtp_fast.benchmark import plot_scaling, read_rows
 
 rows_path, work, plot_path = sys.argv[1:]
 for name, argv in (("rows", ["bench", "--report", rows_path]), ("model", ["bench", "--model", "--report", rows_path])):
@@ -361,12 +361,7 @@ for name, argv in (("rows", ["bench", "--report", rows_path]), ("model", ["bench
             cli.main(argv)
         except Exception:  # noqa: BLE001 - one table missing must not cost the others
             traceback.print_exc(file=sys.stderr)
-rows = []
-for line in open(rows_path):
-    try:
-        rows.append(json.loads(line))
-    except json.JSONDecodeError:  # a line cut short by a stage's time limit
-        pass
+rows, _ = read_rows([rows_path])  # a line cut short by a stage's time limit is skipped
 picked = [r for r in rows if r.get("bench") == "attention" and r.get("case") == "rope" and r.get("pass") == "fwd+bwd"
           and r.get("tflop_per_s")]
 if not picked:

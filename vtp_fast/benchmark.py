@@ -189,6 +189,25 @@ def resolved_backends(*modules: torch.nn.Module) -> str:
     return ", ".join(f"{op}={'/'.join(sorted(names))}" for op, names in sorted(found.items())) or "no registry ops"
 
 
+def read_rows(paths: Sequence[str | Path]) -> tuple[list[dict], int]:
+    """(JSONL rows of the files, lines skipped): a line that is not a JSON object (the last line of a run stopped
+    while writing it) is skipped and counted."""
+    rows, skipped = [], 0
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                skipped += 1
+    return rows, skipped
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):

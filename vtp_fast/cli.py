@@ -283,19 +283,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(report(args.report, bench_dir() / "results" / "h200"))
         return 0
     import importlib.util
-    import json
 
     import torch
 
-    from vtp_fast.benchmark import markdown_table, row_writer
+    from vtp_fast.benchmark import markdown_table, read_rows, row_writer
 
     if args.report:
-        rows, broken = [], 0
-        for line in (line for f in args.report for line in Path(f).read_text().splitlines() if line.strip()):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # the last line of a run stopped while writing it
-                broken += 1
+        rows, broken = read_rows(args.report)
         columns = [c for c in ("bench", "op", "case", "pass", "mode", "device", "backend", "shape", "dtype",
                                "median_ms", "gb_per_s", "tflop_per_s", "images_per_s", "peak_mem_mb", "error",
                                "device_name", "git")

@@ -36,7 +36,7 @@ WORK schema (kernels/<op>.py): WORK = {"fwd": {...}, "bwd": {...}}, each pass a 
   backward's delta = rowsum(dO * O) through fp32 copies); clip_loss "recomputes" and "block_d" (that many of the
   backward's gemms rebuild the logits, each once per block_d-wide chunk of E; 0: all of E in one chunk).
 
-Nothing here needs a GPU or torch; only reading WORK imports the kernel modules (torch, triton).
+Nothing here needs a GPU; torch is imported only to read WORK (the kernel modules) and measured rows (`report`).
 """
 
 from __future__ import annotations
@@ -459,20 +459,6 @@ def latest_results(folder: str | Path) -> Path | None:
     return files[-1] if files else None
 
 
-def read_rows(paths: Iterable[str | Path]) -> list[dict]:
-    """JSONL rows of the given files; a line that is not a JSON object (a run cut short) is skipped."""
-    rows = []
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------- the table
 def _fmt(v: object, digits: int = 3) -> str:
     if v is None:
@@ -519,7 +505,9 @@ def report(files: Sequence[str | Path] | None = None, folder: str | Path | None 
     if not paths and folder is not None:
         latest = latest_results(folder)
         paths = [latest] if latest else []
-    measured = [m for m in (estimate_bench_row(r) for r in read_rows(paths)) if m is not None]
+    from vtp_fast.benchmark import read_rows
+
+    measured = [m for m in (estimate_bench_row(r) for r in read_rows(paths)[0]) if m is not None]
     by_key = {m["_spec"]: m for m in measured if m["_spec"][4] == "dense"}
     rows = model_rows(PASSES + ("fwd+bwd",))
     for r in rows:
