@@ -137,7 +137,7 @@ def _pixel_shuffle_l1(b: int, side: int, p: int) -> Callable[[torch.dtype], None
 
 # op -> [(case name, dtypes it accepts, case, in the CI subset)]; shapes are the training shapes of VTP-B/L at
 # 256 px (257 tokens of 12/16 heads of 64), a 16k-gathered CLIP batch, a 65,536-prototype DINO head.
-ALL_DTYPES = ("float32", "float16", "bfloat16")
+ALL_DTYPES = tuple(DTYPES)
 CASES: dict[str, list[tuple[str, tuple[str, ...], Callable[[torch.dtype], None], bool]]] = {
     "attention": [
         ("B64 H12 N257 d64 rope", ALL_DTYPES, _attention(64, 12, 16, 64, rope=True, varlen=False), True),

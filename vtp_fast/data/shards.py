@@ -90,7 +90,7 @@ def scan_tar(path: Path) -> tuple[list[list[tuple[str, int, int, str]]], str | N
                     if groups and stem == last:  # the cut member belongs to the last sample: incomplete
                         groups.pop()
                     break
-                end = m.offset_data + -(-m.size // 512) * 512
+                end = _member_end(m.offset_data, m.size)
                 if stem is None:  # no extension, or a hidden file
                     continue
                 ext = m.name[dot + 1:]
@@ -104,6 +104,11 @@ def scan_tar(path: Path) -> tuple[list[list[tuple[str, int, int, str]]], str | N
         # members before the damage are whole; nothing but part of a header after them: the file was cut there
         damage = "truncated_shard" if size - end < 1024 else "damaged_shard"
     return groups, damage or _end_damage(groups, end, size)
+
+
+def _member_end(offset: int, size: int) -> int:
+    """Where a tar member whose data starts at `offset` ends: its data padded to whole 512-byte blocks."""
+    return offset + -(-size // 512) * 512
 
 
 def _end_damage(groups: list, end: int, size: int) -> str | None:
@@ -230,7 +235,7 @@ class ShardSet:
             else:  # the index of a tar cut off later names members past its end: the samples before the cut stay
                 size = path.stat().st_size
                 whole = [x for x in g if all(o + n <= size for _, o, n, _ in x)]
-                end = max((o + -(-n // 512) * 512 for x in whole for _, o, n, _ in x), default=0)
+                end = max((_member_end(o, n) for x in whole for _, o, n, _ in x), default=0)
                 damage = "truncated_shard" if len(whole) < len(g) else _end_damage(whole, end, size)
                 g = whole
             usable = [x for x in g if any(e in IMAGE_EXTS for e, *_ in x)]
