@@ -258,6 +258,20 @@ def test_perceptual_without_weights_refuses_with_instructions(tmp_path, monkeypa
     assert ReconstructionLoss(perceptual=False).lpips is None
 
 
+def test_mse_term_is_the_pixel_mse_of_the_shuffled_tokens_and_weighted_inside_l_rec():
+    from vtp_fast.losses.objective import ObjectiveConfig
+    from vtp_fast.ops.pixel_shuffle_l1 import pixel_shuffle_ref
+
+    g = gen(3)
+    x = torch.randn(2, 3, 32, 64, generator=g)
+    tokens = torch.randn(2, 8, 3 * 16 * 16, generator=g)  # a 2x4 grid of 16x16 patches
+    out = ReconstructionLoss(perceptual=False, mse=True)(tokens, x)
+    assert out["rec_mse"].item() == pytest.approx(F.mse_loss(pixel_shuffle_ref(tokens, (2, 4), 16), x).item())
+    assert "rec_mse" not in ReconstructionLoss(perceptual=False)(tokens, x)
+    w = ObjectiveConfig(rec=0.1, mse=2.0).term_weights()
+    assert w["rec_mse"] == pytest.approx(0.2) and ObjectiveConfig().term_weights()["rec_mse"] == 0  # published: off
+
+
 @pytest.fixture
 def lpips_files(tmp_path):
     """A VGG16 state dict (random weights, torchvision's layout) and LPIPS heads in the lpips package layout."""

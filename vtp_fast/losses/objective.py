@@ -9,12 +9,13 @@ from torch import Tensor
 
 from vtp_fast.config import ConfigError
 
-TERMS = ("rec_l1", "rec_lpips", "clip", "dino", "ibot", "koleo", "gan")
+TERMS = ("rec_l1", "rec_mse", "rec_lpips", "clip", "dino", "ibot", "koleo", "gan")
 
 
 @dataclass
 class ObjectiveConfig:
-    """Published weighting: 0.1 * L_rec + 1 * L_ssl + 1 * L_clip, with L_rec = L1 + perceptual * LPIPS and
+    """Published weighting: 0.1 * L_rec + 1 * L_ssl + 1 * L_clip, with L_rec = L1 + mse * MSE + perceptual * LPIPS
+    (published: mse 0) and
     L_ssl = dino * L_dino + ibot * L_ibot + koleo * L_koleo (DINOv2's weights)."""
 
     rec: float = 0.1
@@ -22,22 +23,23 @@ class ObjectiveConfig:
     ssl: float = 1.0
     perceptual: float = 1.0  # LPIPS inside L_rec; needs VGG weights (see vtp_fast.losses.reconstruction)
     lpips_vgg_path: str | None = None
+    mse: float = 0.0  # a pixel MSE term inside L_rec (not published): reconstruction without LPIPS weights (CPU)
     dino: float = 1.0
     ibot: float = 1.0
     koleo: float = 0.1
     gan: float = 0.0  # stage 2: weight of the adversarial term (on top of VQGAN's adaptive weight)
 
     def validate(self) -> None:
-        for key in ("rec", "clip", "ssl", "perceptual", "dino", "ibot", "koleo", "gan"):
+        for key in ("rec", "clip", "ssl", "perceptual", "mse", "dino", "ibot", "koleo", "gan"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}: weights must be >= 0, got {getattr(self, key)}")
         if self.rec == 0:
             raise ConfigError("objective.rec: must be > 0 (a tokenizer needs its decoder; the latent is the point)")
 
     def term_weights(self) -> dict[str, float]:
-        return {"rec_l1": self.rec, "rec_lpips": self.rec * self.perceptual, "clip": self.clip,
-                "dino": self.ssl * self.dino, "ibot": self.ssl * self.ibot, "koleo": self.ssl * self.koleo,
-                "gan": self.gan}
+        return {"rec_l1": self.rec, "rec_mse": self.rec * self.mse, "rec_lpips": self.rec * self.perceptual,
+                "clip": self.clip, "dino": self.ssl * self.dino, "ibot": self.ssl * self.ibot,
+                "koleo": self.ssl * self.koleo, "gan": self.gan}
 
 
 class Objective:

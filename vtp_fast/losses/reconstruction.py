@@ -1,4 +1,4 @@
-"""Reconstruction loss: L1 plus a perceptual term (LPIPS-VGG) in pixel space.
+"""Reconstruction loss: L1 plus a perceptual term (LPIPS-VGG) in pixel space, and optionally a pixel MSE term.
 
 LPIPS needs two sets of weights: torchvision's VGG16 backbone (`vgg16-397923af.pth`, from a configured path or
 the torch hub cache) and the LPIPS linear heads (shipped by the `lpips` package). Neither can be downloaded at
@@ -73,16 +73,17 @@ class LPIPS(nn.Module):
 
 
 class ReconstructionLoss(nn.Module):
-    """forward(tokens, target) -> {'rec_l1': L1 in the model's normalised space, 'rec_lpips': LPIPS in pixels}.
+    """forward(tokens, target) -> {'rec_l1': L1 in the model's normalised space, 'rec_mse': MSE in that space
+    (with `mse`), 'rec_lpips': LPIPS in pixels (with `perceptual`)}.
 
     tokens: the pixel decoder's pre-shuffle output (n, h * w, 3 * p * p); target: images (n, 3, h * p, w * p) in
     the ImageNet-normalised input space. The L1 term goes through the fused pixel-shuffle + L1 op, so the
     reconstruction is only assembled as an image when LPIPS (or the caller, via `image`) needs it.
     """
 
-    def __init__(self, perceptual: bool, vgg_path: str | None = None, patch: int = 16):
+    def __init__(self, perceptual: bool, vgg_path: str | None = None, patch: int = 16, mse: bool = False):
         super().__init__()
-        self.patch = patch
+        self.patch, self.mse = patch, mse
         self.shuffle = pixel_shuffle_op.OP.resolve()
         self.lpips = None
         if perceptual:
@@ -107,8 +108,12 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, tokens: Tensor, target: Tensor) -> dict[str, Tensor]:
         out = {"rec_l1": self.shuffle.impl.pixel_shuffle_l1(tokens, target, self.patch)}
+        if self.lpips is None and not self.mse:
+            return out
+        recon = self.image(tokens, (target.shape[2] // self.patch, target.shape[3] // self.patch))
+        if self.mse:
+            out["rec_mse"] = (recon.float() - target.float()).square().mean()
         if self.lpips is not None:
-            recon = self.image(tokens, (target.shape[2] // self.patch, target.shape[3] // self.patch))
             to_pm1 = lambda x: (x * self.std + self.mean) * 2 - 1  # noqa: E731 - normalised -> [-1, 1]
             out["rec_lpips"] = self.lpips(to_pm1(recon).float(), to_pm1(target).float()).mean()
         return out

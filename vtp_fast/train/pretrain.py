@@ -402,7 +402,7 @@ def adversarial_term(t: Trainer, terms: dict, active: bool) -> None:
     t.disc.requires_grad_(False)
     gen = generator_hinge(t.disc(recon))
     t.disc.requires_grad_(True)
-    rec = sum(t.objective.weights[k] * terms[k] for k in ("rec_l1", "rec_lpips") if k in t.objective)
+    rec = sum(t.objective.weights[k] * terms[k] for k in ("rec_l1", "rec_mse", "rec_lpips") if k in t.objective)
     weight = adaptive_weight(rec, gen, t.model.pixel_decoder.proj_out.weight)
     terms["gan"] = weight * gen
     terms["gan_weight"] = weight  # logged only (not an objective term)

@@ -82,7 +82,8 @@ class Student(nn.Module):
             self.koleo_loss = KoLeoLoss()
         if self.uses_clip:
             self.clip_loss = ClipLoss()
-        self.rec_loss = ReconstructionLoss("rec_lpips" in objective, lpips_vgg_path, model.config.vision_patch_size)
+        self.rec_loss = ReconstructionLoss("rec_lpips" in objective, lpips_vgg_path, model.config.vision_patch_size,
+                                           mse="rec_mse" in objective)
         self.expose_recon = "gan" in objective  # the adversarial term needs the reconstructions
         if freeze_encoder:
             for name, p in model.named_parameters():
