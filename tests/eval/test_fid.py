@@ -39,12 +39,15 @@ def _noise(n: int, seed: int, size: int = 32) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sets(cache):
-    """Two clearly different sets (uniform noise, black) and their features, extracted once."""
+    """Two clearly different sets (uniform noise, black) and their features, extracted once with the default
+    precision, and (``f_*32``) with the exact fp32 path torch-fidelity itself runs."""
     noise = _noise(3, 0)
     black = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
     kw = {"device": "cpu", "cache_dir": cache, "progress": False}
     return {"noise": noise, "black": black, "f_noise": F.inception_features(noise, **kw),
-            "f_black": F.inception_features(black, **kw)}
+            "f_black": F.inception_features(black, **kw),
+            "f_noise32": F.inception_features(noise[:2], **kw, precision="fp32"),
+            "f_black32": F.inception_features(black[:2], **kw, precision="fp32")}
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -52,7 +55,7 @@ def test_converted_inception_matches_torchscript(cache, ts_model):
     """torch-fidelity's network with the converted weights == the fid-helper TorchScript network, on 299x299
     inputs (so torch-fidelity's resize is the identity) mapped to [-1, 1) the same way ((x - 128) / 128)."""
     x = _noise(2, 1, size=299)
-    (ours,) = F.feature_extractor("cpu", cache, progress=False)(x)
+    (ours,) = F.feature_extractor("cpu", cache, progress=False, precision="fp32")(x)
     with torch.no_grad():
         ref = ts_model((x.float() - 128) / 128)
     assert ours.shape == ref.shape == (2, 2048)
@@ -66,8 +69,9 @@ def test_converted_state_dict_layout(cache):
     state = torch.load(F.inception_weights(cache, progress=False), map_location="cpu", weights_only=True)
     bn_gammas = [v for k, v in state.items() if k.endswith(".bn.weight")]
     assert len(bn_gammas) == F.N_CONVS and all(bool((g == 1).all()) for g in bn_gammas)  # TF graph: no gamma
-    assert all(abs(m.eps - 1e-3) < 1e-12 for m in F.feature_extractor("cpu", cache, progress=False).modules()
-               if isinstance(m, torch.nn.BatchNorm2d))
+    bns = [m for m in F.feature_extractor("cpu", cache, progress=False, precision="fp32").modules()
+           if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == F.N_CONVS and all(abs(m.eps - 1e-3) < 1e-12 for m in bns)
     assert torch.isnan(state["fc.weight"]).all() and state["fc.weight"].shape == (1008, 2048)  # no logits
 
 
@@ -245,7 +249,7 @@ def test_compute_fid_kid_matches_torch_fidelity(sets, cache):
         input1=F.Uint8ImageDataset(real), input2=F.Uint8ImageDataset(fake), kid=True, kid_subset_size=2,
         kid_subsets=3, cuda=False, verbose=False, cache=False, save_cpu_ram=True,
         **F.torch_fidelity_kwargs(cache, progress=False))["kernel_inception_distance_mean"]
-    ours = kid_features_to_metric(sets["f_noise"][:2], sets["f_black"][:2], kid_subset_size=2, kid_subsets=3,
+    ours = kid_features_to_metric(sets["f_noise32"], sets["f_black32"], kid_subset_size=2, kid_subsets=3,
                                   verbose=False)["kernel_inception_distance_mean"]
     assert ours > 0.1 and abs(theirs - ours) < 1e-4 * ours
 
@@ -268,6 +272,88 @@ def test_clear_errors(cache):
         F.fid_stats(x[0], cache_dir=cache, progress=False)
     with pytest.raises(ValueError, match="uint8"):  # a bad batch inside an iterator
         F.fid_stats(iter([x[:1], x.float()]), cache_dir=cache, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- fast paths
+def _smooth_images(n: int, size: int = 64) -> torch.Tensor:
+    """n structured uint8 images (colour gradients, a disc, stripes): closer to real images than noise."""
+    g = torch.Generator().manual_seed(7)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = []
+    for _ in range(n):
+        c = torch.rand(3, 4, generator=g)
+        img = c[:, :1, None] * xx + c[:, 1:2, None] * yy  # (3, size, size) gradients
+        cx, cy, r = torch.rand(3, generator=g) * 0.5 + 0.25
+        img = torch.where(((xx - cx) ** 2 + (yy - cy) ** 2 < (r / 2) ** 2), c[:, 2:3, None], img)
+        img = img + 0.2 * torch.sin(xx * 40 * c[:, 3:4, None])
+        out.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("n_in", [32, 64, 299, 400])
+def test_resize_matrix_matches_torch_fidelity(n_in):
+    """The matmul form of the TF1 bilinear resize == torch-fidelity's gather form (exactly for 299 -> 299)."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = torch.randint(0, 256, (2, 3, n_in, n_in // 2 + 1), generator=torch.Generator().manual_seed(n_in))
+    x = x.to(torch.uint8)
+    ref = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+    mh, mw = F.tf1_resize_matrix(x.shape[2], 299), F.tf1_resize_matrix(x.shape[3], 299)
+    ours = mh @ x.float() @ mw.T
+    err = (ours - ref).abs().max().item()
+    assert err < (1e-6 if n_in == 299 else 1e-4) * 255, err
+    assert torch.allclose(mh.sum(1), torch.ones(299))  # two-tap weights sum to 1
+
+
+def test_fast_paths_agree_with_fp32(cache):
+    """The default (fast) precision and every fused variant against torch-fidelity's exact fp32 forward on a
+    handful of structured 64x64 images, within the tolerances stated in vtp_fast.eval.fid (measured on 1,000 emoji
+    by bench/bench_inception.py: fp32-fused ~2e-6 relative; bf16 ~2-3% relative L2, FID within 0.5%)."""
+    x = _smooth_images(3)
+    kw = {"device": "cpu", "cache_dir": cache, "progress": False, "batch_size": 3}
+    ref = F.inception_features(x, **kw, precision="fp32")
+    assert ref.shape == (3, 2048) and ref.std(0).mean() > 0.05  # distinct images, not a constant output
+    tol = {"fp32-fused": 1e-4, "bf16": F.BF16_REL_L2_TOL}
+    fast = {p: F.inception_features(x, **kw, precision=p) for p in tol}
+    assert F.DEFAULT_PRECISION in tol  # the default is one of the fast paths checked here ...
+    assert F.feature_extractor("cpu", cache, progress=False) is F.feature_extractor(  # ... and is what runs
+        "cpu", cache, progress=False, precision=F.DEFAULT_PRECISION)
+    for p, f in fast.items():
+        assert f.dtype == torch.float32 and f.shape == ref.shape
+        rel = ((f - ref).norm() / ref.norm()).item()
+        print(f"{p}: relative L2 deviation from fp32 {rel:.3g} (tolerance {tol[p]})")
+        assert rel < tol[p], (p, rel)
+    # the fast paths are not accidentally the reference itself (bf16 really runs in bf16)
+    assert ((fast["bf16"] - ref).norm() / ref.norm()).item() > 1e-4
+    # the intermediate taps agree too (same layer order as torch-fidelity's forward)
+    feats = ("64", "192", "768", "2048")
+    with torch.no_grad():
+        ref_all = F.feature_extractor("cpu", cache, features=feats, progress=False, precision="fp32")(x[:1])
+        fused_all = F.feature_extractor("cpu", cache, features=feats, progress=False, precision="fp32-fused")(x[:1])
+    for name, a, b in zip(feats, ref_all, fused_all, strict=True):
+        assert a.shape == b.shape and ((a - b).norm() / a.norm()).item() < 1e-4, name
+
+
+def test_cache_keys_differ_by_precision(cache):
+    """Features / statistics of different precisions live under different cache files and never mix; the exact
+    fp32 path keeps the historical file names."""
+    paths = {p: (F.stats_path("k", cache, p), F.features_path("k", cache, p)) for p in F.PRECISIONS}
+    assert len({s for s, _ in paths.values()}) == len({f for _, f in paths.values()}) == len(F.PRECISIONS)
+    assert paths["fp32"] == (F.fid_dir(cache) / "stats" / "k.npz", F.fid_dir(cache) / "features" / "k.npy")
+    assert F.stats_path("k", cache) == paths[F.DEFAULT_PRECISION][0] != paths["fp32"][0]
+    with pytest.raises(ValueError, match="precision"):
+        F.stats_path("k", cache, "fp16")
+    with pytest.raises(ValueError, match="precision"):
+        F.inception_features(_noise(1, 3), precision="float32", cache_dir=cache, progress=False)
+    two = _noise(2, 4)
+    mu32, _ = F.fid_stats(two, cache_key="prec", cache_dir=cache, progress=False, precision="fp32")
+    assert F.stats_path("prec", cache, "fp32").is_file() and not F.stats_path("prec", cache).is_file()
+    with pytest.raises(ValueError, match="no cached statistics"):  # the fp32 entry is not served to the default
+        F.fid_stats(None, cache_key="prec", cache_dir=cache, progress=False)
+    mu_fast, _ = F.fid_stats(two, cache_key="prec", cache_dir=cache, progress=False)
+    assert F.stats_path("prec", cache).is_file()
+    assert np.abs(mu_fast - mu32).max() < 0.1 * np.abs(mu32).max()
+    assert np.array_equal(F.fid_stats(None, cache_key="prec", cache_dir=cache, precision="fp32")[0], mu32)
 
 
 # ---------------------------------------------------------------------------------------------- SSIM
