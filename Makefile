@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint check-kernels wheelhouse clean
+.PHONY: setup train test lint study check-kernels wheelhouse clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	VENV=$(VENV) scripts/setup.sh
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vtp_fast kernels bench tests
+
+# the scaling study on the CPU (docs/study/study.md); resumable: a second `make study` continues where it stopped.
+# Passive OpenMP waits: on 2 cores a spinning thread pool slows any job sharing them ten-fold or more.
+study: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/vtp-fast study --out runs/study
 
 # the ahead-of-time compile gate on the full matrix (every op, shape, dtype; sm_90 and sm_80; the CUDA sources):
 # minutes on 2 cores; CI runs a subset (tests/test_kernel_check.py). The table is committed.

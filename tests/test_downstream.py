@@ -1,5 +1,5 @@
-"""Downstream: latent extraction, DiT training, sampling, evaluation commands, their bad-input errors, and the
-scaling study's quick mode end to end (on a synthetic emoji-format set: no network)."""
+"""Downstream: latent extraction, DiT training, sampling, evaluation commands and their bad-input errors (on a
+synthetic emoji-format set: no network). The scaling study's tests are in tests/study/."""
 
 import json
 import math
@@ -114,34 +114,6 @@ def test_bad_input_is_refused_before_work(env, tokenizer_dir, tmp_path):
     dit_u, meta_u = load_dit(tmp_path / "dit-u" / "dit")
     with pytest.raises(ValueError, match="guidance needs a class-conditional DiT"):
         generate(dit_u, meta_u, tok, torch.tensor([0]), cfg_scale=2.0)
-
-
-def test_study_quick_mode_runs_every_stage(env, tmp_path, monkeypatch):
-    from vtp_fast.study import run_study
-
-    out = run_study(tmp_path / "study", quick=True)
-    report = json.loads((out / "study.json").read_text())
-    names = [r["name"] for r in report["rows"]]
-    assert names == ["rec-3-c64", "clip+ae-3-c64", "ssl+ae-3-c64", "clip+ssl+ae-3-c64", "clip+ssl+ae-3-c256"]
-    for r in report["rows"]:
-        assert np.isfinite(r["rfid"]) and np.isfinite(r["gfid"]) and r["tokenizer_gflops"] > 0
-        assert ("zero_shot_top1" in r) == ("clip" in r["mix"])
-    assert len(report["rows"][-1]["gfid_curve"]) == 2
-    for f in ("study.md", "gfid_vs_compute.png", "gfid_vs_dit_steps.png", "channels.png"):
-        assert (out / f).exists()
-    # a second run reuses every stage's result: no stage's work is called again, and the rows are the same
-    import vtp_fast.eval.latents
-    import vtp_fast.train.dit
-    import vtp_fast.train.pretrain
-
-    def redone(*args, **kwargs):
-        raise AssertionError("a stage whose result exists was run again")
-
-    for module, name in ((vtp_fast.train.pretrain, "pretrain"), (vtp_fast.train.dit, "train_dit"),
-                         (vtp_fast.train.dit, "generate"), (vtp_fast.eval.latents, "extract_latents")):
-        monkeypatch.setattr(module, name, redone)
-    run_study(tmp_path / "study", quick=True)
-    assert json.loads((out / "study.json").read_text())["rows"] == report["rows"]
 
 
 def test_generative_probe_during_pretraining(env, tmp_path):

@@ -262,9 +262,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from vtp_fast.study import run_study
+    import json
 
-    run_study(args.out, quick=args.quick)
+    from vtp_fast.study import dry_run, load_study, run_study
+    from vtp_fast.study.plan import gpu_plan, plan_markdown
+
+    cfg = load_study(args.config, args.overrides)
+    if not args.dry_run:
+        run_study(cfg, args.out or "runs/study")
+        return 0
+    plan = gpu_plan(cfg)
+    out = run_study(dry_run(cfg), args.out or "runs/study-dry-run",
+                    note="A dry run: every stage at tiny shapes (the numbers mean nothing).")
+    print(f"\n{plan_markdown(plan)}")
+    (out / "gpu_plan.json").write_text(json.dumps(plan, indent=1))
     return 0
 
 
@@ -434,9 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("study", help="the paper's scaling study at small scale (about 90 min on 2 CPU cores)")
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--quick", action="store_true", help="tiny budgets: checks that every stage runs (CI)")
+    p = sub.add_parser("study", help="the paper's scaling study (default: the CPU study on the emoji set)")
+    p.add_argument("--config", help="a study config (configs/study/*.yaml); default: the CPU study")
+    p.add_argument("--out", help="results folder (default: runs/study, or runs/study-dry-run); a second run "
+                                 "continues where the first stopped")
+    p.add_argument("--dry-run", "--quick", dest="dry_run", action="store_true",
+                   help="every stage at tiny shapes on this machine, then the planned GPU-hours of the real run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the study config, e.g. dit_seeds=5")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("bench", help="benchmarks of bench/: every backend vs the reference and torch.compile")

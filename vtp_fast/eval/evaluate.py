@@ -21,11 +21,15 @@ def to_uint8_nchw(images: Tensor) -> Tensor:
     return images.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
-def pick(data: LabelledImages, n: int, seed: int = 0) -> Tensor:
-    """n image indices of the set (all of them in order when n >= len), the same for every tokenizer."""
-    if n >= len(data):
+def pick(data: LabelledImages, n: int, seed: int = 0, skip: int = 0) -> Tensor:
+    """n image indices of the set (all of them in order when n >= len), the same for every tokenizer. `skip` > 0
+    gives n others, disjoint from the first `skip` of the same seed (the second half of a real-vs-real floor)."""
+    if skip + n > len(data):
+        if skip:
+            raise InputError(f"{data.name} has {len(data)} images, fewer than the {skip + n} that two disjoint sets "
+                             "need; lower the sample count")
         return torch.arange(len(data))
-    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[skip:skip + n].sort().values
 
 
 def require(data: LabelledImages, n: int, what: str) -> None:
@@ -36,8 +40,8 @@ def require(data: LabelledImages, n: int, what: str) -> None:
 
 @torch.no_grad()
 def reconstruction_scores(model: VTP, data: LabelledImages, n: int = 1000, *, batch: int = 64,
-                          kid_subset_size: int | None = None, progress: bool = True) -> dict:
-    """rFID, KID, PSNR and SSIM of n reconstructions against their originals."""
+                          kid_subset_size: int | None = None, kid_subsets: int = 100, progress: bool = True) -> dict:
+    """rFID, KID (mean and std over subsets), PSNR and SSIM of n reconstructions against their originals."""
     from vtp_fast.eval.fid import compute_fid_kid
 
     require(data, n, "rfid")
@@ -51,14 +55,16 @@ def reconstruction_scores(model: VTP, data: LabelledImages, n: int = 1000, *, ba
         recons.append(model.denormalize(model.decode(model.encode(x))).clamp(0, 1).float().cpu())
     a, b = torch.cat(originals), torch.cat(recons)
     scores = compute_fid_kid(to_uint8_nchw(a), to_uint8_nchw(b), kid_subset_size=kid_subset_size or min(1000, n),
-                             real_cache_key=f"{data.name}-n{n}", progress=progress)
-    return {"rfid": scores["fid"], "rkid": scores["kid_mean"], "psnr": psnr(b, a).mean().item(),
+                             kid_subsets=kid_subsets, real_cache_key=f"{data.name}-n{n}", progress=progress)
+    return {"rfid": scores["fid"], "rkid": scores["kid_mean"], "rkid_std": scores["kid_std"],
+            "psnr": psnr(b, a).mean().item(),
             "ssim": ssim(b, a).mean().item(), "n": len(idx)}
 
 
 def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = None, *,
-                      kid_subset_size: int | None = None, progress: bool = True) -> dict:
-    """gFID and KID of generated images (N, 3, H, W) in [0, 1] (or uint8) against n reference images."""
+                      kid_subset_size: int | None = None, kid_subsets: int = 100, progress: bool = True) -> dict:
+    """gFID and KID (mean and std over subsets) of generated images (N, 3, H, W) in [0, 1] (or uint8) against the
+    n reference images `pick(data, n)`."""
     from vtp_fast.eval.fid import compute_fid_kid
 
     n = n or len(samples)
@@ -66,8 +72,9 @@ def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = Non
     real = data.images[pick(data, n)].permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
     fake = samples if samples.dtype == torch.uint8 else to_uint8_nchw(samples)
     scores = compute_fid_kid(real, fake, kid_subset_size=kid_subset_size or min(1000, n, len(fake)),
-                             real_cache_key=f"{data.name}-n{n}", progress=progress)
-    return {"gfid": scores["fid"], "gkid": scores["kid_mean"], "n_fake": len(fake), "n_real": n}
+                             kid_subsets=kid_subsets, real_cache_key=f"{data.name}-n{n}", progress=progress)
+    return {"gfid": scores["fid"], "gkid": scores["kid_mean"], "gkid_std": scores["kid_std"], "n_fake": len(fake),
+            "n_real": n}
 
 
 @torch.no_grad()
