@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from vtp_fast.config import InputError
+from vtp_fast.io import atomic_path, temp_dir
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -104,8 +103,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     images = _load_images(args.images, model.config.vision_patch_size, args.size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".reconstruct-", dir=out))
-    try:
+    with temp_dir(out, prefix=".reconstruct-", perms=0o700) as staging:  # each file is moved into `out` whole
         pairs = []
         with torch.no_grad():
             for path, img in tqdm(list(zip(args.images, images, strict=True)), desc="reconstruct", unit="img",
@@ -121,8 +119,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                        staging / "grid.png")
         for f in staging.iterdir():
             os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for path, name, _, _, value in pairs:
         print(f"{path}: PSNR {value:.2f} dB -> {out / name}")
     if len(shapes) == 1:
@@ -146,11 +142,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         x = model.normalize(torch.stack(images).to(model.pixel_mean.device))
         latents = torch.cat([model.encode(x[i:i + 64]) for i in range(0, len(x), 64)]).cpu().contiguous()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({"latents": latents}, str(tmp), metadata={"files": json.dumps(list(args.images)),
-                                                         "checkpoint": str(args.checkpoint)})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({"latents": latents}, str(tmp), metadata={"files": json.dumps(list(args.images)),
+                                                             "checkpoint": str(args.checkpoint)})
     print(f"latents {tuple(latents.shape)} -> {out}")
     return 0
 

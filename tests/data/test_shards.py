@@ -78,6 +78,21 @@ def test_a_directory_ignores_an_interrupted_writers_temp_file(tmp_path):
     assert [p.name for p in expand(str(tmp_path / "s"))] == ["shard-00000.tar"]
 
 
+def test_a_failing_source_leaves_the_complete_shards_and_no_temp_file(tmp_path):
+    def samples():
+        for i in range(7):
+            yield Sample(_png(np.full((8, 8, 3), i, dtype=np.uint8)), "png", f"sample {i}")
+        raise RuntimeError("the source broke")
+
+    with pytest.raises(RuntimeError, match="the source broke"):
+        write_shards(samples(), tmp_path, per_shard=5, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.idx", "shard-00000.tar"]
+    assert (tmp_path / "shard-00000.tar").stat().st_mode & 0o777 == 0o644
+    assert len(ShardSet(str(tmp_path))) == 5
+    with pytest.raises(ValueError, match="per_shard"):
+        write_shards(samples(), tmp_path, per_shard=0, progress=False)
+
+
 def test_ranks_cover_every_sample_once_per_epoch_and_resume(emoji_shards):
     _, out = emoji_shards
     source = ShardSource(ShardSet(str(out)), 32, 16)

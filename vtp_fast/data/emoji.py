@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vtp_fast.config import UserError
+from vtp_fast.io import temp_dir
 
 try:
     import resvg_py
@@ -179,13 +179,10 @@ def prepare_emoji(
     else:
         tarballs = _fetch_tarballs(root / "npm")
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".prepared-{size}.tmp-", dir=root))
-    staging.chmod(0o755)  # mkdtemp makes it private; a cache is readable like the rest of the folder
-    try:
+    # 0o755: a cache is readable like the rest of the folder; _publish keeps a folder another process finished first
+    with temp_dir(root, prefix=f".prepared-{size}.tmp-", perms=0o755) as staging:
         _build(staging, tarballs, size, progress)
         return _publish(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_emoji(root: Path, styles: Sequence[str] = STYLES) -> EmojiSet:
@@ -257,14 +254,14 @@ def _npm_pack(specs: list[str], dest: Path) -> None:
     if npm is None:
         raise EmojiDataError(f"npm not found on PATH; install Node.js or run `{command}`, pass tarball_dir=")
     dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".npm-pack-", dir=dest) as tmp:
-        args = [npm, "pack", *specs, "--pack-destination", tmp, "--silent"]
+    with temp_dir(dest, prefix=".npm-pack-", perms=0o700) as tmp:  # each tarball is moved out once complete
+        args = [npm, "pack", *specs, "--pack-destination", str(tmp), "--silent"]
         proc = subprocess.run(args, cwd=tmp, capture_output=True, text=True)
         if proc.returncode != 0:
             detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
             raise EmojiDataError(f"`{command}` failed ({detail}); check access to the npm registry")
         for spec in specs:
-            packed = Path(tmp) / _tarball_name(spec)
+            packed = tmp / _tarball_name(spec)
             if not packed.is_file():
                 raise EmojiDataError(f"`{command}` made no {packed.name}; run it by hand, pass tarball_dir=")
             os.replace(packed, dest / packed.name)

@@ -16,10 +16,9 @@ kept; the counts are in `ShardSet.problems`, the files in `ShardSet.damaged`.
 from __future__ import annotations
 
 import io
+import itertools
 import json
-import os
 import tarfile
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vtp_fast.config import InputError
+from vtp_fast.io import atomic_path, atomic_write_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = "v1.2"
@@ -132,11 +132,7 @@ def write_index(tar_path: Path, groups: list[list[tuple[str, int, int, str]]] | 
     """Write NAME.idx (DALI wds2idx v1.2) for NAME.tar, atomically."""
     groups = index_entries(tar_path) if groups is None else groups
     lines = [f"{INDEX_VERSION} {len(groups)}"] + [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in g) for g in groups]
-    idx = tar_path.with_suffix(".idx")
-    tmp = idx.with_name(f".{idx.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, idx)
-    return idx
+    return atomic_write_text(tar_path.with_suffix(".idx"), "\n".join(lines) + "\n")
 
 
 def read_index(idx: Path) -> list[list[tuple[str, int, int, str]]]:
@@ -155,44 +151,35 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
                  total: int | None = None, progress: bool = True) -> list[Path]:
     """Write samples into out_dir/prefix-00000.tar, ... with their .idx files and a manifest.json; each shard is
     written to a temp file and renamed, so a reader never sees a half-written shard."""
+    if per_shard < 1:
+        raise ValueError(f"per_shard must be at least 1, got {per_shard}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     counts = Counter()
-    tar = tmp = None
     bar = tqdm(total=total, desc=f"shards {out_dir.name}", unit="img", disable=not progress)
-
-    def close():
-        nonlocal tar
-        if tar is not None:
-            tar.close()
-            final = out_dir / f"{prefix}-{len(paths):05d}.tar"
-            tmp.chmod(0o644)  # mkstemp makes it private
-            os.replace(tmp, final)
-            write_index(final)
-            paths.append(final)
-            tar = None
-
-    for i, s in enumerate(samples):
-        if i % per_shard == 0:
-            close()
-            fd, name = tempfile.mkstemp(prefix=f".{prefix}-", suffix=".tar", dir=out_dir)
-            os.close(fd)
-            tmp = Path(name)
-            tar = tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT)
-        key = f"{i:09d}"
-        ext = s.ext.lower().lstrip(".")
-        _member(tar, f"{key}.{ext}", s.image)
-        if s.caption is not None:
-            _member(tar, f"{key}.txt", s.caption.encode("utf-8"))
-        if s.label is not None:
-            _member(tar, f"{key}.cls", str(int(s.label)).encode())
-        if s.meta is not None:
-            _member(tar, f"{key}.json", json.dumps(s.meta).encode())
-        counts["samples"] += 1
-        counts[ext] += 1
-        bar.update(1)
-    close()
+    it, i, end = iter(samples), 0, object()
+    while (first := next(it, end)) is not end:
+        final = out_dir / f"{prefix}-{len(paths):05d}.tar"
+        # .PREFIX-XXXXXXXX.tar (hidden: `expand` skips it) until complete; then NAME.tar, readable by all
+        with atomic_path(final, prefix=f".{prefix}-", suffix=".tar", perms=0o644) as tmp, \
+                tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            for s in itertools.chain([first], itertools.islice(it, per_shard - 1)):
+                key = f"{i:09d}"
+                ext = s.ext.lower().lstrip(".")
+                _member(tar, f"{key}.{ext}", s.image)
+                if s.caption is not None:
+                    _member(tar, f"{key}.txt", s.caption.encode("utf-8"))
+                if s.label is not None:
+                    _member(tar, f"{key}.cls", str(int(s.label)).encode())
+                if s.meta is not None:
+                    _member(tar, f"{key}.json", json.dumps(s.meta).encode())
+                counts["samples"] += 1
+                counts[ext] += 1
+                bar.update(1)
+                i += 1
+        write_index(final)
+        paths.append(final)
     bar.close()
     (out_dir / "manifest.json").write_text(json.dumps({"prefix": prefix, "shards": len(paths), **counts}, indent=1))
     return paths
@@ -296,10 +283,6 @@ class ShardSet:
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
-
-    def iter_raw(self) -> Iterator[RawSample]:
-        for i in range(len(self)):
-            yield self[i]
 
 
 # ------------------------------------------------------------------------------------------------ sources

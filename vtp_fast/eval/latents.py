@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from vtp_fast.config import InputError
 from vtp_fast.data.pairs import normalize_u8
-from vtp_fast.models.pretrained import replace_dir
+from vtp_fast.io import atomic_dir
 from vtp_fast.models.vtp import VTP
 
 
@@ -101,48 +100,46 @@ def extract_latents(model: VTP, data: LabelledImages, out: str | Path, *, flip: 
     model.eval()
     device = next(model.parameters()).device
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    chunks, labels, total = [], [], 0
-    sums = sq = None
-    copies = (False, True) if flip else (False,)
-    bar = tqdm(total=len(data) * len(copies), desc="extract-latents", unit="img", disable=not progress)
-    files = 0
+    with atomic_dir(out) as tmp:  # .NAME.tmp-XXXXXXXX, renamed to `out` whole
+        chunks, labels, total = [], [], 0
+        sums = sq = None
+        copies = (False, True) if flip else (False,)
+        bar = tqdm(total=len(data) * len(copies), desc="extract-latents", unit="img", disable=not progress)
+        files = 0
 
-    def flush():
-        nonlocal chunks, labels, files
-        if chunks:
-            save_file({"latents": torch.cat(chunks).contiguous(), "labels": torch.cat(labels).contiguous()},
-                      str(tmp / f"latents-{files:05d}.safetensors"))
-            files += 1
-            chunks, labels = [], []
+        def flush():
+            nonlocal chunks, labels, files
+            if chunks:
+                save_file({"latents": torch.cat(chunks).contiguous(), "labels": torch.cat(labels).contiguous()},
+                          str(tmp / f"latents-{files:05d}.safetensors"))
+                files += 1
+                chunks, labels = [], []
 
-    for mirrored in copies:
-        for i in range(0, len(data), batch):
-            x = normalize_u8(data.images[i:i + batch]).to(device)
-            if mirrored:
-                x = x.flip(-1)
-            z = model.encode(x).float().cpu()  # (b, C, h, w)
-            chunks.append(z)
-            labels.append(data.labels[i:i + batch])
-            s = z.double().sum((0, 2, 3))
-            q = z.double().pow(2).sum((0, 2, 3))
-            sums, sq = (s, q) if sums is None else (sums + s, sq + q)
-            total += z.shape[0]
-            bar.update(z.shape[0])
-            if sum(c.shape[0] for c in chunks) >= per_file:
-                flush()
-    flush()
-    bar.close()
-    count = total * z.shape[2] * z.shape[3]
-    mean = sums / count
-    std = (sq / count - mean**2).clamp_min(1e-12).sqrt()
-    meta = {"channels": z.shape[1], "grid": [z.shape[2], z.shape[3]], "count": total, "flipped_copies": flip,
-            "mean": mean.tolist(), "std": std.tolist(), "class_names": data.class_names, "data": data.name,
-            "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(model),
-            "image_size": int(data.images.shape[1])}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    replace_dir(tmp, out)
+        for mirrored in copies:
+            for i in range(0, len(data), batch):
+                x = normalize_u8(data.images[i:i + batch]).to(device)
+                if mirrored:
+                    x = x.flip(-1)
+                z = model.encode(x).float().cpu()  # (b, C, h, w)
+                chunks.append(z)
+                labels.append(data.labels[i:i + batch])
+                s = z.double().sum((0, 2, 3))
+                q = z.double().pow(2).sum((0, 2, 3))
+                sums, sq = (s, q) if sums is None else (sums + s, sq + q)
+                total += z.shape[0]
+                bar.update(z.shape[0])
+                if sum(c.shape[0] for c in chunks) >= per_file:
+                    flush()
+        flush()
+        bar.close()
+        count = total * z.shape[2] * z.shape[3]
+        mean = sums / count
+        std = (sq / count - mean**2).clamp_min(1e-12).sqrt()
+        meta = {"channels": z.shape[1], "grid": [z.shape[2], z.shape[3]], "count": total, "flipped_copies": flip,
+                "mean": mean.tolist(), "std": std.tolist(), "class_names": data.class_names, "data": data.name,
+                "tokenizer": tokenizer, "tokenizer_fingerprint": tokenizer_fingerprint(model),
+                "image_size": int(data.images.shape[1])}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
@@ -159,9 +156,6 @@ class LatentSet:
     @property
     def std(self) -> torch.Tensor:
         return torch.tensor(self.meta["std"]).view(1, -1, 1, 1)
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std.to(z.device) + self.mean.to(z.device)
 
 
 def load_latents(path: str | Path) -> LatentSet:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vtp_fast.config import ConfigError, UserError, from_dict
+from vtp_fast.io import atomic_dir
 from vtp_fast.models.vtp import VTP, VTPConfig
 from vtp_fast.ops.registry import building_for
 
@@ -119,32 +118,10 @@ def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor]
 
     `state` replaces model.state_dict() (e.g. whole tensors gathered from FSDP shards)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, perms=0o700) as tmp:  # 0o700: the mode tempfile.mkdtemp gave it before vtp_fast.io
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json(model.config), indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete directory `src` to `dst`; an existing `dst` is moved aside (`.NAME.old-PID`) first and
-    restored if the move fails. A process killed between the two renames leaves the old directory aside, never a
-    partial `dst`."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -222,10 +222,6 @@ class VTP(nn.Module):
         x = x @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def clip_logits(self, images: Tensor, tokens: Tensor) -> Tensor:
-        """Image-to-text logits (B_img, B_txt) = exp(logit_scale) * cosine similarity."""
-        return self.logit_scale.exp() * self.clip_image_features(images) @ self.clip_text_features(tokens).T
-
     def _require_clip(self) -> None:
         if not self.config.train_clip:
             raise RuntimeError("this model has no CLIP side (train_clip is false)")

@@ -13,10 +13,8 @@ start. The newest `keep` checkpoints are kept.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,12 +22,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vtp_fast.config import ConfigError
+from vtp_fast.io import atomic_dir
 from vtp_fast.models.pretrained import (
     WEIGHTS_NAME,
     CheckpointError,
     load_state_strict,
     read_safetensors,
-    replace_dir,
     save_pretrained,
 )
 
@@ -68,7 +66,8 @@ class Checkpointer:
         return Path(resume)
 
     def sweep(self) -> None:
-        """Remove temp dirs of saves that were interrupted, and checkpoints set aside by an interrupted replace."""
+        """Remove temp dirs of saves that were interrupted, and checkpoints set aside by an interrupted replace
+        (the names vtp_fast.io.atomic_dir gives them)."""
         if self.root.is_dir():
             for p in [*self.root.glob(".step_*.tmp-*"), *self.root.glob(".step_*.old-*")]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -79,21 +78,14 @@ class Checkpointer:
         DiT run) only modules.safetensors and train_state.pt are written."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / step_dir_name(step)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
-        try:
+        # .step_N.tmp-XXXXXXXX, fsynced, then renamed; a re-run of the same step after a resume replaces it whole.
+        # 0o700: the mode tempfile.mkdtemp gave it before vtp_fast.io.
+        with atomic_dir(final, perms=0o700) as tmp:
             if model is not None:
                 save_pretrained(model, tmp / "model", state=model_state)
             flat = {f"{name}.{k}": v for name, sd in modules.items() for k, v in sd.items()}
             save_file(flat, str(tmp / "modules.safetensors"))
             torch.save(state, tmp / "train_state.pt")
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            replace_dir(tmp, final)  # a re-run of the same step after a resume replaces it whole
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in self.complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -24,8 +24,9 @@ from vtp_fast import distributed as dist
 from vtp_fast.config import ConfigError, InputError, from_dict, save_config, to_dict
 from vtp_fast.data.views import sample_seed
 from vtp_fast.eval.latents import LatentSet, check_tokenizer, load_latents
+from vtp_fast.io import atomic_dir
 from vtp_fast.models.dit import DiT, DiTConfig, dit_config
-from vtp_fast.models.pretrained import load_state_strict, read_safetensors, replace_dir
+from vtp_fast.models.pretrained import load_state_strict, read_safetensors
 from vtp_fast.ops import building_for
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, autocast, ema_update, pick_device, seed_everything
@@ -92,16 +93,13 @@ def build_dit(cfg: DiTTrainConfig, latents: LatentSet) -> DiT:
 
 def export_dit(ema: DiT, meta: dict, path: Path) -> Path:
     """config.json (DiT config + latent statistics) and model.safetensors (EMA weights), atomically."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     config = {"dit": dataclasses.asdict(ema.config),
               "latents": {k: meta[k] for k in ("channels", "grid", "mean", "std", "class_names", "data", "tokenizer",
                                                "tokenizer_fingerprint", "image_size")}}
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "model.safetensors"))
-    replace_dir(tmp, path)
+    with atomic_dir(path, perms=0o700) as tmp:  # 0o700: the mode tempfile.mkdtemp gave it before vtp_fast.io
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  str(tmp / "model.safetensors"))
     return path
 
 

@@ -1,0 +1,172 @@
+"""Atomic writes: write under a temporary name next to the target, then rename it into place.
+
+Everything vtp_fast publishes (checkpoints, exported models, latent sets, shards and their indexes, caches) is
+written this way, so a reader, or a run killed at any moment, sees either the previous content or the complete new
+one, never a partial one. On any exception (KeyboardInterrupt included) the temporary is removed and the previous
+content is left as it was.
+
+    with atomic_file(path) as f:        # a binary file object; text=True for text
+        f.write(data)
+    with atomic_path(path) as tmp:      # a temporary path, for writers that take a file name (save_file, tarfile)
+        save_file(state, str(tmp))
+    with atomic_dir(path) as tmp:       # a temporary directory, renamed to `path` whole (replace_dir)
+        (tmp / "config.json").write_text(...)
+    atomic_write_bytes(path, data); atomic_write_text(path, text)
+    with temp_dir(parent, prefix=".x-") as tmp: ...   # a scratch directory, always removed
+
+Temporary names start with "." so that listings which skip hidden names (`vtp_fast.data.shards.expand`) never pick
+them up, and they are part of this API: callers sweep what a killed process left behind by globbing for them
+(`Checkpointer.sweep`: `.step_*.tmp-*` and `.step_*.old-*`).
+    file        `.NAME.XXXXXXXX.tmp`  (`prefix` / `suffix` replace `.NAME.` / `.tmp`)
+    directory   `.NAME.tmp-XXXXXXXX`  (`prefix` replaces `.NAME.tmp-`)
+    set aside   `.NAME.old-PID`       (the previous directory while `replace_dir` swaps it)
+The parent folder is created when missing. Files and directories get the mode a plain open() / mkdir() would give
+them (0o666 / 0o777 less the umask) unless `perms` is given, which sets it exactly. By default every file is
+fsynced before the rename, so a power loss cannot leave a renamed but empty file.
+
+This module imports nothing from the rest of vtp_fast: it sits below every layer.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_tree",
+           "replace_dir", "temp_dir"]
+
+_ATTEMPTS = 100
+
+
+def _fresh(parent: Path, prefix: str, suffix: str, make: Callable[[Path], None]) -> Path:
+    """A new name `parent/PREFIX + 8 random hex digits + SUFFIX`, created by `make` (which must fail with
+    FileExistsError on a name that is taken, as O_EXCL and mkdir do)."""
+    for _ in range(_ATTEMPTS):
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            make(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{parent}: no free temporary name {prefix}XXXXXXXX{suffix} after {_ATTEMPTS} tries")
+
+
+def _new_file(path: Path, perms: int | None) -> None:
+    # Private until `perms` is applied; without `perms` the umask decides, as for open().
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if perms is None else 0o600))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file under the directory `root`."""
+    for f in Path(root).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            _fsync_file(f)
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, prefix: str | None = None, suffix: str = ".tmp", perms: int | None = None,
+                fsync: bool = True) -> Iterator[Path]:
+    """Yield the path of a new empty temporary file beside `path` (`.NAME.XXXXXXXX.tmp`); when the block ends
+    normally, fsync it (unless `fsync` is false), set `perms` and rename it to `path` (replacing a file there). On
+    any exception it is removed and `path` is left untouched. The block may rewrite the temporary by name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}." if prefix is None else prefix
+    tmp = _fresh(path.parent, prefix, suffix, lambda p: _new_file(p, perms))
+    try:
+        yield tmp
+        if fsync:
+            _fsync_file(tmp)
+        if perms is not None:
+            tmp.chmod(perms)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, *, text: bool = False, encoding: str = "utf-8", prefix: str | None = None,
+                suffix: str = ".tmp", perms: int | None = None, fsync: bool = True) -> Iterator[IO]:
+    """Yield a file object open for writing (binary, or text in `encoding` with `text=True`) on a temporary file
+    beside `path`; on success it is flushed, fsynced and renamed to `path`, on any exception removed (see
+    `atomic_path`)."""
+    with atomic_path(path, prefix=prefix, suffix=suffix, perms=perms, fsync=False) as tmp:
+        with open(tmp, "w", encoding=encoding) if text else open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, **kwargs) -> Path:
+    """Write `data` to `path` atomically (keyword arguments as for `atomic_path`); returns `path`."""
+    with atomic_file(path, **kwargs) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8", **kwargs) -> Path:
+    """Write `text` to `path` atomically (keyword arguments as for `atomic_path`); returns `path`."""
+    with atomic_file(path, text=True, encoding=encoding, **kwargs) as f:
+        f.write(text)
+    return Path(path)
+
+
+@contextmanager
+def temp_dir(parent: str | Path, *, prefix: str, perms: int | None = None) -> Iterator[Path]:
+    """Yield a new directory `parent/PREFIX + 8 random hex digits` (`parent` created when missing), removed with
+    whatever it still holds when the block ends, however it ends. A scratch area whose results the block moves out
+    (or renames whole) before it ends."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh(parent, prefix, "", lambda p: p.mkdir(0o777 if perms is None else 0o700))
+    try:
+        if perms is not None:
+            tmp.chmod(perms)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, *, prefix: str | None = None, perms: int | None = None,
+               fsync: bool = True) -> Iterator[Path]:
+    """Yield a new empty directory beside `path` (`.NAME.tmp-XXXXXXXX`); fill it in the block. When the block
+    ends normally, every file in it is fsynced (unless `fsync` is false) and it replaces `path` whole
+    (`replace_dir`: an existing `path` is set aside and restored if the rename fails). On any exception, or if
+    the replacement fails, the temporary directory is removed and `path` keeps its previous content."""
+    path = Path(path)
+    with temp_dir(path.parent, prefix=f".{path.name}.tmp-" if prefix is None else prefix, perms=perms) as tmp:
+        yield tmp
+        if fsync:
+            fsync_tree(tmp)
+        replace_dir(tmp, path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the complete directory `src` to `dst`; an existing `dst` is moved aside (`.NAME.old-PID`) first and
+    restored if the move fails. A process killed between the two renames leaves the old directory aside, never a
+    partial `dst`."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
