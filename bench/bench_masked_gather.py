@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
-from vtp_fast.ops.masked_gather import OP, mask_to_index, masked_gather_ref, masked_scatter_ref
+from vtp_fast.data.views import mask_to_index
+from vtp_fast.ops.masked_gather import OP, masked_gather_ref, masked_scatter_ref
 
 SHAPES = {"cpu": [(32, 196, 384)], "cuda": [(256, 256, 768), (64, 1024, 1024)]}
 QUICK = {"cpu": [(4, 16, 64)], "cuda": [(64, 256, 768)]}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench import bench_masked_gather, bench_pixel_shuffle_l1
+from vtp_fast.data.views import mask_to_index
 from vtp_fast.ops import masked_gather, pixel_shuffle_l1
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +31,7 @@ def test_masked_gather(benchmark, backend, direction, shape):
     impl = backend.impl
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(b, n, d, device=DEVICE, generator=gen).to(DTYPE)
-    index = masked_gather.mask_to_index(torch.rand(b, n, device=DEVICE, generator=gen) < 0.4)
+    index = mask_to_index(torch.rand(b, n, device=DEVICE, generator=gen) < 0.4)
     if direction == "gather":
         out = benchmark(lambda: _synced(impl.masked_gather(x, index)))
         torch.testing.assert_close(out, masked_gather.masked_gather_ref(x, index), rtol=0, atol=0)

@@ -13,7 +13,7 @@ from bench.bench_data import synthetic_jpegs
 from tests.data.test_shards import _zoo
 from tests.helpers import png_with_bad_pixels, random_png
 from vtp_fast import optional
-from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.pairs import BAD_KINDS, BadSampleCount, BatchShape, ShardSource, StepBatches, pick_decoder
 from vtp_fast.data.shards import Sample, ShardSet, write_shards
 from vtp_fast.data.views import ViewConfig

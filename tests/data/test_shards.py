@@ -21,8 +21,8 @@ from vtp_fast.data.pairs import (
     epoch_order,
 )
 from vtp_fast.data.shards import Sample, ShardSet, emoji_samples, expand, read_index, write_shards
-from vtp_fast.data.text import tokenize
 from vtp_fast.data.views import ViewConfig
+from vtp_fast.text import tokenize
 
 VIEWS = ViewConfig(global_size=32, local_size=16, local_crops=2)
 

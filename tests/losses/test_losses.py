@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from vtp_fast.config import ConfigError
+from vtp_fast.data.views import mask_weights
 from vtp_fast.losses.clip import MAX_LOGIT_SCALE, ClipLoss, clamp_logit_scale_, clip_loss_global
 from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from vtp_fast.losses.objective import Objective, ObjectiveConfig
 from vtp_fast.losses.reconstruction import LPIPS, ReconstructionLoss
-from vtp_fast.ops.masked_gather import mask_weights
 
 
 def gen(seed=0):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vtp_fast import optional
-from vtp_fast.ops.masked_gather import OP, mask_to_index, masked_gather_ref, masked_scatter_ref
+from vtp_fast.data.views import mask_to_index
+from vtp_fast.ops.masked_gather import OP, masked_gather_ref, masked_scatter_ref
 from vtp_fast.ops.registry import use_backend
 
 BACKENDS = ["reference", "native", pytest.param("triton", marks=pytest.mark.triton)]

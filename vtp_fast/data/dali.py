@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vtp_fast import optional
-from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.views import Crop
 
 MEAN_255 = [m * 255 for m in IMAGENET_MEAN]

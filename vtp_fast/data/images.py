@@ -13,10 +13,6 @@ from torch import Tensor
 
 from vtp_fast.config import UserError
 
-# the published VTP checkpoints' input normalisation (RGB in [0, 1])
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class ImageError(UserError, ValueError):
     """An image file cannot be used; the message names the file."""

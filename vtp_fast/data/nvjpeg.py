@@ -11,7 +11,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb, to_tensor
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.data.images import open_rgb, to_tensor
 from vtp_fast.data.views import Crop, apply_crop
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

@@ -26,11 +26,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vtp_fast.config import ConfigError, InputError
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.data.emoji import load_emoji
-from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
-from vtp_fast.data.text import tokenize
-from vtp_fast.data.views import ViewConfig, sample_seed, ssl_views
-from vtp_fast.ops.masked_gather import mask_to_index, mask_weights
+from vtp_fast.data.views import ViewConfig, mask_to_index, mask_weights, sample_seed, ssl_views
+from vtp_fast.text import tokenize
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -142,6 +142,24 @@ def block_mask(h: int, w: int, count: int, gen: torch.Generator, max_attempts: i
     return mask
 
 
+def mask_to_index(mask: Tensor) -> Tensor:
+    """mask: (B, N) bool -> (M,) int64 flat positions of the True tokens, in order.
+
+    Sizes the packed buffer, so it synchronises with the device once; compute it where the mask is made
+    (data loading) and reuse it for student, teacher, forward and backward.
+    """
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a (B, N) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def mask_weights(masks: Tensor) -> Tensor:
+    """(n, N) bool masks -> (M,) weight 1 / (masked tokens of its row) for each masked token, in the order of
+    `mask_to_index` (iBOT: every masked crop counts once)."""
+    per_row = 1.0 / masks.sum(-1).clamp(min=1).float()  # (n,)
+    return per_row[:, None].expand_as(masks)[masks]
+
+
 def sample_views(h: int, w: int, cfg: ViewConfig, grid: tuple[int, int], gen: torch.Generator
                  ) -> tuple[list[Crop], Tensor]:
     """One sample's SSL view parameters: 2 global + L local crops, and the (2, gh * gw) iBOT masks of the global

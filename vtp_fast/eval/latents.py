@@ -36,6 +36,15 @@ class LabelledImages:
         return self.images.shape[0]
 
 
+def probe_set(images: torch.Tensor, labels: torch.Tensor | None, class_names: list[str] | None,
+              n: int) -> LabelledImages:
+    """The first n images (uint8 (N, S, S, 3)) with their labels (one class when unlabelled)."""
+    images = images[:n]
+    if labels is None or not class_names:
+        labels, class_names = torch.zeros(len(images), dtype=torch.long), ["all"]
+    return LabelledImages(images, labels[:n].clone(), list(class_names), [], f"gen-probe-{len(images)}")
+
+
 def load_images(spec: str, size: int = 64) -> LabelledImages:
     """A labelled image set by name:
     'emoji' / 'emoji:google,twitter' (styles; labels = the 9 categories, captions = emoji names),

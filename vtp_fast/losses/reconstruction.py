@@ -17,7 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
-from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.ops import pixel_shuffle_l1 as pixel_shuffle_op
 
 VGG_FILE = "vgg16-397923af.pth"

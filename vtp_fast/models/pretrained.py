@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,8 +77,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
-def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `module` (casting dtypes); any missing, unexpected or mis-shaped key raises."""
+def _copy(target: torch.Tensor, full: torch.Tensor) -> None:
+    target.copy_(full)
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                      copy_: Callable[[torch.Tensor, torch.Tensor], None] = _copy) -> None:
+    """Copy `state` into `module` (casting dtypes); any missing, unexpected or mis-shaped key raises.
+
+    `copy_(target, whole)` writes one tensor; a module that may be FSDP-sharded is loaded with
+    `vtp_fast.distributed.copy_full_` (which fills this rank's shard), passed in by the training layer: models do
+    not know about process groups."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -88,11 +98,9 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
                                     ("mis-shaped keys", misshaped)) if keys]
     if problems:
         raise CheckpointError(f"{source}: does not match the model; " + "; ".join(problems))
-    from vtp_fast.distributed import copy_full_
-
     with torch.no_grad():
         for k, t in expected.items():
-            copy_full_(t, state[k])
+            copy_(t, state[k])
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", rope_dtype: str = "bf16") -> VTP:

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
-from vtp_fast.data.images import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.models.decoder import PixelDecoder
 from vtp_fast.models.vit import VisionTrunk
 from vtp_fast.nn.block import TextBlock
 from vtp_fast.nn.norms import LayerNorm
+from vtp_fast.text import tokenize
 
 
 @dataclass
@@ -202,8 +203,6 @@ class VTP(nn.Module):
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: list[str] | str) -> Tensor:
         """Captions -> CLIP BPE token ids (B, context_length), end-of-text kept when truncating."""
-        from vtp_fast.data.text import tokenize
-
         return tokenize(texts, self.config.text_context_length)
 
     def clip_text_features(self, tokens: Tensor, normalize: bool = True) -> Tensor:

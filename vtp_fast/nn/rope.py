@@ -5,6 +5,8 @@ grids work); prefix tokens (CLS) are not rotated. `periods[i] = base ** (2i / (h
 In 'bf16' mode (the published numerics, needed for checkpoint parity) the angles, sin/cos and the rotation
 are computed in bfloat16 and q/k are cast to bf16 and back, exactly as the reference does. 'fp32' mode does
 all of it in float32: more accurate, faster on some devices, not bit-compatible with the published model.
+This module makes the sin/cos tables; the rotation itself (`apply_rope`, `rotate_half`) is part of the attention
+op's pure-PyTorch reference and lives in vtp_fast.ops.attention (re-exported here).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from vtp_fast.ops.attention import apply_rope, rotate_half  # the rotation is the attention op's reference
+
+__all__ = ["ROPE_DTYPES", "Rope2D", "apply_rope", "rope_periods", "rotate_half"]
 
 ROPE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -46,26 +52,3 @@ class Rope2D(nn.Module):
         angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # (hw, 2, hd/4)
         angles = angles.flatten(1, 2).tile(2)  # (hw, hd): [h-angles, w-angles] twice
         return torch.sin(angles), torch.cos(angles)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate the last sin.shape[0] tokens of q and k: (B, H, N, hd) each; the N - hw prefix tokens stay.
-
-    q and k are cast to the rope dtype (all tokens, as the reference does) and back.
-    """
-    dtype = q.dtype
-    q, k = q.to(sin.dtype), k.to(sin.dtype)
-    prefix = q.shape[-2] - sin.shape[-2]
-    if prefix < 0:
-        raise ValueError(f"rope for {sin.shape[-2]} tokens applied to a sequence of {q.shape[-2]}")
-
-    def rotate(x: Tensor) -> Tensor:
-        body = x[:, :, prefix:]
-        return torch.cat((x[:, :, :prefix], body * cos + rotate_half(body) * sin), dim=-2)
-
-    return rotate(q).to(dtype), rotate(k).to(dtype)

@@ -3,7 +3,7 @@
   attention(q, k, v, causal=False, rope=None) -> out
       q, k, v, out: (B, H, N, D); scale D ** -0.5. rope = (sin, cos), each (R, D) in the rope dtype, rotates the
       last R tokens of q and k (N - R prefix tokens, e.g. CLS, stay unrotated); q and k pass through the rope
-      dtype as in the published model (see vtp_fast.nn.rope).
+      dtype as in the published model (`apply_rope` below; the sin/cos tables: vtp_fast.nn.rope).
   attention_varlen(q, k, v, seq_start, seq_len, max_len, rope=None) -> out
       Packed sequences of different lengths (multi-crop views) in one call: q, k, v, out (T, H, D); seq_start,
       seq_len (S,) int32 (token offsets and lengths); max_len = max(seq_len) as a Python int; rope = (sin, cos),
@@ -23,10 +23,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtp_fast import optional
-from vtp_fast.nn.rope import apply_rope, rotate_half
 from vtp_fast.ops.registry import new_op
 
 Rope = tuple[Tensor, Tensor]
+
+
+# The 2-D RoPE rotation (the sin/cos tables come from vtp_fast.nn.rope.Rope2D): part of this op's reference.
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(q: Tensor, k: Tensor, sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate the last sin.shape[0] tokens of q and k: (B, H, N, hd) each; the N - hw prefix tokens stay.
+
+    q and k are cast to the rope dtype (all tokens, as the reference does) and back.
+    """
+    dtype = q.dtype
+    q, k = q.to(sin.dtype), k.to(sin.dtype)
+    prefix = q.shape[-2] - sin.shape[-2]
+    if prefix < 0:
+        raise ValueError(f"rope for {sin.shape[-2]} tokens applied to a sequence of {q.shape[-2]}")
+
+    def rotate(x: Tensor) -> Tensor:
+        body = x[:, :, prefix:]
+        return torch.cat((x[:, :, :prefix], body * cos + rotate_half(body) * sin), dim=-2)
+
+    return rotate(q).to(dtype), rotate(k).to(dtype)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, rope: Rope | None, dims: int = 4) -> None:

@@ -1,8 +1,8 @@
 """Masked-token gather/scatter: the packing that iBOT and MAE-style masking need.
 
 Tokens of a batch, x: (B, N, D), are addressed by flat positions p = b * N + n. For a boolean token mask
-(B, N), `mask_to_index(mask)` lists the selected positions in order (M,) int64, sample by sample, so the
-packed buffer keeps each sample's selected tokens together.
+(B, N), `mask_to_index(mask)` (vtp_fast.data.views: computed where the masks are made) lists the selected
+positions in order (M,) int64, sample by sample, so the packed buffer keeps each sample's selected tokens together.
 
   masked_gather(x (B, N, D), index (M,))                       -> (M, D)      packed[m] = x.flat[index[m]]
   masked_scatter(src (M, D), index (M,), fill (D,) | None, (B, N)) -> (B, N, D) out.flat[index[m]] = src[m],
@@ -22,24 +22,6 @@ from torch import Tensor
 
 from vtp_fast import optional
 from vtp_fast.ops.registry import new_op
-
-
-def mask_to_index(mask: Tensor) -> Tensor:
-    """mask: (B, N) bool -> (M,) int64 flat positions of the True tokens, in order.
-
-    Sizes the packed buffer, so it synchronises with the device once; compute it where the mask is made
-    (data loading) and reuse it for student, teacher, forward and backward.
-    """
-    if mask.dim() != 2 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a (B, N) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-    return mask.reshape(-1).nonzero().squeeze(1)
-
-
-def mask_weights(masks: Tensor) -> Tensor:
-    """(n, N) bool masks -> (M,) weight 1 / (masked tokens of its row) for each masked token, in the order of
-    `mask_to_index` (iBOT: every masked crop counts once)."""
-    per_row = 1.0 / masks.sum(-1).clamp(min=1).float()  # (n,)
-    return per_row[:, None].expand_as(masks)[masks]
 
 
 def _check(op: str, tokens: Tensor, index: Tensor) -> None:

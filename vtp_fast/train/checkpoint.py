@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vtp_fast.config import ConfigError
+from vtp_fast.distributed import copy_full_
 from vtp_fast.io import atomic_dir
 from vtp_fast.models.pretrained import (
     WEIGHTS_NAME,
@@ -95,12 +96,13 @@ class Checkpointer:
         """Restore weights into `model` and `modules` strictly; return the train state (not yet applied)."""
         path = Path(path)
         if model is not None:
-            load_state_strict(model, read_safetensors(path / "model" / WEIGHTS_NAME), str(path / "model"))
+            load_state_strict(model, read_safetensors(path / "model" / WEIGHTS_NAME), str(path / "model"),
+                              copy_=copy_full_)
         flat = read_safetensors(path / "modules.safetensors")
         for name, module in modules.items():
             prefix = f"{name}."
             part = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-            load_state_strict(module, part, f"{path / 'modules.safetensors'} [{name}]")
+            load_state_strict(module, part, f"{path / 'modules.safetensors'} [{name}]", copy_=copy_full_)
         extra = sorted({k.split(".", 1)[0] for k in flat} - set(modules))
         if extra:
             raise CheckpointError(f"{path / 'modules.safetensors'}: holds modules this run does not have: {extra} "

@@ -545,7 +545,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
 
     probe_data = None
     if cfg.run.generative_probe_every and main:
-        from vtp_fast.eval.generative_probe import probe_set
+        from vtp_fast.eval.latents import probe_set
 
         if root is not None:  # the emoji training styles, labelled by category
             emoji = load_emoji(root, cfg.data.train_styles)
@@ -636,7 +636,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Path]:
         if cfg.run.generative_probe_every and done % cfg.run.generative_probe_every == 0:
             model = t.plain_model()
             if main:
-                from vtp_fast.eval.generative_probe import generative_probe
+                from vtp_fast.downstream.generative_probe import generative_probe  # KNOWN in tests/test_layers.py
 
                 probe = generative_probe(model, probe_data, out / "gen_probe" / f"step_{done:08d}",
                                          dit_steps=cfg.run.probe_dit_steps, seed=cfg.run.seed)

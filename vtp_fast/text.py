@@ -1,4 +1,8 @@
-"""Captions -> CLIP BPE token ids (the open_clip package ships the vocabulary)."""
+"""Captions -> CLIP BPE token ids (the open_clip package ships the vocabulary).
+
+The text tower's input format: data loading tokenizes captions with it and `VTP.tokenize` is the model's
+convenience for it, so it sits below both (it imports nothing from vtp_fast).
+"""
 
 from __future__ import annotations
 

@@ -3,13 +3,12 @@
 Encode a fixed set of images with the current tokenizer, train a small DiT on those latents for a fixed budget,
 sample as many images as the set holds and report gFID against it. Cheap enough to run every few thousand steps
 on a GPU (and every few hundred on a CPU with the tiny defaults); the numbers compare checkpoints of one run.
+It trains (vtp_fast.train.dit) and scores (vtp_fast.eval), so it sits in the layer above both.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 from vtp_fast.eval.evaluate import generation_scores
 from vtp_fast.eval.latents import LabelledImages, extract_latents
@@ -34,12 +33,3 @@ def generative_probe(model: VTP, data: LabelledImages, workdir: str | Path, *, d
     finally:
         model.train(was_training)
     return {"gen_probe_gfid": scores["gfid"], "gen_probe_kid": scores["gkid"]}
-
-
-def probe_set(images: torch.Tensor, labels: torch.Tensor | None, class_names: list[str] | None,
-              n: int) -> LabelledImages:
-    """The first n images (uint8 (N, S, S, 3)) with their labels (one class when unlabelled)."""
-    images = images[:n]
-    if labels is None or not class_names:
-        labels, class_names = torch.zeros(len(images), dtype=torch.long), ["all"]
-    return LabelledImages(images, labels[:n].clone(), list(class_names), [], f"gen-probe-{len(images)}")
