@@ -23,6 +23,7 @@ import torch
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import load_config, save_config
+from vtp_fast.io import atomic_write_text
 from vtp_fast.study.config import MIXES, StudyConfig, resolve
 
 # Seconds per unit on 2 idle CPU cores at the CPU study's shapes: a tokenizer step per mix, a DiT step, an image
@@ -80,11 +81,8 @@ def device() -> torch.device:
 
 
 def _save(path: Path, result: dict) -> dict:
-    """Written to a temporary name and renamed: a killed stage never leaves a result that looks done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    """Written atomically: a killed stage never leaves a result that looks done."""
+    atomic_write_text(path, json.dumps(result, indent=1))
     return result
 
 
@@ -231,8 +229,8 @@ def load_sets(cfg: StudyConfig, size: int):
 
 
 def stages(cfg: StudyConfig, out: Path, train_set, held_out) -> list[Stage]:
-    """Every tokenizer first (the longest stages, and a pretraining run needs nothing else), then the floor, then
-    each tokenizer's scores, latents, ceiling and DiT seeds."""
+    """Every tokenizer first (a pretraining run needs nothing else), then the floor, then each tokenizer's scores,
+    latents, ceiling and DiT seeds, the largest budget first (its DiT curve is the instrument's own check)."""
     n, r = cfg.samples, RATES
     runs = [(out / f"{mix}-{budget}-c{channels}", mix, budget, channels) for mix, budget, channels in cfg.runs]
     plan = [Stage(f"{run_dir.name}: pretrain {budget} steps", f"tokenizer:{mix}", budget * r[f"tokenizer:{mix}"],
@@ -242,7 +240,7 @@ def stages(cfg: StudyConfig, out: Path, train_set, held_out) -> list[Stage]:
             for run_dir, mix, budget, channels in runs]
     plan.append(Stage("floor: real vs real", "score", 2 * n * r["inception"], out / "floor.json",
                       lambda: score_floor(out, cfg, train_set)))
-    for run_dir, _, budget, _ in runs:
+    for run_dir, _, budget, _ in sorted(runs, key=lambda r: -r[2]):
         name = run_dir.name
         plan += [
             Stage(f"{name}: rFID, PSNR, zero-shot, probe", "score", 2 * n * r["inception"] + r["probe"],
