@@ -1,4 +1,4 @@
-"""Shared test setup: markers for device-bound tests, the reference fixture, small models."""
+"""Shared test setup: markers for device-bound tests, the reference fixture, small models, a synthetic emoji set."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import make_prepared_emoji
 from vtp_fast import optional
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -27,3 +28,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def official_tiny_dir() -> Path:
     return OFFICIAL_TINY
+
+
+@pytest.fixture(scope="module")
+def emoji_cache(tmp_path_factory) -> Path:
+    """A VTP_FAST_CACHE holding a prepared emoji-format set (so nothing is downloaded); one per test module, so
+    caches written under it (FID statistics) never leak between modules."""
+    root = tmp_path_factory.mktemp("cache")
+    make_prepared_emoji(root / "emoji" / "prepared-64", size=64)
+    return root
+
+
+@pytest.fixture
+def emoji_env(emoji_cache, monkeypatch) -> Path:
+    """`emoji_cache` as this test's VTP_FAST_CACHE."""
+    monkeypatch.setenv("VTP_FAST_CACHE", str(emoji_cache))
+    return emoji_cache

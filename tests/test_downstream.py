@@ -9,24 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import make_prepared_emoji
 from vtp_fast import VTP, save_pretrained, vtp_config
 from vtp_fast.cli import main
 from vtp_fast.eval.latents import check_tokenizer, extract_latents, load_images, load_latents
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A VTP_FAST_CACHE holding a prepared emoji-format set (so nothing is downloaded)."""
-    root = tmp_path_factory.mktemp("cache")
-    make_prepared_emoji(root / "emoji" / "prepared-64", size=64)
-    return root
-
-
-@pytest.fixture
-def env(cache, monkeypatch):
-    monkeypatch.setenv("VTP_FAST_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +20,7 @@ def tokenizer_dir(tmp_path_factory):
     return save_pretrained(VTP(vtp_config("vtp-nano")), tmp_path_factory.mktemp("tok") / "nano")
 
 
-def test_extract_train_sample_eval_from_the_command_line(env, tokenizer_dir, tmp_path, capsys):
+def test_extract_train_sample_eval_from_the_command_line(emoji_env, tokenizer_dir, tmp_path, capsys):
     lat = tmp_path / "latents"
     assert main(["extract-latents", "--checkpoint", str(tokenizer_dir), "--data", "emoji:google,twitter",
                  "--out", str(lat)]) == 0
@@ -70,7 +55,7 @@ def test_extract_train_sample_eval_from_the_command_line(env, tokenizer_dir, tmp
     assert 0 <= result["probe_cls_meanpatch"] <= 1 and 0 <= result["probe_latent"] <= 1
 
 
-def test_bad_input_is_refused_before_work(env, tokenizer_dir, tmp_path):
+def test_bad_input_is_refused_before_work(emoji_env, tokenizer_dir, tmp_path):
     data = load_images("emoji:google")
     lat = tmp_path / "latents"
     extract_latents(VTP(vtp_config("vtp-nano")).eval(), data, lat, progress=False)  # another tokenizer
@@ -116,13 +101,13 @@ def test_bad_input_is_refused_before_work(env, tokenizer_dir, tmp_path):
         generate(dit_u, meta_u, tok, torch.tensor([0]), cfg_scale=2.0)
 
 
-def test_generative_probe_during_pretraining(env, tmp_path):
+def test_generative_probe_during_pretraining(emoji_env, tmp_path):
     from tests.train.test_pretrain import SMALL
     from vtp_fast.config import load_config
     from vtp_fast.train.pretrain import PretrainConfig, pretrain
 
     out = tmp_path / "run"
-    root = env / "emoji" / "prepared-64"
+    root = emoji_env / "emoji" / "prepared-64"
     pretrain(load_config(PretrainConfig, [], [*[o for o in SMALL if not o.startswith(("data.image_size",
                                                                                          "ssl.views.global"))],
                                               f"data.root={root}", "ssl.views.global_size=64", f"run.out_dir={out}",

@@ -6,24 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import make_prepared_emoji
 from vtp_fast.config import ConfigError
 from vtp_fast.study import StudyConfig, dry_run, load_study, run_study
 from vtp_fast.study.report import claims, compare, mean_std
 from vtp_fast.study.run import Progress, Stage
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    make_prepared_emoji(root / "emoji" / "prepared-64", size=64)
-    return root
-
-
-@pytest.fixture
-def env(cache, monkeypatch):
-    monkeypatch.setenv("VTP_FAST_CACHE", str(cache))
-    return cache
 
 
 @pytest.mark.parametrize("override, message", [
@@ -96,7 +82,7 @@ def test_time_left_follows_what_each_kind_of_stage_measured(tmp_path, monkeypatc
     assert "study [3/4] second | 0.5 min elapsed, about 2 min left" in out
 
 
-def test_dry_run_runs_every_stage_and_resumes_without_redoing_any(env, tmp_path, monkeypatch):
+def test_dry_run_runs_every_stage_and_resumes_without_redoing_any(emoji_env, tmp_path, monkeypatch):
     cfg = dry_run(StudyConfig())
     out = run_study(cfg, tmp_path / "study")
     report = json.loads((out / "study.json").read_text())
@@ -133,7 +119,7 @@ def test_dry_run_runs_every_stage_and_resumes_without_redoing_any(env, tmp_path,
     assert json.loads((out / "study.json").read_text())["rows"] == report["rows"]
 
 
-def test_gpu_study_dry_run_from_the_command_line(env, tmp_path, capsys):
+def test_gpu_study_dry_run_from_the_command_line(emoji_env, tmp_path, capsys):
     from vtp_fast.cli import main
 
     assert main(["study", "--config", "configs/study/vtp_s.yaml", "--dry-run", "--out", str(tmp_path / "s"),

@@ -111,13 +111,10 @@ def _sha1(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- conversion
-def _torch_fidelity_layout() -> dict[str, tuple[torch.Size, bool]]:
-    """torch-fidelity's InceptionV3 state-dict keys -> (shape, belongs to a BasicConv2d), in module order.
-
-    Built by torch-fidelity's own constructor on the meta device with loading switched off, so the layout is
-    theirs by construction (nothing is copied from their code).
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
+def meta_inception(features: tuple[str, ...] = ("2048",)) -> torch.nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` built by its own constructor on the meta device with weight
+    loading switched off: its layout and shapes (nothing is copied from their code, nothing is loaded)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _LayoutOnly(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # layout only: nothing to load
@@ -127,7 +124,14 @@ def _torch_fidelity_layout() -> dict[str, tuple[torch.Size, bool]]:
         empty = Path(tmp) / "empty.pth"
         torch.save({}, empty)
         with torch.device("meta"):
-            model = _LayoutOnly("layout", ["2048"], feature_extractor_weights_path=str(empty))
+            return _LayoutOnly("layout", list(features), feature_extractor_weights_path=str(empty)).eval()
+
+
+def _torch_fidelity_layout() -> dict[str, tuple[torch.Size, bool]]:
+    """torch-fidelity's InceptionV3 state-dict keys -> (shape, belongs to a BasicConv2d), in module order."""
+    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+
+    model = meta_inception()
     conv_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, BasicConv2d)]
     return {k: (v.shape, any(k.startswith(p) for p in conv_prefixes)) for k, v in model.state_dict().items()}
 

@@ -245,20 +245,10 @@ def dit_flops(cfg: StudyConfig, latent_shape: list[int], count_batch: int = 2) -
 @cache
 def inception_flops_per_image() -> int:
     """torch-fidelity's InceptionV3 (FID's pool features) on one image, resized to 299 x 299 inside."""
-    import tempfile
+    from vtp_fast.eval.fid import meta_inception
 
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Shapes(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # FLOPs only: nothing to load
-            return None
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)
-        with torch.device("meta"):
-            model = _Shapes("plan", ["2048"], feature_extractor_weights_path=str(empty)).eval()
-            x = torch.empty(1, 3, 299, 299, dtype=torch.uint8)
+    model = meta_inception()
+    x = torch.empty(1, 3, 299, 299, dtype=torch.uint8, device="meta")
     with torch.no_grad():
         return _count(lambda: model(x))
 
