@@ -49,10 +49,12 @@ def collect(cfg: StudyConfig, out: Path) -> list[dict]:
 
 
 def compare(a: dict, b: dict, key: str = "gkid") -> dict:
-    """b - a with its noise band: twice the standard error of a difference of two means over seeds."""
-    na, nb = a.get("seeds", 1), b.get("seeds", 1)
-    band = 2 * math.sqrt(a.get(f"{key}_std", 0.0) ** 2 / na + b.get(f"{key}_std", 0.0) ** 2 / nb)
+    """b - a with its noise band: twice the standard error of a difference of two means over seeds (None for a
+    figure measured once on each side, e.g. a tokenizer's PSNR: no band, the sign is all there is)."""
     diff = b[key] - a[key]
+    if f"{key}_std" not in a or f"{key}_std" not in b:
+        return {"from": a[key], "to": b[key], "diff": diff, "band": None, "beyond_noise": None}
+    band = 2 * math.sqrt(a[f"{key}_std"] ** 2 / a["seeds"] + b[f"{key}_std"] ** 2 / b["seeds"])
     return {"from": a[key], "to": b[key], "diff": diff, "band": band, "beyond_noise": abs(diff) > band}
 
 
@@ -67,7 +69,10 @@ def claims(cfg: StudyConfig, rows: list[dict]) -> list[dict]:
             return
         d = compare(a, b, key)
         good = d["diff"] < 0 if better == "lower" else d["diff"] > 0
-        verdict = ("held" if good else "did not hold") if d["beyond_noise"] else "within the noise"
+        if d["band"] is None:
+            verdict = ("held" if good else "did not hold") + " (one run each, no band)"
+        else:
+            verdict = ("held" if good else "did not hold") if d["beyond_noise"] else "within the noise"
         out.append({"claim": claim, "measure": measure, **d, "verdict": verdict})
 
     rec_lo, rec_hi = by.get(("rec", lo, c)), by.get(("rec", hi, c))
@@ -115,7 +120,8 @@ def markdown(cfg: StudyConfig, rows: list[dict], floor: dict, found: list[dict],
         "ceiling gKID": f"{r['ceiling_gkid']:.3g}", "ceiling gFID": f"{r['ceiling_gfid']:.4g}"} for r in rows])
     claims_table = table_of([{"claim": c["claim"], "measured": c["measure"],
                                     "from -> to": f"{c['from']:.4g} -> {c['to']:.4g}",
-                                    "difference ± band": f"{c['diff']:+.3g} ± {c['band']:.2g}",
+                                    "difference ± band": f"{c['diff']:+.3g}" + (
+                                        "" if c["band"] is None else f" ± {c['band']:.2g}"),
                                     "verdict": c["verdict"]} for c in found])
     n = cfg.samples
     return (f"# scaling study\n\n"
