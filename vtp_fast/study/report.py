@@ -182,6 +182,7 @@ def plots(cfg: StudyConfig, rows: list[dict], floor: dict, out: Path) -> None:
     bx.set(xscale="log", xlabel="tokenizer training compute (GFLOP)", ylabel="held-out PSNR (dB)",
            title="reconstruction")
     for a in (ax, bx):
+        a.xaxis.set_minor_formatter(plt.NullFormatter())  # decades only: the minor labels overlap
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
