@@ -13,7 +13,9 @@ import torch
 from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backends
 from vtp_fast.config import load_config
 from vtp_fast.data.pairs import StepBatches, synthetic_pairs
-from vtp_fast.train.pretrain import PretrainConfig, build_trainer, schedules, to_device, train_step
+from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.sources import to_device
+from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
 TABLE_COLUMNS = ["mode", "preset", "batch", "median_ms", "steps_per_s", "images_per_s", "speedup_vs_eager"]
 CPU = ["model.preset=vtp-tiny", "batch.size=32", "batch.ssl=8", "batch.rec=16", "objective.perceptual=0"]

@@ -152,7 +152,7 @@ def test_only_the_projects_own_errors_are_one_line(error, monkeypatch, capsys):
     from vtp_fast.config import ConfigError, InputError, UserError
     from vtp_fast.data.images import ImageError
     from vtp_fast.models.pretrained import CheckpointError
-    from vtp_fast.train.pretrain import TrainingDiverged
+    from vtp_fast.train.loop import TrainingDiverged
 
     raised = {"config": ConfigError("optim.lr: bad"), "input": InputError("x.csv: no column path"),
               "image": ImageError("a.png: unreadable image"), "checkpoint": CheckpointError("m: truncated"),

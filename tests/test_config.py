@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from vtp_fast.config import ConfigError, load_config, parse_override, save_config
-from vtp_fast.train.pretrain import PretrainConfig
+from vtp_fast.train.config import PretrainConfig
 
 
 @dataclass
@@ -90,7 +90,7 @@ def test_shipped_configs_load():
 def test_shipped_dit_configs_load_once_the_latents_are_named():
     from pathlib import Path
 
-    from vtp_fast.train.dit import DiTTrainConfig
+    from vtp_fast.train.config import DiTTrainConfig
 
     files = sorted((Path(__file__).parents[1] / "configs" / "dit").glob("*.yaml"))
     assert len(files) >= 2

@@ -31,10 +31,10 @@ def test_extract_train_sample_eval_from_the_command_line(emoji_env, tokenizer_di
     assert latents.meta["class_names"] == ["circle", "square", "triangle"]
 
     out = tmp_path / "dit"
-    assert main(["train-dit", f"latents={lat}", "preset=dit-nano", "overrides={in_channels: 64}", "steps=6",
-                 "batch=8", "log_every=2", f"out_dir={out}"]) == 0
+    assert main(["train-dit", f"latents={lat}", "preset=dit-nano", "overrides={in_channels: 64}", "run.steps=6",
+                 "batch=8", "run.log_every=2", f"run.out_dir={out}"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6] and all(np.isfinite(r["total"]) for r in rows)
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(np.isfinite(r["loss/total"]) for r in rows)
 
     samples = tmp_path / "samples"
     assert main(["sample", "--dit", str(out / "dit"), "--checkpoint", str(tokenizer_dir), "--out", str(samples),
@@ -71,10 +71,11 @@ def test_bad_input_is_refused_before_work(emoji_env, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="has 12 images, fewer than the 50"):
         generation_scores(torch.rand(50, 3, 64, 64), data, 50)
     # a DiT trained on other latents: the sampler refuses it with this tokenizer
-    from vtp_fast.train.dit import DiTTrainConfig, generate, load_dit, train_dit
+    from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
+    from vtp_fast.train.dit import generate, load_dit, train_dit
 
-    train_dit(DiTTrainConfig(latents=str(lat), preset="dit-nano", overrides={"in_channels": 64}, steps=2, batch=4,
-                             out_dir=str(tmp_path / "dit")))
+    train_dit(DiTTrainConfig(latents=str(lat), preset="dit-nano", overrides={"in_channels": 64}, batch=4,
+                             run=DiTRunConfig(steps=2, out_dir=str(tmp_path / "dit"))))
     dit, dmeta = load_dit(tmp_path / "dit" / "dit")
     with pytest.raises(ValueError, match="another tokenizer"):
         generate(dit, dmeta, load_pretrained(tokenizer_dir), torch.tensor([0]))
@@ -92,10 +93,10 @@ def test_bad_input_is_refused_before_work(emoji_env, tokenizer_dir, tmp_path):
     tok = VTP(vtp_config("vtp-nano")).eval()
     extract_latents(tok, one_class, unconditional, progress=False)
     paths = train_dit(DiTTrainConfig(latents=str(unconditional), preset="dit-nano", overrides={"in_channels": 64},
-                                     steps=1, batch=4, out_dir=str(tmp_path / "dit-u"), precision="bf16",
-                                     cos_over="position"))  # the LightningDiT recipe's options, CPU autocast
+                                     batch=4, cos_over="position",  # the LightningDiT recipe's options, CPU autocast
+                                     run=DiTRunConfig(steps=1, out_dir=str(tmp_path / "dit-u"), precision="bf16")))
     row = json.loads(paths["metrics"].read_text().splitlines()[-1])
-    assert math.isfinite(row["total"]) and row["cos"] > 0
+    assert math.isfinite(row["loss/total"]) and row["loss/cos"] > 0
     dit_u, meta_u = load_dit(tmp_path / "dit-u" / "dit")
     with pytest.raises(ValueError, match="guidance needs a class-conditional DiT"):
         generate(dit_u, meta_u, tok, torch.tensor([0]), cfg_scale=2.0)
@@ -104,7 +105,9 @@ def test_bad_input_is_refused_before_work(emoji_env, tokenizer_dir, tmp_path):
 def test_generative_probe_during_pretraining(emoji_env, tmp_path):
     from tests.train.test_pretrain import SMALL
     from vtp_fast.config import load_config
-    from vtp_fast.train.pretrain import PretrainConfig, pretrain
+    from vtp_fast.downstream.generative_probe import generative_probe
+    from vtp_fast.train.config import PretrainConfig
+    from vtp_fast.train.pretrain import pretrain
 
     out = tmp_path / "run"
     root = emoji_env / "emoji" / "prepared-64"
@@ -112,7 +115,7 @@ def test_generative_probe_during_pretraining(emoji_env, tmp_path):
                                                                                          "ssl.views.global"))],
                                               f"data.root={root}", "ssl.views.global_size=64", f"run.out_dir={out}",
                                               "run.steps=2", "run.generative_probe_every=2", "run.probe_images=12",
-                                              "run.probe_dit_steps=3"]))
+                                              "run.probe_dit_steps=3"]), generative_probe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     probe = [r for r in rows if "gen_probe_gfid" in r]
     assert [r["step"] for r in probe] == [2] and np.isfinite(probe[0]["gen_probe_gfid"])

@@ -77,11 +77,7 @@ RANKS = {
 }
 
 # (importing module, imported module) -> why it stays for now, and the issue item that removes it.
-KNOWN = {
-    ("vtp_fast.train.pretrain", "vtp_fast.downstream.generative_probe"):
-        "pretrain runs the periodic generative probe itself; goes when the shared training loop (issue 12) takes "
-        "evaluation hooks from the entry point",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

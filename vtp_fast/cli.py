@@ -152,20 +152,22 @@ def cmd_encode(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- training
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
-    from vtp_fast.train.pretrain import PretrainConfig, pretrain
+    from vtp_fast.downstream.generative_probe import generative_probe
+    from vtp_fast.train.config import PretrainConfig
+    from vtp_fast.train.pretrain import pretrain
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
     if args.init:
         overrides.append(f"model.init={args.init}")
-    pretrain(load_config(PretrainConfig, args.config, overrides))
+    pretrain(load_config(PretrainConfig, args.config, overrides), generative_probe=generative_probe)
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
-    from vtp_fast.train.pretrain import PretrainConfig
+    from vtp_fast.train.config import PretrainConfig
     from vtp_fast.train.profile import profile
 
     profile(load_config(PretrainConfig, args.config, args.overrides), steps=args.steps, warmup=args.warmup,
@@ -187,9 +189,10 @@ def cmd_extract_latents(args: argparse.Namespace) -> int:
 
 def cmd_train_dit(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
-    from vtp_fast.train.dit import DiTTrainConfig, train_dit
+    from vtp_fast.train.config import DiTTrainConfig
+    from vtp_fast.train.dit import train_dit
 
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
     train_dit(load_config(DiTTrainConfig, args.config, overrides))
     return 0
 

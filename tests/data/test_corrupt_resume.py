@@ -12,7 +12,8 @@ from tests.data.test_decoders import require_dali
 from tests.helpers import png_with_bad_pixels, random_png
 from vtp_fast.config import load_config
 from vtp_fast.data.shards import Sample, write_shards
-from vtp_fast.train.pretrain import PretrainConfig, pretrain
+from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.pretrain import pretrain
 
 SMALL = ["model.preset=vtp-nano", "data.image_size=32", "data.eval_images=4", "batch.size=8", "batch.ssl=2",
          "batch.rec=2", "ssl.views.global_size=32", "ssl.views.local_size=16", "ssl.views.local_crops=1",

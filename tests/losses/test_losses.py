@@ -118,11 +118,15 @@ def test_teacher_centring_and_center_ema():
     t = emb(n).float()
     targets = loss.teacher_targets(t, w.float(), temp)
     assert torch.equal(targets.center, c0[0]) and targets.probs is None  # the centre in force for this batch
+    assert torch.equal(loss.center, c0)  # moved only by the caller, once the step is taken
     logits = t @ w.float().T
-    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * logits.mean(0, keepdim=True))  # mean teacher logits
-    c1 = loss.center.clone()
-    loss.teacher_targets(t[:0], w.float(), temp)  # no rows (iBOT with nothing masked): the centre stays
-    assert torch.equal(loss.center, c1)
+    c1 = 0.9 * c0[0] + 0.1 * logits.mean(0)  # the EMA of the mean teacher logits
+    torch.testing.assert_close(targets.next_center, c1)
+    again = loss.teacher_targets(t, w.float(), temp, center=c1)  # the next micro-batch, with the moved centre
+    assert torch.equal(again.center, c1)
+    torch.testing.assert_close(again.next_center, 0.9 * c1 + 0.1 * logits.mean(0))
+    empty = loss.teacher_targets(t[:0], w.float(), temp, center=c1)  # no rows (iBOT, nothing masked): it stays
+    assert torch.equal(empty.next_center, c1)
 
 
 def test_sinkhorn_knopp_balances_prototypes():

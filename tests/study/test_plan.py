@@ -36,7 +36,8 @@ def direct_step_flops(cfg: StudyConfig, mix: str) -> int:
     from vtp_fast.data.pairs import StepBatches, synthetic_pairs
     from vtp_fast.ops.registry import building_for
     from vtp_fast.study.run import pretrain_config
-    from vtp_fast.train.pretrain import _build_trainer, forward_backward, schedules, to_device
+    from vtp_fast.train.sources import to_device
+    from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
     p = pretrain_config(cfg, Path("/nonexistent"), mix, 1, cfg.channels)
     p.run.compile, p.run.precision = False, "fp32"

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from tests.helpers import make_prepared_emoji
 from tests.train.test_pretrain import small_config
 from vtp_fast.data.pairs import StepBatches, emoji_pairs
-from vtp_fast.train.pretrain import build_trainer, forward_backward, schedules
+from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
 
 WORLD = 2
 EXTRA = ("batch.size=8", "batch.ssl=4", "batch.rec=4")  # per rank: 4 pairs, 2 SSL samples, 2 reconstructions
@@ -19,14 +19,15 @@ STEP = 1
 
 
 def run_once(t, batch, sched):
-    """Terms, gradients and loss centres after the step's forward/backward."""
-    logs = forward_backward(t, [batch], sched)
+    """Terms, gradients and the loss centres the teacher's batch moved them to, after the step's
+    forward/backward."""
+    out = forward_backward(t, [batch], sched)
     grads = {}
     for name, p in t.student.named_parameters():
         g = p.grad
         grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    centers = {n: getattr(t.student, n).center.clone() for n in ("dino_loss", "ibot_loss")}
-    return {k: v.clone() for k, v in logs.items()}, grads, centers
+    assert set(out.centers) == {"dino", "ibot"}
+    return {k: v.clone() for k, v in out.terms.items()}, grads, {k: v.clone() for k, v in out.centers.items()}
 
 
 def _worker(rank, root, out_dir, result_file, mode):

@@ -10,7 +10,8 @@ from vtp_fast.config import ConfigError
 from vtp_fast.eval.latents import LabelledImages, extract_latents
 from vtp_fast.models.pretrained import read_safetensors
 from vtp_fast.train import dit as dit_train
-from vtp_fast.train.dit import DiTTrainConfig, ema_decay, train_dit
+from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
+from vtp_fast.train.dit import ema_decay, train_dit
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +25,15 @@ def latents(tmp_path_factory):
     return out
 
 
-def config(latents, out, **kw) -> DiTTrainConfig:
+def config(latents, out, **run) -> DiTTrainConfig:
     return DiTTrainConfig(latents=str(latents), preset="dit-nano", overrides={"in_channels": 64, "input_size": 2,
-                          "num_classes": 3}, steps=6, batch=4, warmup_steps=2, log_every=1, checkpoint_every=3,
-                          out_dir=str(out), **kw)
+                          "num_classes": 3}, batch=4, warmup_steps=2,
+                          run=DiTRunConfig(steps=6, log_every=1, checkpoint_every=3, out_dir=str(out), **run))
 
 
 def losses(out) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["total"]) for r in rows]
+    return [(r["step"], r["loss/total"]) for r in rows]
 
 
 def test_resume_continues_exactly_and_fresh_runs_refuse_old_checkpoints(latents, tmp_path, capsys):

@@ -17,7 +17,10 @@ from tests.helpers import make_prepared_emoji
 from vtp_fast.config import ConfigError, load_config
 from vtp_fast.data.pairs import BatchShape, StepBatches, emoji_pairs
 from vtp_fast.data.views import ViewConfig, block_mask
-from vtp_fast.train.pretrain import PretrainConfig, TrainingDiverged, build_trainer, pretrain, schedules, train_step
+from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.loop import TrainingDiverged
+from vtp_fast.train.pretrain import pretrain
+from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
 SMALL = ["model.preset=vtp-nano", "data.image_size=32", "data.eval_images=24", "batch.size=8", "batch.ssl=4",
          "batch.rec=4", "ssl.views.global_size=32", "ssl.views.local_size=16", "ssl.views.local_crops=2",
@@ -127,8 +130,11 @@ def test_one_step_trains_every_part_and_moves_the_teacher_by_ema(emoji_root, tmp
     before = {k: v.clone() for k, v in t.student.state_dict().items()}
     teacher_before = [p.clone() for p in t.teacher.parameters()]
     sched = schedules(cfg, 5)
-    logs, finite = train_step(t, [data[0]], sched)
-    assert finite and set(logs) >= {"clip", "rec_l1", "dino", "ibot", "koleo", "total", "grad_norm"}
+    centers = {n: getattr(t.student, n).center.clone() for n in ("dino_loss", "ibot_loss")}
+    out = train_step(t, [data[0]], sched)
+    assert out.finite and set(out.terms) == {"clip", "rec_l1", "dino", "ibot", "koleo", "total"}
+    assert set(out.aux) == {"grad_norm"} and set(out.scalars) == {"lr", "weight_decay", "momentum", "teacher_temp"}
+    assert all(not torch.equal(getattr(t.student, n).center, c) for n, c in centers.items())  # applied: taken
     changed = {k.split(".")[1] for k, v in t.student.state_dict().items()
                if v.is_floating_point() and not torch.equal(v, before[k])}
     assert {"trunk", "pixel_decoder", "text_transformer", "visual_proj"} <= changed  # model.<part>
@@ -147,13 +153,13 @@ def test_non_finite_step_changes_nothing_and_the_run_stops(emoji_root, tmp_path,
     original = type(t.student).forward
 
     def poisoned(self, batch, targets=None):
-        terms = original(self, batch, targets)
+        terms, recon = original(self, batch, targets)
         terms["ibot"] = terms["ibot"] * float("nan")
-        return terms
+        return terms, recon
 
     monkeypatch.setattr(type(t.student), "forward", poisoned)
-    logs, finite = train_step(t, [data[0]], schedules(cfg, 0))
-    assert not finite and logs["bad_terms"] == ["ibot", "total"]
+    out = train_step(t, [data[0]], schedules(cfg, 0))
+    assert not out.finite and out.bad_terms == ["ibot", "total"]
     for k, v in t.student.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
     for k, v in t.teacher.state_dict().items():
@@ -235,7 +241,7 @@ def test_init_from_a_published_checkpoint(emoji_root, tmp_path):
 
 def test_gradient_accumulation_equals_the_whole_batch(emoji_root, tmp_path):
     """Reconstruction only (a mean over images): two micro-batches accumulate the whole batch's gradient."""
-    from vtp_fast.train.pretrain import forward_backward
+    from vtp_fast.train.trainer import forward_backward
 
     rec_only = ["objective.clip=0", "objective.ssl=0", "batch.ssl=0", "batch.rec=8"]
     grads = {}
@@ -287,7 +293,7 @@ def test_checkpointer_sweeps_what_interrupted_saves_and_replaces_left(tmp_path):
 
 @pytest.mark.parametrize("source", ["synthetic", "own_shards"])
 def test_without_held_out_images_nothing_is_measured_on_noise(source, emoji_root, tmp_path, capsys):
-    from vtp_fast.train.pretrain import emoji_shards
+    from vtp_fast.train.sources import emoji_shards
 
     if source == "synthetic":
         extra = ["data.synthetic=true"]

@@ -10,7 +10,8 @@ from vtp_fast import VTP, load_pretrained, save_pretrained, vtp_config
 from vtp_fast.config import ConfigError, load_config
 from vtp_fast.losses.gan import adaptive_weight, discriminator_hinge, generator_hinge
 from vtp_fast.models.discriminator import PatchDiscriminator
-from vtp_fast.train.pretrain import PretrainConfig, pretrain
+from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.pretrain import pretrain
 from vtp_fast.train.profile import profile
 
 STAGE2 = ["stage=2", "objective.clip=0", "objective.ssl=0", "objective.gan=0.5", "batch.ssl=0", "batch.rec=8",

@@ -13,7 +13,8 @@ from pathlib import Path
 from vtp_fast.eval.evaluate import generation_scores
 from vtp_fast.eval.latents import LabelledImages, extract_latents
 from vtp_fast.models.vtp import VTP
-from vtp_fast.train.dit import DiTTrainConfig, generate, load_dit, train_dit
+from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
+from vtp_fast.train.dit import generate, load_dit, train_dit
 
 
 def generative_probe(model: VTP, data: LabelledImages, workdir: str | Path, *, dit_preset: str = "dit-tiny",
@@ -24,9 +25,10 @@ def generative_probe(model: VTP, data: LabelledImages, workdir: str | Path, *, d
     model.eval()
     try:
         extract_latents(model, data, workdir / "latents", flip=False, tokenizer="(in training)", progress=False)
-        train_dit(DiTTrainConfig(latents=str(workdir / "latents"), preset=dit_preset, steps=dit_steps, batch=batch,
-                                 out_dir=str(workdir / "dit"), log_every=max(1, dit_steps // 4), seed=seed,
-                                 warmup_steps=min(50, dit_steps // 5 + 1), checkpoint_every=dit_steps))
+        run = DiTRunConfig(steps=dit_steps, out_dir=str(workdir / "dit"), log_every=max(1, dit_steps // 4), seed=seed,
+                           checkpoint_every=dit_steps)
+        train_dit(DiTTrainConfig(latents=str(workdir / "latents"), preset=dit_preset, batch=batch,
+                                 warmup_steps=min(50, dit_steps // 5 + 1), run=run))
         dit, meta = load_dit(workdir / "dit" / "dit", device=next(model.parameters()).device)
         images = generate(dit, meta, model, data.labels, steps=sample_steps, seed=seed)
         scores = generation_scores(images, data, len(data), progress=False)

@@ -75,6 +75,7 @@ class Targets:
     weight: Tensor | None = None
     center: Tensor | None = None
     probs: Tensor | None = None
+    next_center: Tensor | None = None  # centring mode: the centre after this batch (not carried by chunks)
 
     def chunk(self, n: int) -> list[Targets]:
         """Split the rows into n equal parts (one per view)."""
@@ -96,17 +97,19 @@ class _TeacherTargets(nn.Module):
         self.ce = prototype_ce_op.OP.resolve()
 
     @torch.no_grad()
-    def teacher_targets(self, emb: Tensor, weight: Tensor, temp: float) -> Targets:
-        """Teacher head embeddings (n, d) and prototype weights (K, d) -> Targets; in centring mode the centre
-        then moves to the EMA of the batch's mean teacher logits (W @ mean(emb): no logits needed)."""
+    def teacher_targets(self, emb: Tensor, weight: Tensor, temp: float, center: Tensor | None = None) -> Targets:
+        """Teacher head embeddings (n, d) and prototype weights (K, d) -> Targets, made with `center` (K,) in force
+        (default: this module's). In centring mode `next_center` is where the centre moves after this batch, the
+        EMA of its mean teacher logits (W @ mean(emb): no logits needed); the caller applies it
+        (`self.center.copy_`) once the step is taken, so a skipped step leaves the centre as it was."""
         if self.centering == "sinkhorn_knopp":
             return Targets(temp, probs=sinkhorn_knopp(emb @ weight.T, temp, self.sinkhorn_iterations))
+        center = self.center[0] if center is None else center
         count = all_reduce_sum(torch.tensor(float(emb.shape[0]), device=emb.device))
-        targets = Targets(temp, emb, weight, self.center[0].clone())
         mean_emb = all_reduce_sum(emb.float().sum(0)) / count.clamp_min(1)  # (d,)
         keep = torch.where(count > 0, self.center_momentum, 1.0)  # no rows on any rank: the centre stays
-        self.center.copy_(self.center * keep + (weight.float() @ mean_emb)[None] * (1 - keep))
-        return targets
+        next_center = center * keep + (weight.float() @ mean_emb) * (1 - keep)
+        return Targets(temp, emb, weight, center.clone(), next_center=next_center)
 
     def cross_entropy(self, student: Tensor, weight: Tensor, target: Targets) -> Tensor:
         """Student head embeddings (n, d) through the student's prototypes (K, d) against `target` -> (n,)."""

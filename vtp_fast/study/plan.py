@@ -102,7 +102,8 @@ def _trainer_flops(pcfg, size: int, ssl: int, rec: int) -> tuple[int, object, tu
     (rows, feature width) the CLIP loss saw (None without CLIP)."""
     from vtp_fast.data.pairs import StepBatches, synthetic_pairs
     from vtp_fast.ops.registry import building_for
-    from vtp_fast.train.pretrain import _build_trainer, forward_backward, schedules, to_device
+    from vtp_fast.train.sources import to_device
+    from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
     pcfg.batch.size, pcfg.batch.ssl, pcfg.batch.rec, pcfg.batch.accumulation = size, ssl, rec, 1
     meta = torch.device("meta")
@@ -216,11 +217,11 @@ def dit_flops(cfg: StudyConfig, latent_shape: list[int], count_batch: int = 2) -
     from vtp_fast.config import load_config
     from vtp_fast.models.dit import DiT, dit_config
     from vtp_fast.ops.registry import building_for
-    from vtp_fast.train.dit import DiTTrainConfig
+    from vtp_fast.train.config import DiTTrainConfig
     from vtp_fast.train.flow import flow_loss
 
     dcfg = load_config(DiTTrainConfig, [resolve(cfg.dit)] if cfg.dit else [],
-                       [*cfg.dit_overrides, "latents=/plan", f"steps={cfg.dit_steps}"])
+                       [*cfg.dit_overrides, "latents=/plan", f"run.steps={cfg.dit_steps}"])
     c, h, w = latent_shape
     key = repr(dcfg) + repr(latent_shape) + repr(count_batch)
     if key in _CACHE:

@@ -88,7 +88,7 @@ def _save(path: Path, result: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- stages
 def pretrain_config(cfg: StudyConfig, out: Path, mix: str, steps: int, channels: int):
-    from vtp_fast.train.pretrain import PretrainConfig
+    from vtp_fast.train.config import PretrainConfig
 
     w = MIXES[mix]
     overrides = [f"run.out_dir={out}", f"run.checkpoint_every={min(steps, 300)}", "run.resume=auto",
@@ -200,9 +200,10 @@ def score_dit(run_dir: Path, seed: int, stop: int, previous: int, cfg: StudyConf
 
     work = run_dir / f"dit-s{seed}"
     dcfg = load_config(DiTTrainConfig, [resolve(cfg.dit)] if cfg.dit else [], [
-        "log_every=50", f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}", *cfg.dit_overrides,
-        f"latents={run_dir / 'latents'}", f"steps={cfg.dit_steps}", f"stop_at={stop}", f"out_dir={work / 'run'}",
-        f"checkpoint_every={max(1, stop - previous)}", "resume=auto", f"seed={seed}"])
+        "run.log_every=50", f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}", *cfg.dit_overrides,
+        f"latents={run_dir / 'latents'}", f"run.steps={cfg.dit_steps}", f"run.stop_at={stop}",
+        f"run.out_dir={work / 'run'}", f"run.checkpoint_every={max(1, stop - previous)}", "run.resume=auto",
+        f"run.seed={seed}"])
     t0 = time.perf_counter()
     train_dit(dcfg)  # on every rank under torchrun
     seconds = time.perf_counter() - t0

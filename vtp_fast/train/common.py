@@ -1,4 +1,4 @@
-"""Pieces every training job shares: the optimiser config, device and seeding, metric logs."""
+"""Pieces every training job shares: device, precision and seeding, RNG state, metric logs, the EMA update."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import random
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,6 @@ import torch
 from torch import Tensor
 
 from vtp_fast.config import ConfigError
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3  # peak learning rate after warm-up
-    min_lr: float = 1e-5  # end of the cosine decay
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None  # cosine schedule to this value (DINOv2: 0.04 -> 0.2); null: constant
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-
-    def validate(self) -> None:
-        for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,8 +1,8 @@
 """`vtp-fast train-dit` and `vtp-fast sample`: a DiT trained on a tokenizer's latents, and images from it.
 
 Training: rectified flow (vtp_fast.train.flow) with the cosine term, logit-normal timesteps, AdamW (beta2 0.95),
-EMA, on the latent set's per-channel normalised latents; the shared machinery of pretraining: atomic
-checkpoints and `run.resume=auto`, DDP under torchrun, per-block torch.compile, JSONL metrics, progress bar.
+EMA, on the latent set's per-channel normalised latents, run by the loop every job shares (vtp_fast.train.loop):
+atomic checkpoints and `run.resume=auto`, DDP under torchrun, per-block torch.compile, metrics, progress.
 The exported model (`<out>/dit/`: config.json with the DiT config and the latent set's statistics, EMA weights
 in model.safetensors) is what `sample` and the evaluation read.
 """
@@ -11,66 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vtp_fast import distributed as dist
-from vtp_fast.config import ConfigError, InputError, from_dict, save_config, to_dict
+from vtp_fast.compile import apply_compile
+from vtp_fast.config import ConfigError, InputError, from_dict
 from vtp_fast.data.views import sample_seed
 from vtp_fast.eval.latents import LatentSet, check_tokenizer, load_latents
+from vtp_fast.eval.plots import plot_curves
 from vtp_fast.io import atomic_dir
 from vtp_fast.models.dit import DiT, DiTConfig, dit_config
 from vtp_fast.models.pretrained import load_state_strict, read_safetensors
 from vtp_fast.ops import building_for
-from vtp_fast.train.checkpoint import Checkpointer
-from vtp_fast.train.common import MetricsLog, autocast, ema_update, pick_device, seed_everything
+from vtp_fast.train import loop
+from vtp_fast.train.common import MetricsLog, autocast, ema_update
+from vtp_fast.train.config import DiTTrainConfig
 from vtp_fast.train.flow import flow_loss, sample
+from vtp_fast.train.loop import Job, StepOutput, all_finite, start_process
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
-
-
-@dataclass
-class DiTTrainConfig:
-    latents: str = ""  # a latent set directory (vtp-fast extract-latents)
-    preset: str = "dit-tiny"
-    overrides: dict = field(default_factory=dict)  # DiTConfig fields
-    steps: int = 2000  # the schedule's length
-    stop_at: int = 0  # stop (checkpoint and export) at this step; 0: at `steps` (resume to continue)
-    batch: int = 128
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    ema: float = 0.999  # the EMA's decay once warmed up: step s uses min(ema, (1 + s) / (10 + s))
-    mu: float = 0.0  # logit-normal timestep location (the paper: -0.75 for L)
-    sigma: float = 1.0
-    cos_weight: float = 1.0
-    cos_over: Literal["sample", "position"] = "sample"  # cosine term per sample, or per position (LightningDiT)
-    grad_clip: float = 1.0
-    out_dir: str = "runs/dit"
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str = "none"
-    device: str = "auto"
-    compile: bool = False
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    eval_every: int = 0  # >0: log EMA flow loss on held-out latents (no sampling)
-
-    def validate(self) -> None:
-        if not self.latents:
-            raise ConfigError("latents: a latent set directory is required (vtp-fast extract-latents)")
-        for key in ("steps", "batch", "log_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"ema: must be in [0, 1), got {self.ema}")
 
 
 def ema_decay(decay: float, step: int) -> float:
@@ -114,91 +76,86 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT,
     return model.to(device).eval(), config["latents"]
 
 
-def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
-    device = dist.init_from_env() if dist.launched_distributed() else pick_device(cfg.device)
-    main, world = dist.rank() == 0, dist.world_size()
-    if cfg.batch % world:
-        raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")
-    gen = seed_everything(cfg.seed)  # model init: the same on every rank
-    latents = load_latents(cfg.latents)
-    with building_for(device):
-        model = build_dit(cfg, latents).to(device)
-        ema = build_dit(cfg, latents).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    if cfg.compile:
-        for block in model.blocks:
-            block.compile()
-    wrapped = dist.apply_ddp(model, device)
-    opt = make_adamw(param_groups({"dit": model}, cfg.weight_decay), cfg.lr, cfg.betas)
-    out = Path(cfg.out_dir)
-    ckpt = Checkpointer(out / "checkpoints", cfg.keep_checkpoints)
-    start = 0
-    resume = ckpt.resolve(cfg.resume)
-    if resume is not None:
-        state = Checkpointer.load(resume, None, {"dit": model, "ema": ema})
-        dist.load_optimizer_state(opt, state["optimizer"])
-        start = int(state["step"])
-    end = min(cfg.stop_at or cfg.steps, cfg.steps)
-    if start > end:
-        raise ConfigError(f"stop_at: step {end} is before the checkpoint being resumed ({resume})")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.sweep()
-        save_config(cfg, out / "config.yaml")
-        print(f"vtp-fast train-dit: {cfg.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
-              f"on {latents.latents.shape[0]} latents {tuple(latents.latents.shape[1:])} of {latents.meta['data']}, "
-              f"{len(latents.meta['class_names'])} classes, {device} x{world}; "
-              f"{'resuming at ' + str(start) if start else 'from scratch'} -> {out}")
-    log = MetricsLog(out / "metrics.jsonl", resume_at=start) if main else None
-    n = latents.latents.shape[0]
-    per_rank = cfg.batch // world
-    amp = autocast(cfg.precision, device)
-    bar = tqdm(total=end, initial=start, desc="train-dit", unit="step", disable=not main, dynamic_ncols=True)
-    tic, logged = time.perf_counter(), start
-    for step in range(start, end):
-        # every random draw of a step (batch, noise, t, label dropout) is seeded by (seed, rank, step): a resumed run
-        # continues exactly, with no RNG state to save
-        step_seed = sample_seed(cfg.seed, dist.rank(), step)
+class DiTJob(Job):
+    """Rectified flow on a latent set: the raw weights train, the EMA (warmed up) is what is exported."""
+
+    name, unit = "train-dit", "latents"
+
+    def __init__(self, cfg: DiTTrainConfig):
+        self.cfg, self.run = cfg, cfg.run
+        self.device, self.gen = start_process(cfg.run)  # model init: the same on every rank
+        world = dist.world_size()
+        if cfg.batch % world:
+            raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")
+        self.latents = load_latents(cfg.latents)
+        with building_for(self.device):
+            self.model = build_dit(cfg, self.latents).to(self.device)
+            self.ema = build_dit(cfg, self.latents).to(self.device).requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        if cfg.run.compile:
+            apply_compile(self.model)
+        self.wrapped = dist.apply_ddp(self.model, self.device)
+        self.opt = make_adamw(param_groups({"dit": self.model}, cfg.weight_decay), cfg.lr, cfg.betas)
+        self.samples_per_step, self.per_rank = cfg.batch, cfg.batch // world
+        self.amp = autocast(cfg.run.precision, self.device)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"dit": self.model, "ema": self.ema}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.opt}
+
+    def begin(self, start: int, resumed_from: Path | None) -> dict:
+        if dist.rank() == 0:
+            lat, cfg = self.latents, self.cfg
+            print(f"vtp-fast train-dit: {cfg.preset} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+                  f"params) on {lat.latents.shape[0]} latents {tuple(lat.latents.shape[1:])} of {lat.meta['data']}, "
+                  f"{len(lat.meta['class_names'])} classes, {self.device} x{dist.world_size()}; "
+                  f"{'resuming at ' + str(start) if start else 'from scratch'} -> {self.run.out_dir}")
+        return {}
+
+    def step(self, step: int) -> StepOutput:
+        cfg, gen = self.cfg, self.gen
+        # every random draw of a step (batch, noise, t, label dropout) is seeded by (seed, rank, step): a resumed
+        # run continues exactly
+        step_seed = sample_seed(cfg.run.seed, dist.rank(), step)
         gen.manual_seed(step_seed)
         torch.manual_seed(step_seed)
-        lr = cosine_schedule(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.lr * 0.1)
-        for group in opt.param_groups:
+        lr = cosine_schedule(step, cfg.run.steps, cfg.warmup_steps, cfg.lr, cfg.lr * 0.1)
+        for group in self.opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(n, (per_rank,), generator=gen)
-        x0, y = latents.latents[idx].to(device), latents.labels[idx].to(device)
-        with amp:
-            losses = flow_loss(wrapped, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight,
+        idx = torch.randint(self.latents.latents.shape[0], (self.per_rank,), generator=gen)
+        x0, y = self.latents.latents[idx].to(self.device), self.latents.labels[idx].to(self.device)
+        with self.amp:
+            losses = flow_loss(self.wrapped, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight,
                                cos_over=cfg.cos_over, generator=gen)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        opt.step()
-        ema_update(list(ema.parameters()), list(model.parameters()), ema_decay(cfg.ema, step))
-        done = step + 1
-        if main and (done % cfg.log_every == 0 or done == end):
-            rate = (done - logged) * cfg.batch / (time.perf_counter() - tic)
-            row = {k: v.item() for k, v in losses.items()} | {"lr": lr, "grad_norm": grad_norm.item(),
-                                                              "latents_per_s": rate}
-            log.write(step=done, **row)
-            bar.set_postfix(loss=f"{row['total']:.4f}", lat_s=f"{rate:.0f}")
-            tic, logged = time.perf_counter(), done
-        if done % cfg.checkpoint_every == 0 or done == end:
-            if main:
-                ckpt.save(done, None, None, {"dit": dist.full_state_dict(model), "ema": dist.full_state_dict(ema)},
-                          {"step": done, "optimizer": dist.full_optimizer_state(opt), "config": to_dict(cfg)})
-            dist.barrier()
-        bar.update(1)
-    bar.close()
-    if not main:
-        return {}
-    paths = {"dit": export_dit(ema, latents.meta, out / "dit"), "metrics": log.path, "config": out / "config.yaml"}
-    from vtp_fast.eval.plots import plot_curves
+        terms = {k: v.detach() for k, v in losses.items()}
+        if not all_finite(terms):
+            return StepOutput(terms, finite=False, bad_terms=[k for k, v in terms.items() if not v.isfinite()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        self.opt.step()
+        ema_update(list(self.ema.parameters()), list(self.model.parameters()), ema_decay(cfg.ema, step))
+        return StepOutput(terms, {"grad_norm": grad_norm}, {"lr": lr})
 
-    paths["loss_curve"] = plot_curves({"flow loss (total)": log.series("total"), "velocity MSE": log.series("mse")},
-                                      out / "loss.png", title=f"train-dit {cfg.preset}")
-    for name, p in paths.items():
-        print(f"  {name:12s} {p}")
-    return paths
+    def finish(self, log: MetricsLog | None) -> dict[str, Path]:
+        if dist.rank() != 0:
+            return {}
+        out = Path(self.run.out_dir)
+        paths = {"dit": export_dit(self.ema, self.latents.meta, out / "dit"), "metrics": log.path,
+                 "config": out / "config.yaml"}
+        paths["loss_curve"] = plot_curves({"flow loss (total)": log.series("loss/total"),
+                                           "velocity MSE": log.series("loss/mse")},
+                                          out / "loss.png", title=f"train-dit {self.cfg.preset}")
+        for name, p in paths.items():
+            print(f"  {name:12s} {p}")
+        return paths
+
+
+def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
+    """Train (or resume) a DiT on cfg.latents; export its EMA to <run.out_dir>/dit."""
+    return loop.run(DiTJob(cfg))
 
 
 @torch.no_grad()

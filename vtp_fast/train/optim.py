@@ -14,8 +14,8 @@ _NO_DECAY_NAMES = ("cls_token", "mask_token", "positional_embedding", "token_emb
 
 
 def param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters of `modules`: decayed matrices, and the rest (norms,
-    biases, tokens, embeddings, logit scale) without decay."""
+    """Two AdamW groups over the trainable parameters of `modules`, named "decay" (matrices) and "no_decay" (norms,
+    biases, tokens, embeddings, logit scale); `set_group` finds them by name."""
     decay, no_decay = [], []
     for prefix, module in modules.items():
         for name, p in module.named_parameters():
@@ -23,7 +23,17 @@ def param_groups(modules: dict[str, nn.Module], weight_decay: float) -> list[dic
                 continue
             skip = p.ndim <= 1 or any(part in _NO_DECAY_NAMES for part in f"{prefix}.{name}".split("."))
             (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+
+
+def set_group(optimizer: torch.optim.Optimizer, name: str, **values: float) -> None:
+    """Set hyperparameters (e.g. weight_decay) of the parameter group called `name` (see param_groups)."""
+    groups = [g for g in optimizer.param_groups if g.get("name") == name]
+    if not groups:
+        raise KeyError(f"no parameter group named {name!r} (groups: {[g.get('name') for g in optimizer.param_groups]})")
+    for g in groups:
+        g.update(values)
 
 
 def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.Optimizer:

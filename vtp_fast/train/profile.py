@@ -19,9 +19,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from vtp_fast.benchmark import env_info, markdown_table
 from vtp_fast.data.pairs import StepBatches
 from vtp_fast.train.common import pick_device, seed_everything
-from vtp_fast.train.pretrain import PretrainConfig, build_trainer, forward_backward, load_pairs, schedules, to_device
-from vtp_fast.train.pretrain import train_step as run_step
+from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.probe import TimingProbe
+from vtp_fast.train.sources import load_pairs, to_device
+from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
+from vtp_fast.train.trainer import train_step as run_step
 
 # Dense bf16 peak (TFLOP/s) by GPU name fragment, for MFU.
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
-from vtp_fast.data.views import ViewConfig
 from vtp_fast.losses.clip import ClipLoss
 from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from vtp_fast.losses.objective import Objective
@@ -26,40 +23,16 @@ from vtp_fast.models.heads import DINOHead
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import masked_gather as masked_gather_op
 from vtp_fast.train.common import ema_update
+from vtp_fast.train.config import SSLConfig
 from vtp_fast.train.probe import Probe
 
 N_GLOBAL = 2
 
 
-@dataclass
-class SSLConfig:
-    """DINOv2 defaults are noted; the defaults here are sized for the CPU configs."""
-
-    prototypes: int = 4096  # DINOv2: 65536
-    hidden: int = 512  # DINOv2: 2048
-    bottleneck: int = 128  # DINOv2: 256
-    head_layers: int = 3
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    teacher_temp_warmup: float = 0.04  # linear warm-up from this to teacher_temp
-    teacher_temp_warmup_steps: int = 100
-    momentum_start: float = 0.992  # teacher EMA momentum, cosine to momentum_end
-    momentum_end: float = 1.0
-    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
-    center_momentum: float = 0.9
-    views: ViewConfig = field(default_factory=ViewConfig)
-
-    def validate(self) -> None:
-        if not 0 <= self.momentum_start <= self.momentum_end <= 1:
-            raise ConfigError("ssl.momentum_start/momentum_end: need 0 <= start <= end <= 1")
-        for key in ("student_temp", "teacher_temp", "teacher_temp_warmup"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"ssl.{key}: must be > 0")
-
-
 class Student(nn.Module):
     """The trainable model, its SSL head and every loss of the objective; `forward(batch, targets)` returns the
-    value of each active term. Wrap this module in DDP/FSDP (its forward is the whole student step)."""
+    value of each active term, and the reconstructed images when the adversarial term needs them. Wrap this
+    module in DDP/FSDP (its forward is the whole student step)."""
 
     def __init__(self, model: VTP, objective: Objective, ssl: SSLConfig, *, n_rec: int | None = None,
                  lpips_vgg_path: str | None = None, freeze_encoder: bool = False):
@@ -95,8 +68,9 @@ class Student(nn.Module):
         self.gather = masked_gather_op.OP.resolve()
         self.probe = Probe()  # vtp-fast profile swaps in a TimingProbe
 
-    def forward(self, batch: dict[str, Tensor], targets: dict | None = None) -> dict[str, Tensor]:
-        """batch: see vtp_fast.data.pairs.StepBatches; targets: Teacher.targets(...) when SSL is on."""
+    def forward(self, batch: dict[str, Tensor], targets: dict | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
+        """batch: see vtp_fast.data.pairs.StepBatches; targets: the Teacher's when SSL is on. -> (loss terms,
+        reconstructed images (n_rec, 3, H, W) for the adversarial term, or None)."""
         m, images, probe = self.model, batch["images"], self.probe
         views, masks = [images], [None]
         if self.uses_ssl:
@@ -106,7 +80,7 @@ class Student(nn.Module):
                 views, masks = views[:2], masks[:2]
         with probe.region("trunk"), torch.no_grad() if self.freeze_encoder else nullcontext():
             outs = m.trunk(views, masks)
-        plain, terms = outs[0], {}
+        plain, terms, recon = outs[0], {}, None
 
         if self.uses_clip:
             with probe.region("clip"):
@@ -120,13 +94,13 @@ class Student(nn.Module):
             (patch,) = probe.boundary("rec", plain["patch"][:n_rec])
             tokens = m.pixel_decoder.forward_tokens(m.latents_from_patch(patch, plain["grid"]))  # (n, hw, 3p^2)
             terms.update(self.rec_loss(tokens, images[:n_rec]))
-            if self.expose_recon:  # not a loss term: the image, read by the adversarial step
-                terms["_recon"] = self.rec_loss.image(tokens, plain["grid"])
+            if self.expose_recon:
+                recon = self.rec_loss.image(tokens, plain["grid"])
 
         if self.uses_ssl:
             with probe.region("ssl"):
                 self._ssl_terms(outs[1], outs[2] if len(outs) > 2 else None, batch, targets, terms)
-        return terms
+        return terms, recon
 
     def _ssl_terms(self, glob: dict, loc: dict | None, batch: dict, targets: dict, terms: dict) -> None:
         """DINO (CLS of global and local views), iBOT (masked patch tokens) and KoLeo terms into `terms`."""
@@ -170,17 +144,31 @@ class Teacher(nn.Module):
         ema_update(*self.pairs(student), momentum)
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, Tensor], student: Student, temp: float) -> dict:
-        """Targets (vtp_fast.losses.dino.Targets): 'dino', one per global view, and 'ibot' for the student's masked
-        tokens. Updates the loss centres. (A forward, so FSDP's hooks gather the shards.)"""
+    def forward(self, batch: dict[str, Tensor], student: Student, temp: float,
+                centers: dict[str, Tensor] | None = None) -> tuple[dict, dict[str, Tensor]]:
+        """-> (targets, centres). targets (vtp_fast.losses.dino.Targets): 'dino', one per global view, and 'ibot'
+        for the student's masked tokens, made with `centers` in force (default: the losses' own); centres: where
+        each loss centre moves after this batch, applied by the step once it is taken (`apply_centers`). A
+        forward, so FSDP's hooks gather the shards."""
+        centers = centers or {}
         out = self.trunk(batch["global_crops"])  # unmasked
         n_glob = out["cls"].shape[0]
         packed = student.gather.impl.masked_gather(out["patch"], batch["mask_index"])  # (M, D)
         emb = self.head.embed(torch.cat([out["cls"], packed]))  # (n_glob + M, d)
         weight = self.head.last_layer.weight.to(emb.dtype)  # the teacher's own (EMA) prototypes
-        targets = {}
-        if "dino" in student.objective:
-            targets["dino"] = student.dino_loss.teacher_targets(emb[:n_glob], weight, temp).chunk(N_GLOBAL)
-        if "ibot" in student.objective:
-            targets["ibot"] = student.ibot_loss.teacher_targets(emb[n_glob:], weight, temp)
-        return targets
+        targets, moved = {}, {}
+        for name, rows in (("dino", emb[:n_glob]), ("ibot", emb[n_glob:])):
+            if name in student.objective:
+                loss = getattr(student, f"{name}_loss")
+                made = loss.teacher_targets(rows, weight, temp, centers.get(name))
+                targets[name] = made.chunk(N_GLOBAL) if name == "dino" else made
+                if made.next_center is not None:
+                    moved[name] = made.next_center
+        return targets, moved
+
+
+@torch.no_grad()
+def apply_centers(student: Student, centers: dict[str, Tensor]) -> None:
+    """Move the DINO / iBOT loss centres to where the teacher's batches put them (Teacher.forward)."""
+    for name, center in centers.items():
+        getattr(student, f"{name}_loss").center.copy_(center)

@@ -1,0 +1,227 @@
+"""The one training loop every job runs: pretraining (stages 1 and 2) and the DiT.
+
+A job supplies its step, its evaluations and its export (`Job`); the loop does the rest the same way for all:
+resume from the newest checkpoint (weights, optimizers, RNG streams, the job's own state), clean-up of interrupted
+saves, metrics (JSONL and TensorBoard, averaged over ranks), progress, the checkpoint schedule with whole-tensor
+state gathered on every rank (collective under FSDP), non-finite steps skipped up to `run.max_bad_steps` in a row.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vtp_fast import distributed as dist
+from vtp_fast.config import ConfigError, UserError, save_config, to_dict
+from vtp_fast.train.checkpoint import Checkpointer
+from vtp_fast.train.common import MetricsLog, pick_device, rng_state, seed_everything, set_rng_state
+from vtp_fast.train.config import RunConfig
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """Too many consecutive steps with non-finite losses; the last good checkpoint is kept."""
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports. terms: the loss terms (detached, averaged over micro-batches; "total"
+    among them), logged as loss/<name>; aux: other per-step tensors (gradient norm, adaptive GAN weight);
+    scalars: the schedules' values at this step; finite: whether the step was taken (decided on every rank
+    together); a skipped step names its non-finite terms in bad_terms."""
+
+    terms: dict[str, Tensor]
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+    bad_terms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """fn(step) runs on every rank (gathering sharded weights is collective) and returns the row to log on the
+    main rank ({} on the others), every `every` steps, and at the start of a fresh run / the last step when
+    asked."""
+
+    every: int
+    fn: Callable[[int], dict[str, Any]]
+    at_start: bool = False
+    at_end: bool = True
+
+
+class Job:
+    """One training job. Subclasses set the attributes and implement `step` and `finish`."""
+
+    name: str  # the progress bar's label
+    unit: str = "images"  # what `samples_per_step` counts (logged as <unit>_per_s)
+    cfg: Any  # the whole config (saved with every run and checkpoint)
+    run: RunConfig
+    device: torch.device
+    samples_per_step: int  # global, all ranks
+    checkpoint_model: nn.Module | None = None  # saved in the published layout (load_pretrained reads it)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every other checkpointed module (whole-tensor state, strict on load)."""
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The job's own train state (called on every rank at a checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def begin(self, start: int, resumed_from: Path | None) -> dict[str, Any]:
+        """Before the first step (the data position is `start`); returns a row to log at `start`, or {}."""
+        return {}
+
+    def step(self, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, Any]:
+        """Extra values for each logged row (called on every rank)."""
+        return {}
+
+    def evaluations(self) -> list[Evaluation]:
+        return []
+
+    def finish(self, log: MetricsLog | None) -> dict[str, Path]:
+        """Export and plots after the last step (every rank calls it; the main rank returns the paths)."""
+        raise NotImplementedError
+
+
+def start_process(run: RunConfig) -> tuple[torch.device, torch.Generator]:
+    """The job's device (the local GPU under torchrun), torch threads, and every RNG seeded from run.seed (the
+    returned CPU generator is the job's own)."""
+    device = dist.init_from_env() if dist.launched_distributed() else pick_device(run.device)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    return device, seed_everything(run.seed)
+
+
+def all_finite(terms: dict[str, Tensor]) -> bool:
+    """Whether every term is finite on every rank: a step is taken or skipped by all ranks together (the one
+    host sync of a step)."""
+    finite = torch.isfinite(torch.stack([v.float() for v in terms.values()])).all().float()
+    return bool(dist.all_reduce_sum(finite).item() == dist.world_size())
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(job: Job) -> dict[str, Path]:
+    """Train `job` from its newest checkpoint (run.resume) to run.end; returns the exported paths (main rank)."""
+    r, main, world = job.run, dist.rank() == 0, dist.world_size()
+    out = Path(r.out_dir)
+    ckpt = Checkpointer(out / "checkpoints", keep=r.keep_checkpoints)
+    start, saved_rng = 0, None
+    resumed_from = ckpt.resolve(r.resume)
+    if resumed_from is not None:
+        state = Checkpointer.load(resumed_from, job.checkpoint_model, job.modules())
+        for name, opt in job.optimizers().items():
+            dist.load_optimizer_state(opt, state[name])
+        saved_rng = state.get("rng") or ({"torch_cpu": state["rng_cpu"]} if "rng_cpu" in state else None)
+        start = int(state["step"])
+        job.load_state_dict(state)
+    end = r.end
+    if start > end:
+        raise ConfigError(f"run.stop_at: step {end} is before the checkpoint being resumed ({resumed_from})")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.sweep()
+        save_config(job.cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", resume_at=start) if main else None
+    tb = _tensorboard(out / "tb") if main and r.tensorboard else None
+
+    def write(step: int, row: dict[str, Any]) -> None:
+        if main and row:
+            log.write(step=step, **row)
+            if tb is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)):
+                        tb.add_scalar(k, v, step)
+
+    write(start, job.begin(start, resumed_from))
+    evaluations = job.evaluations()
+    if start == 0:
+        for ev in evaluations:
+            if ev.at_start:
+                write(0, ev.fn(0))
+    bar = tqdm(total=end, initial=start, desc=job.name, unit="step", disable=not main, dynamic_ncols=True)
+    bad_streak, tic, samples = 0, time.perf_counter(), 0
+    if saved_rng is not None:  # last, after everything above that may draw: the run continues the saved streams
+        set_rng_state(saved_rng)
+    for step in range(start, end):
+        result = job.step(step)
+        samples += job.samples_per_step
+        done = step + 1
+        if not result.finite:
+            bad_streak += 1
+            write(done, {"skipped": True, "bad_terms": result.bad_terms})
+            if main:
+                bar.write(f"step {done}: non-finite loss in {result.bad_terms}; step skipped "
+                          f"({bad_streak}/{r.max_bad_steps} in a row)")
+            if bad_streak >= r.max_bad_steps:
+                raise TrainingDiverged(f"{bad_streak} consecutive steps with non-finite losses "
+                                       f"({', '.join(result.bad_terms)}); stopped at step {done}; last good "
+                                       f"checkpoint: {ckpt.latest() or 'none written yet'}")
+            continue
+        bad_streak = 0
+        if done % r.log_every == 0 or done == end:
+            mean = lambda v: (dist.all_reduce_sum(v.float().clone()) / world).item()  # noqa: E731
+            rate = samples / (time.perf_counter() - tic)
+            row = {**{f"loss/{k}": mean(v) for k, v in result.terms.items()},
+                   **{k: mean(v) for k, v in result.aux.items()}, **result.scalars,
+                   f"{job.unit}_per_s": rate, "memory_mb": memory_mb(job.device), **job.metrics()}
+            write(done, row)
+            bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{rate:.0f}"})
+            tic, samples = time.perf_counter(), 0
+        side_work = time.perf_counter()  # evaluation and checkpoint time stays out of the throughput
+        for ev in evaluations:
+            if done % ev.every == 0 or (ev.at_end and done == end):
+                row = ev.fn(done)
+                write(done, row)
+                if main and row:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                             if isinstance(v, float)))
+        if done % r.checkpoint_every == 0 or done == end:
+            _save(job, ckpt, done)
+        tic += time.perf_counter() - side_work
+        bar.update(1)
+    bar.close()
+    if tb is not None:
+        tb.close()
+    return job.finish(log)
+
+
+def _save(job: Job, ckpt: Checkpointer, step: int) -> None:
+    """Whole-tensor state gathered on every rank (collective under FSDP), written atomically by the main rank."""
+    model = job.checkpoint_model
+    model_state = dist.full_state_dict(model) if model is not None else None
+    modules = {name: dist.full_state_dict(m) for name, m in job.modules().items()}
+    state = {"step": step, **{name: dist.full_optimizer_state(opt) for name, opt in job.optimizers().items()},
+             **job.state_dict()}
+    if dist.rank() == 0:
+        ckpt.save(step, model, model_state, modules, {**state, "rng": rng_state(), "config": to_dict(job.cfg)})
+    dist.barrier()
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: tensorboard is not a dependency
+        return None
+    return SummaryWriter(str(path))
