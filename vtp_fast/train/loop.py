@@ -124,18 +124,11 @@ def memory_mb(device: torch.device) -> float:
 
 def run(job: Job) -> dict[str, Path]:
     """Train `job` from its newest checkpoint (run.resume) to run.end; returns the exported paths (main rank)."""
-    r, main, world = job.run, dist.rank() == 0, dist.world_size()
+    r, main = job.run, dist.rank() == 0
     out = Path(r.out_dir)
     ckpt = Checkpointer(out / "checkpoints", keep=r.keep_checkpoints)
-    start, saved_rng = 0, None
     resumed_from = ckpt.resolve(r.resume)
-    if resumed_from is not None:
-        state = Checkpointer.load(resumed_from, job.checkpoint_model, job.modules())
-        for name, opt in job.optimizers().items():
-            dist.load_optimizer_state(opt, state[name])
-        saved_rng = state.get("rng") or ({"torch_cpu": state["rng_cpu"]} if "rng_cpu" in state else None)
-        start = int(state["step"])
-        job.load_state_dict(state)
+    start, saved_rng = _resume(job, resumed_from) if resumed_from is not None else (0, None)
     end = r.end
     if start > end:
         raise ConfigError(f"run.stop_at: step {end} is before the checkpoint being resumed ({resumed_from})")
@@ -143,23 +136,10 @@ def run(job: Job) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.sweep()
         save_config(job.cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", resume_at=start) if main else None
-    tb = _tensorboard(out / "tb") if main and r.tensorboard else None
-
-    def write(step: int, row: dict[str, Any]) -> None:
-        if main and row:
-            log.write(step=step, **row)
-            if tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)):
-                        tb.add_scalar(k, v, step)
-
-    write(start, job.begin(start, resumed_from))
+    log = _Log(out, start, r.tensorboard) if main else None
+    _write(log, start, job.begin(start, resumed_from))
     evaluations = job.evaluations()
-    if start == 0:
-        for ev in evaluations:
-            if ev.at_start:
-                write(0, ev.fn(0))
+    _evaluate(log, None, [ev for ev in evaluations if ev.at_start and start == 0], 0)
     bar = tqdm(total=end, initial=start, desc=job.name, unit="step", disable=not main, dynamic_ncols=True)
     bad_streak, tic, samples = 0, time.perf_counter(), 0
     if saved_rng is not None:  # last, after everything above that may draw: the run continues the saved streams
@@ -170,7 +150,7 @@ def run(job: Job) -> dict[str, Path]:
         done = step + 1
         if not result.finite:
             bad_streak += 1
-            write(done, {"skipped": True, "bad_terms": result.bad_terms})
+            _write(log, done, {"skipped": True, "bad_terms": result.bad_terms})
             if main:
                 bar.write(f"step {done}: non-finite loss in {result.bad_terms}; step skipped "
                           f"({bad_streak}/{r.max_bad_steps} in a row)")
@@ -181,30 +161,79 @@ def run(job: Job) -> dict[str, Path]:
             continue
         bad_streak = 0
         if done % r.log_every == 0 or done == end:
-            mean = lambda v: (dist.all_reduce_sum(v.float().clone()) / world).item()  # noqa: E731
-            rate = samples / (time.perf_counter() - tic)
-            row = {**{f"loss/{k}": mean(v) for k, v in result.terms.items()},
-                   **{k: mean(v) for k, v in result.aux.items()}, **result.scalars,
-                   f"{job.unit}_per_s": rate, "memory_mb": memory_mb(job.device), **job.metrics()}
-            write(done, row)
-            bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{rate:.0f}"})
+            row = _step_row(job, result, samples / (time.perf_counter() - tic))
+            _write(log, done, row)
+            bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{row[f'{job.unit}_per_s']:.0f}"})
             tic, samples = time.perf_counter(), 0
         side_work = time.perf_counter()  # evaluation and checkpoint time stays out of the throughput
-        for ev in evaluations:
-            if done % ev.every == 0 or (ev.at_end and done == end):
-                row = ev.fn(done)
-                write(done, row)
-                if main and row:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                                             if isinstance(v, float)))
+        _evaluate(log, bar, [ev for ev in evaluations if done % ev.every == 0 or (ev.at_end and done == end)], done)
         if done % r.checkpoint_every == 0 or done == end:
             _save(job, ckpt, done)
         tic += time.perf_counter() - side_work
         bar.update(1)
     bar.close()
-    if tb is not None:
-        tb.close()
-    return job.finish(log)
+    if log is not None:
+        log.close()
+    return job.finish(log.metrics if log is not None else None)
+
+
+class _Log:
+    """The main rank's metrics: JSONL (vtp_fast.train.common.MetricsLog) and, when asked and installed,
+    TensorBoard scalars."""
+
+    def __init__(self, out: Path, start: int, tensorboard: bool):
+        self.metrics = MetricsLog(out / "metrics.jsonl", resume_at=start)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: tensorboard is not a dependency
+                pass
+            else:
+                self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        self.metrics.write(step=step, **row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _write(log: _Log | None, step: int, row: dict[str, Any]) -> None:
+    if log is not None and row:
+        log.write(step, row)
+
+
+def _evaluate(log: _Log | None, bar, due: list[Evaluation], step: int) -> None:
+    """Run the evaluations due at `step` (on every rank), log their rows and say them under the progress bar."""
+    for ev in due:
+        row = ev.fn(step)
+        _write(log, step, row)
+        if bar is not None and log is not None and row:
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+
+
+def _resume(job: Job, path: Path) -> tuple[int, dict | None]:
+    """Load the checkpoint at `path` into the job; -> (its step, the RNG streams to restore before the loop)."""
+    state = Checkpointer.load(path, job.checkpoint_model, job.modules())
+    for name, opt in job.optimizers().items():
+        dist.load_optimizer_state(opt, state[name])
+    job.load_state_dict(state)
+    saved_rng = state.get("rng") or ({"torch_cpu": state["rng_cpu"]} if "rng_cpu" in state else None)
+    return int(state["step"]), saved_rng
+
+
+def _step_row(job: Job, result: StepOutput, rate: float) -> dict[str, Any]:
+    """A logged step: terms and aux averaged over ranks, the schedules, throughput, peak memory, the job's own."""
+    world = dist.world_size()
+    mean = lambda v: (dist.all_reduce_sum(v.float().clone()) / world).item()  # noqa: E731
+    return {**{f"loss/{k}": mean(v) for k, v in result.terms.items()}, **{k: mean(v) for k, v in result.aux.items()},
+            **result.scalars, f"{job.unit}_per_s": rate, "memory_mb": memory_mb(job.device), **job.metrics()}
 
 
 def _save(job: Job, ckpt: Checkpointer, step: int) -> None:
@@ -217,11 +246,3 @@ def _save(job: Job, ckpt: Checkpointer, step: int) -> None:
     if dist.rank() == 0:
         ckpt.save(step, model, model_state, modules, {**state, "rng": rng_state(), "config": to_dict(job.cfg)})
     dist.barrier()
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional: tensorboard is not a dependency
-        return None
-    return SummaryWriter(str(path))

@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vtp_fast.benchmark import env_info, markdown_table
 from vtp_fast.data.pairs import StepBatches
-from vtp_fast.train.common import pick_device, seed_everything
 from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.loop import start_process
 from vtp_fast.train.probe import TimingProbe
 from vtp_fast.train.sources import load_pairs, to_device
 from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
@@ -63,10 +63,7 @@ def phase_times(probe: TimingProbe, data_ms: float, step_ms: float) -> dict[str,
 def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | None = None,
             trace: bool = False) -> dict:
     cfg.batch.accumulation = 1  # phases are per micro-batch
-    device = pick_device(cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
+    device, _ = start_process(cfg.run)
     t = build_trainer(cfg, device)
     pairs, _ = load_pairs(cfg, t.model.config.text_context_length)
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, trim_text=t.causal_text)
@@ -113,20 +110,27 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
         "gflop_per_image": flops_per_image / 1e9, "achieved_tflop_per_s": achieved,
         "peak_tflop_per_s": peak, "mfu": achieved / peak if peak else None, "phases": table, "env": env_info(),
     }
+    _report(result, out, trace)
+    return result
+
+
+def _report(result: dict, out: Path, trace: bool) -> None:
+    """profile.md, profile.json and profile.png under `out`, and the table and summary on stdout."""
+    table, step_ms, steps, peak = result["phases"], result["step_ms"], result["steps"], result["peak_tflop_per_s"]
+    achieved, preset = result["achieved_tflop_per_s"], result["config"]["preset"]
     md = markdown_table(table, ["phase", "median_ms", "share_pct"])
     summary = (f"step {step_ms:.1f} ms (median of {steps}), {result['images_per_s']:.1f} images/s, "
                f"{result['gflop_per_image']:.2f} GFLOP/image (fwd+bwd, teacher included), "
                f"{achieved:.3f} TFLOP/s" + (f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s" if peak else
                                             ", MFU n/a (no known peak for this device)"))
-    (out / "profile.md").write_text(f"# step profile: {cfg.model.preset} on {env_info()['device_name']}\n\n"
+    (out / "profile.md").write_text(f"# step profile: {preset} on {result['env']['device_name']}\n\n"
                                     f"{summary}\n\n{md}\n")
     (out / "profile.json").write_text(json.dumps(result, indent=1))
-    _bar_chart(table, out / "profile.png", f"{cfg.model.preset}: {summary.split(',')[0]}")
+    _bar_chart(table, out / "profile.png", f"{preset}: {summary.split(',')[0]}")
     print(md)
     print(summary)
     print(f"  table {out / 'profile.md'}\n  chart {out / 'profile.png'}\n  json  {out / 'profile.json'}"
           + (f"\n  trace {out / 'trace.json'}" if trace else ""))
-    return result
 
 
 def _bar_chart(table: list[dict], path: Path, title: str) -> None:
