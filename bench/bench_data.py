@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from vtp_fast import optional
 from vtp_fast.benchmark import Emit, RowLog, bench_cli
-from vtp_fast.data.pairs import BatchShape, ShardSource, StepBatches
+from vtp_fast.data.batch import BatchShape
+from vtp_fast.data.pairs import ShardSource, StepBatches
 from vtp_fast.data.shards import Sample, ShardSet, write_shards
 from vtp_fast.data.views import ViewConfig
 
@@ -60,8 +61,8 @@ def _throughput(data: StepBatches, workers: int, batches: int) -> tuple[float, f
         t = time.perf_counter()
         batch = next(it)
         times.append(time.perf_counter() - t)
-        devices.add(batch["images"].device.type)
-        with_bad += int(batch["bad_samples"]) > 0
+        devices.add(batch.images.device.type)
+        with_bad += len(batch.bad_ids) > 0
     total = time.perf_counter() - t0
     return batches * data.shape.size / total, 1e3 * float(np.median(times)), devices, with_bad
 
@@ -87,7 +88,7 @@ def run(device: str = "cpu", quick: bool = False, shards: str | None = None, emi
             write_shards(synthetic_jpegs(batch * (batches + 2), 96 if quick else 320), tmp, per_shard=256,
                          progress=False)
         source = ShardSource(ShardSet(shards), size, 32)
-        shape = BatchShape(size=batch, ssl=batch // 4, rec=batch // 4)
+        shape = BatchShape(size=batch, ssl=batch // 4, rec=batch // 4, patch=16)
         gpu = device == "cuda" and torch.cuda.is_available()
         decoders = [("torchvision", threads)]
         if optional.available("dali"):

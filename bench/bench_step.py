@@ -14,7 +14,6 @@ from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backen
 from vtp_fast.config import load_config
 from vtp_fast.data.pairs import StepBatches, synthetic_pairs
 from vtp_fast.train.config import PretrainConfig
-from vtp_fast.train.sources import to_device
 from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
 TABLE_COLUMNS = ["mode", "preset", "batch", "median_ms", "steps_per_s", "images_per_s", "speedup_vs_eager"]
@@ -40,7 +39,7 @@ def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = 
         t = build_trainer(cfg, torch.device(device))
         pairs = synthetic_pairs(max(64, cfg.batch.size * 4), cfg.data.image_size, t.model.config.text_context_length)
         data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=t.causal_text)
-        batches = [to_device(data[i], torch.device(device)) for i in range(4)]
+        batches = [data[i].to(device) for i in range(4)]
         step = iter(range(1 << 30))
 
         def one_step():

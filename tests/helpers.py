@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vtp_fast.data.emoji import STYLES
@@ -61,3 +62,10 @@ def png_with_bad_pixels(seed: int = 0) -> bytes:
     data[at + 4:at + 4 + length] = rng.integers(0, 255, length, dtype=np.uint8).tobytes()
     data[at + 4 + length:at + 8 + length] = zlib.crc32(bytes(data[at:at + 4 + length])).to_bytes(4, "big")
     return bytes(data)
+
+
+def assert_batches_equal(a, b) -> None:
+    """Two vtp_fast.data.batch.Batch objects hold equal tensors in every field (None in the same ones)."""
+    for k, v in vars(a).items():
+        w = getattr(b, k)
+        assert (v is None and w is None) or torch.equal(v, w), k

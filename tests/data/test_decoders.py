@@ -11,10 +11,11 @@ from PIL import Image
 
 from bench.bench_data import synthetic_jpegs
 from tests.data.test_shards import _zoo
-from tests.helpers import png_with_bad_pixels, random_png
+from tests.helpers import assert_batches_equal, png_with_bad_pixels, random_png
 from vtp_fast import optional
 from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-from vtp_fast.data.pairs import BAD_KINDS, BadSampleCount, BatchShape, ShardSource, StepBatches, pick_decoder
+from vtp_fast.data.batch import BatchShape
+from vtp_fast.data.pairs import BAD_KINDS, BadSampleCount, ShardSource, StepBatches, pick_decoder
 from vtp_fast.data.shards import Sample, ShardSet, write_shards
 from vtp_fast.data.views import ViewConfig
 
@@ -32,14 +33,14 @@ def require_dali():
 
 
 def batches(source, views, step=0):
-    shape = BatchShape(size=8, ssl=4, rec=4)
+    shape = BatchShape(size=8, ssl=4, rec=4, patch=16)
     return [StepBatches(source, shape, views, seed=3, decoder=d)[step] for d in ("torchvision", "dali")]
 
 
 def test_same_structure_ids_tokens_masks(source):
     require_dali()
-    pil, dali = batches(source, ViewConfig(global_size=64, local_size=32, local_crops=2))
-    assert set(pil) == set(dali)
+    pil, dali = (vars(b) for b in batches(source, ViewConfig(global_size=64, local_size=32, local_crops=2)))
+    assert all(v is not None for v in [*pil.values(), *dali.values()])
     for k in pil:
         assert pil[k].shape == dali[k].shape and pil[k].dtype == dali[k].dtype, k
     for k in ("ids", "tokens", "masks", "mask_index", "mask_weight"):
@@ -49,14 +50,14 @@ def test_same_structure_ids_tokens_masks(source):
 def test_same_geometry_without_colour_jitter(source):
     require_dali()
     views = ViewConfig(global_size=64, local_size=32, local_crops=2, jitter_prob=0.0, grayscale_prob=0.0)
-    pil, dali = batches(source, views)
+    pil, dali = (vars(b) for b in batches(source, views))
     for k in ("images", "global_crops", "local_crops"):  # normalised units (1 ~ 0.23 of the pixel range)
         assert (pil[k] - dali[k]).abs().mean() < 0.05, k
 
 
 def test_same_statistics_with_the_full_recipe(source):
     require_dali()
-    pil, dali = batches(source, ViewConfig(global_size=64, local_size=32, local_crops=2), step=1)
+    pil, dali = (vars(b) for b in batches(source, ViewConfig(global_size=64, local_size=32, local_crops=2), step=1))
     for k in ("images", "global_crops", "local_crops"):
         for stat in (torch.mean, torch.std):
             a, b = stat(pil[k], dim=(0, 2, 3)), stat(dali[k], dim=(0, 2, 3))
@@ -69,14 +70,13 @@ def test_dali_path_survives_the_bad_data_zoo(tmp_path):
     zoo = _zoo()
     write_shards([s for s, _ in zoo], tmp_path, per_shard=5, progress=False)
     source = ShardSource(ShardSet(str(tmp_path)), 32, 16)
-    batch = StepBatches(source, BatchShape(size=len(zoo), ssl=4, rec=2), ViewConfig(global_size=32, local_size=16,
-                                                                                      local_crops=1),
-                        seed=0, decoder="dali")[0]
-    assert batch["images"].shape == (len(zoo), 3, 32, 32) and torch.isfinite(batch["images"]).all()
+    views = ViewConfig(global_size=32, local_size=16, local_crops=1)
+    batch = StepBatches(source, BatchShape(size=len(zoo), ssl=4, rec=2, patch=16), views, seed=0, decoder="dali")[0]
+    assert batch.images.shape == (len(zoo), 3, 32, 32) and torch.isfinite(batch.images).all()
     bad = {i: e for i, (_, e) in enumerate(zoo) if e is not None}  # one epoch: every bad sample met, each once
-    assert dict(zip(batch["bad_ids"].tolist(), [BAD_KINDS[k] for k in batch["bad_kinds"].tolist()],
+    assert dict(zip(batch.bad_ids.tolist(), [BAD_KINDS[k] for k in batch.bad_kinds.tolist()],
                     strict=True)) == bad
-    assert not set(batch["ids"].tolist()) & set(bad)
+    assert not set(batch.ids.tolist()) & set(bad)
 
 
 @pytest.mark.parametrize("decoder", ["torchvision", "dali", pytest.param("nvjpeg", marks=pytest.mark.cuda)])
@@ -94,7 +94,7 @@ def test_a_run_over_corrupt_pngs_starts_and_resumes_with_every_decoder(tmp_path,
     write_shards(samples, tmp_path, per_shard=6, progress=False)
     source = ShardSource(ShardSet(str(tmp_path)), 16, 16)
     views = ViewConfig(global_size=16, local_size=16, local_crops=1)
-    shape = BatchShape(size=8, ssl=2, rec=2)
+    shape = BatchShape(size=8, ssl=2, rec=2, patch=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = StepBatches(source, shape, views, seed=1, decoder=decoder)
@@ -106,11 +106,10 @@ def test_a_run_over_corrupt_pngs_starts_and_resumes_with_every_decoder(tmp_path,
         warnings.simplefilter("ignore")
         resumed = StepBatches(ShardSource(ShardSet(str(tmp_path)), 16, 16), shape, views, seed=1, decoder=decoder)
         later = resumed[3]
-    for k in first[3]:
-        assert torch.equal(first[3][k], later[k]), k
+    assert_batches_equal(first[3], later)
     count = BadSampleCount()
     for b in first:
-        assert not {3, 9} & set(b["ids"].tolist()) and torch.isfinite(b["images"]).all()
+        assert not {3, 9} & set(b.ids.tolist()) and torch.isfinite(b.images).all()
         count.update(b)
     assert count.metrics() == {"data/bad_samples": 2, "data/bad_samples/corrupt_image": 2}
 
@@ -130,15 +129,15 @@ def test_a_decoder_failure_on_an_image_pil_reads_marks_that_sample_only(source, 
         return real(self, encoded, size)
 
     monkeypatch.setattr(dali_mod.DaliDecoder, "decode", picky)
-    shape = BatchShape(size=24, ssl=2, rec=2)
+    shape = BatchShape(size=24, ssl=2, rec=2, patch=16)
     views = ViewConfig(global_size=64, local_size=32, local_crops=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batch = StepBatches(source, shape, views, seed=3, decoder="dali")[0]
-    assert batch["bad_ids"].tolist() == [5] and BAD_KINDS[int(batch["bad_kinds"][0])] == "decoder_error"
-    assert 5 not in batch["ids"].tolist() and batch["images"].shape == (24, 3, 64, 64)
+    assert batch.bad_ids.tolist() == [5] and BAD_KINDS[int(batch.bad_kinds[0])] == "decoder_error"
+    assert 5 not in batch.ids.tolist() and batch.images.shape == (24, 3, 64, 64)
     pil = StepBatches(source, shape, views, seed=3)[0]
-    assert not torch.equal(pil["images"], batch["images"])  # decoded by DALI, not the PIL fallback
+    assert not torch.equal(pil.images, batch.images)  # decoded by DALI, not the PIL fallback
     assert len([w for w in caught if "000000005: bad sample (decoder_error" in str(w.message)]) == 1
 
 
@@ -167,8 +166,8 @@ def _alpha_batches(tmp_path, decoders):
     src = ShardSource(ShardSet(str(tmp_path)), 32, 16)
     views = ViewConfig(global_size=32, local_size=16, local_crops=1, jitter_prob=0.0, grayscale_prob=0.0)
     ids, epochs = torch.arange(3), torch.zeros(3, dtype=torch.long)
-    return {d: StepBatches(src, BatchShape(size=3, ssl=0, rec=0), views, seed=0, decoder=d).assemble(ids, epochs)
-            for d in decoders}
+    shape = BatchShape(size=3, ssl=0, rec=0, patch=16)
+    return {d: StepBatches(src, shape, views, seed=0, decoder=d).assemble(ids, epochs) for d in decoders}
 
 
 def _check_alpha_rule(batches):
@@ -176,13 +175,13 @@ def _check_alpha_rule(batches):
     expected_right = torch.tensor([[255, 0, 255], [90, 90, 90], [0, 0, 255]]) / 255
     expected_right = (expected_right - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     for d, b in batches.items():
-        x = b["images"].cpu()  # (3, 3, 32, 32): rgba, la, palette
+        x = b.images.cpu()  # (3, 3, 32, 32): rgba, la, palette
         for k in range(3):
             assert torch.allclose(x[k, :, :, :12].mean((1, 2)), white, atol=0.02), (d, k)  # composited on white
             assert torch.allclose(x[k, :, :, 20:].mean((1, 2)), expected_right[k], atol=0.02), (d, k)
-    ref = batches["torchvision"]["images"].cpu()
+    ref = batches["torchvision"].images.cpu()
     for b in batches.values():
-        assert (b["images"].cpu() - ref).abs().mean() < 0.02
+        assert (b.images.cpu() - ref).abs().mean() < 0.02
 
 
 def test_one_alpha_rule_pil_and_dali(tmp_path):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import make_prepared_emoji
+from tests.helpers import assert_batches_equal, make_prepared_emoji
 from vtp_fast.data import pairs as pairs_mod
+from vtp_fast.data.batch import BatchShape
 from vtp_fast.data.pairs import (
     BAD_KINDS,
     BadSampleCount,
-    BatchShape,
     ShardSource,
     StepBatches,
     describe_pairs,
@@ -96,16 +96,15 @@ def test_a_failing_source_leaves_the_complete_shards_and_no_temp_file(tmp_path):
 def test_ranks_cover_every_sample_once_per_epoch_and_resume(emoji_shards):
     _, out = emoji_shards
     source = ShardSource(ShardSet(str(out)), 32, 16)
-    shape = BatchShape(size=3, ssl=1, rec=1)
+    shape = BatchShape(size=3, ssl=1, rec=1, patch=16)
     ranks = [StepBatches(source, shape, VIEWS, seed=5, rank=r, world=2) for r in range(2)]
     epoch = torch.cat([torch.cat([rb.positions(s)[0] for rb in ranks]) for s in range(4)])  # 4 steps x 6 = 24
     assert sorted(epoch.tolist()) == list(range(24))
     # a fresh object (a resumed run) continues with the same batch
     again = StepBatches(source, shape, VIEWS, seed=5, rank=1, world=2)
     a, b = ranks[1][3], again[3]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert a["images"].shape == (3, 3, 32, 32) and a["global_crops"].shape == (2, 3, 32, 32)
+    assert_batches_equal(a, b)
+    assert a.images.shape == (3, 3, 32, 32) and a.global_crops.shape == (2, 3, 32, 32)
 
 
 def test_windowed_shuffle_is_a_permutation(monkeypatch):
@@ -174,13 +173,13 @@ def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
     assert reasons == expected
     # a whole batch over the zoo (one epoch: every id drawn once): bad samples are replaced and each one counted
     # once, by kind, however many retries land on it
-    batches = StepBatches(source, BatchShape(size=len(zoo), ssl=4, rec=2), VIEWS, seed=0)
+    batches = StepBatches(source, BatchShape(size=len(zoo), ssl=4, rec=2, patch=16), VIEWS, seed=0)
     batch = batches[0]
-    assert batch["images"].shape[0] == len(zoo)
+    assert batch.images.shape[0] == len(zoo)
     bad = {i: e for i, e in expected.items() if e is not None}
-    assert dict(zip(batch["bad_ids"].tolist(), [BAD_KINDS[k] for k in batch["bad_kinds"].tolist()],
+    assert dict(zip(batch.bad_ids.tolist(), [BAD_KINDS[k] for k in batch.bad_kinds.tolist()],
                     strict=True)) == bad
-    assert not set(batch["ids"].tolist()) & set(bad), "only usable samples reach the batch"
+    assert not set(batch.ids.tolist()) & set(bad), "only usable samples reach the batch"
     count = BadSampleCount()
     count.update(batch)
     count.update(batches[1])  # the next epoch meets the same bad samples again: still counted once
@@ -202,11 +201,11 @@ def test_a_bad_sample_is_replaced_by_a_spread_of_samples_not_always_its_neighbou
     source = ShardSource(ShardSet(str(tmp_path)), 8, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batches = StepBatches(source, BatchShape(size=40, ssl=0, rec=0), VIEWS, seed=3)
+        batches = StepBatches(source, BatchShape(size=40, ssl=0, rec=0, patch=16), VIEWS, seed=3)
         batch = batches[0]
         again = batches[0]
-    used = batch["ids"].tolist()
-    assert torch.equal(again["ids"], batch["ids"]), "deterministic"
+    used = batch.ids.tolist()
+    assert torch.equal(again.ids, batch.ids), "deterministic"
     assert all(i % 10 < 5 for i in used)
     drawn = batches.positions(0)[0].tolist()
     assert [j for i, j in zip(drawn, used, strict=True) if i % 10 < 5] == [i for i in drawn if i % 10 < 5]
@@ -233,9 +232,9 @@ def test_non_utf8_caption_is_a_bad_sample(tmp_path):
     with pytest.raises(pairs_mod.BadSample, match="caption_not_utf8"):
         source.sample(0)
     assert source.sample(1)[2] == "café"
-    batch = StepBatches(source, BatchShape(size=2, ssl=0, rec=0), VIEWS, seed=0)[0]
-    assert batch["ids"].tolist() == [1, 1] and batch["bad_ids"].tolist() == [0]
-    assert [BAD_KINDS[k] for k in batch["bad_kinds"].tolist()] == ["caption_not_utf8"]
+    batch = StepBatches(source, BatchShape(size=2, ssl=0, rec=0, patch=16), VIEWS, seed=0)[0]
+    assert batch.ids.tolist() == [1, 1] and batch.bad_ids.tolist() == [0]
+    assert [BAD_KINDS[k] for k in batch.bad_kinds.tolist()] == ["caption_not_utf8"]
 
 
 def _warned(caught, needle):
@@ -307,7 +306,7 @@ def test_a_data_set_smaller_than_the_batch_warns_with_both_numbers(tmp_path):
     write_shards([Sample(_png(np.zeros((8, 8, 3), np.uint8)), "png", "x")] * 3, tmp_path, progress=False)
     source = ShardSource(ShardSet(str(tmp_path)), 8, 16)
     with pytest.warns(UserWarning, match="holds 3 samples, fewer than the global batch of 8"):
-        StepBatches(source, BatchShape(size=4, ssl=0, rec=0), VIEWS, seed=0, world=2)
+        StepBatches(source, BatchShape(size=4, ssl=0, rec=0, patch=16), VIEWS, seed=0, world=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        StepBatches(source, BatchShape(size=3, ssl=0, rec=0), VIEWS, seed=0)
+        StepBatches(source, BatchShape(size=3, ssl=0, rec=0, patch=16), VIEWS, seed=0)

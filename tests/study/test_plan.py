@@ -36,7 +36,6 @@ def direct_step_flops(cfg: StudyConfig, mix: str) -> int:
     from vtp_fast.data.pairs import StepBatches, synthetic_pairs
     from vtp_fast.ops.registry import building_for
     from vtp_fast.study.run import pretrain_config
-    from vtp_fast.train.sources import to_device
     from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
     p = pretrain_config(cfg, Path("/nonexistent"), mix, 1, cfg.channels)
@@ -48,10 +47,10 @@ def direct_step_flops(cfg: StudyConfig, mix: str) -> int:
     batch = StepBatches(pairs, t.shape, p.ssl.views, seed=0, trim_text=False)[0]
     if p.batch.ssl:
         v = p.ssl.views
-        masks = torch.zeros_like(batch["masks"])
+        masks = torch.zeros_like(batch.masks)
         masks[:, :round(masks.shape[1] * v.mask_probability * (v.mask_ratio[0] + v.mask_ratio[1]) / 2)] = True
         StepBatches._add_masks(batch, masks)
-    batch = to_device(batch, meta)
+    batch = batch.to(meta)
     with FlopCounterMode(display=False) as counter:
         forward_backward(t, [batch], schedules(p, 0))
     return counter.get_total_flops()

@@ -2,6 +2,7 @@
 every gradient, the teacher targets' centres."""
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,13 +61,13 @@ def single_process_reference(root, tmp_path):
     torch.manual_seed(0)
     t = build_trainer(cfg, torch.device("cpu"))
     pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
-    per_rank = [StepBatches(pairs, t.shape.__class__(size=4, ssl=2, rec=2), cfg.ssl.views, seed=cfg.run.seed,
+    per_rank = [StepBatches(pairs, replace(t.shape, size=4, ssl=2, rec=2), cfg.ssl.views, seed=cfg.run.seed,
                             rank=r, world=WORLD).positions(STEP) for r in range(WORLD)]
     # the same 8 samples, ordered so that the first 4 are the union of the ranks' SSL / reconstruction subsets
     ids = torch.cat([p[0][:2] for p in per_rank] + [p[0][2:] for p in per_rank])
     epochs = torch.cat([p[1][:2] for p in per_rank] + [p[1][2:] for p in per_rank])
     t.student.n_rec = 4
-    batch = StepBatches(pairs, t.shape.__class__(size=8, ssl=4, rec=4), cfg.ssl.views,
+    batch = StepBatches(pairs, replace(t.shape, size=8, ssl=4, rec=4), cfg.ssl.views,
                         seed=cfg.run.seed).assemble(ids, epochs)
     return run_once(t, batch, schedules(cfg, STEP))
 

@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
-from tests.helpers import make_prepared_emoji
+from tests.helpers import assert_batches_equal, make_prepared_emoji
 from vtp_fast.config import ConfigError, load_config
-from vtp_fast.data.pairs import BatchShape, StepBatches, emoji_pairs
+from vtp_fast.data.batch import BatchShape
+from vtp_fast.data.pairs import StepBatches, emoji_pairs
 from vtp_fast.data.views import ViewConfig, block_mask
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import TrainingDiverged
@@ -44,36 +45,34 @@ def loss_rows(out):
 
 def test_batches_are_deterministic_and_split_ranks(emoji_root):
     pairs = emoji_pairs(emoji_root, ("google", "twitter"), 16)
-    shape = BatchShape(size=4, ssl=2, rec=2)
+    shape = BatchShape(size=4, ssl=2, rec=2, patch=16)
     views = ViewConfig(global_size=32, local_size=16, local_crops=2)
-    single = StepBatches(pairs, BatchShape(size=8, ssl=2, rec=2), views, seed=3)
+    single = StepBatches(pairs, BatchShape(size=8, ssl=2, rec=2, patch=16), views, seed=3)
     ranks = [StepBatches(pairs, shape, views, seed=3, rank=r, world=2) for r in range(2)]
     for step in range(6):
         ids = [rb.positions(step)[0] for rb in ranks]
         assert torch.equal(torch.cat(ids), single.positions(step)[0]), "ranks slice the global batch"
-    a, b = ranks[0][1], ranks[0][1]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_batches_equal(ranks[0][1], ranks[0][1])
     # every sample exactly once per epoch (24 pairs, 8 per global step)
     seen = torch.cat([single.positions(s)[0] for s in range(3)])
     assert sorted(seen.tolist()) == list(range(24))
     batch = ranks[1][0]
-    assert batch["images"].shape == (4, 3, 32, 32) and batch["tokens"].shape == (4, 16)
-    assert batch["global_crops"].shape == (4, 3, 32, 32) and batch["local_crops"].shape == (4, 3, 16, 16)
-    assert batch["masks"].shape == (4, 4) and batch["mask_index"].numel() == batch["masks"].sum()
+    assert batch.images.shape == (4, 3, 32, 32) and batch.tokens.shape == (4, 16)
+    assert batch.global_crops.shape == (4, 3, 32, 32) and batch.local_crops.shape == (4, 3, 16, 16)
+    assert batch.masks.shape == (4, 4) and batch.mask_index.numel() == batch.masks.sum()
 
 
 def test_views_do_not_depend_on_the_batch_a_sample_lands_in(emoji_root):
     """Per-sample seeding: a sample's crops are the same whether it is on rank 0 or in a one-process batch."""
     pairs = emoji_pairs(emoji_root, ("google",), 16)
     views = ViewConfig(global_size=32, local_size=16, local_crops=1)
-    single = StepBatches(pairs, BatchShape(size=4, ssl=4, rec=1), views, seed=1)
-    rank1 = StepBatches(pairs, BatchShape(size=2, ssl=2, rec=1), views, seed=1, rank=1, world=2)
+    single = StepBatches(pairs, BatchShape(size=4, ssl=4, rec=1, patch=16), views, seed=1)
+    rank1 = StepBatches(pairs, BatchShape(size=2, ssl=2, rec=1, patch=16), views, seed=1, rank=1, world=2)
     full, half = single[0], rank1[0]
-    assert torch.equal(full["ids"][2:], half["ids"])
+    assert torch.equal(full.ids[2:], half.ids)
     # view 0 of samples 2, 3 in the single batch == view 0 of rank 1's samples 0, 1
-    assert torch.equal(full["global_crops"][2:4], half["global_crops"][0:2])
-    assert torch.equal(full["masks"][6:8], half["masks"][2:4])
+    assert torch.equal(full.global_crops[2:4], half.global_crops[0:2])
+    assert torch.equal(full.masks[6:8], half.masks[2:4])
 
 
 @pytest.mark.parametrize("count", [1, 3, 8, 16])
@@ -87,7 +86,7 @@ def test_mask_ratio_and_probability(emoji_root):
     pairs = emoji_pairs(emoji_root, ("google", "twitter", "fluent", "openmoji"), 16)
     views = ViewConfig(global_size=64, local_size=16, local_crops=0, mask_ratio=(0.25, 0.5), mask_probability=0.5)
     data = StepBatches(pairs, BatchShape(size=48, ssl=48, rec=1, patch=16), views, seed=0)
-    masks = torch.cat([data[s]["masks"] for s in range(4)])  # 384 global crops of 16 tokens
+    masks = torch.cat([data[s].masks for s in range(4)])  # 384 global crops of 16 tokens
     masked = masks.any(1)
     assert 0.4 < masked.float().mean().item() < 0.6
     ratios = masks[masked].float().mean(1)
@@ -111,7 +110,7 @@ def test_bad_batch_config_names_the_key():
         load_config(PretrainConfig, [], ["objective.rec=-1"])
     with pytest.raises(ConfigError, match="batch.size: 10 is not divisible"):
         load_config(PretrainConfig, [], ["batch.size=10", "batch.accumulation=4", "batch.ssl=4", "batch.rec=4"]
-                    ).batch.per_rank(1)
+                    ).batch.per_rank(1, 16)
 
 
 def _trainer(root, tmp_path, *extra):

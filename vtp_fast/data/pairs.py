@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from vtp_fast.config import ConfigError, InputError
 from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.data.emoji import load_emoji
 from vtp_fast.data.views import ViewConfig, mask_to_index, mask_weights, sample_seed, ssl_views
 from vtp_fast.text import tokenize
@@ -50,13 +51,10 @@ class BadSampleCount:
     def __init__(self):
         self.kind_of: dict[int, int] = {}  # sample id -> index into BAD_KINDS
 
-    def update(self, batch: dict) -> None:
-        """Take (pop) a batch's bad_ids (K,), bad_kinds (K,) and bad_samples ()."""
-        ids, kinds = batch.pop("bad_ids", None), batch.pop("bad_kinds", None)
-        batch.pop("bad_samples", None)
-        if ids is not None:
-            for i, k in zip(ids.tolist(), kinds.tolist(), strict=True):
-                self.kind_of.setdefault(i, k)
+    def update(self, batch: Batch) -> None:
+        """Count a batch's bad samples (bad_ids, bad_kinds)."""
+        for i, k in zip(batch.bad_ids.tolist(), batch.bad_kinds.tolist(), strict=True):
+            self.kind_of.setdefault(i, k)
 
     def __len__(self) -> int:
         return len(self.kind_of)
@@ -237,17 +235,6 @@ def normalize_u8(images: Tensor) -> Tensor:
     return (images.permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
 
 
-@dataclass
-class BatchShape:
-    """Per-rank sizes of one step's batch: every pair feeds CLIP; SSL views are built for the first `ssl`
-    samples, reconstruction uses the first `rec`."""
-
-    size: int
-    ssl: int
-    rec: int
-    patch: int = 16
-
-
 def trim_tokens(tokens: Tensor, multiple: int = 8) -> Tensor:
     """(B, L) token ids -> (B, L') with L' the batch's longest caption rounded up to `multiple` (at most L).
 
@@ -348,7 +335,7 @@ class StepBatches(Dataset):
             ids[sel] = epoch_order(self.seed, e, n, pos[sel] % n)
         return ids, epochs
 
-    def __getitem__(self, step: int) -> dict[str, Tensor]:
+    def __getitem__(self, step: int) -> Batch:
         return self.assemble(*self.positions(step))
 
     def fetch(self, ids: Tensor) -> tuple[Tensor, Tensor, list[Tensor], Tensor, dict[int, str]]:
@@ -364,9 +351,9 @@ class StepBatches(Dataset):
         tokens = tokenize(list(captions), self.source.context_length)  # one call for the batch
         return torch.tensor(used), torch.stack(plains), list(fulls[:n_ssl]), tokens, bad
 
-    def assemble(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
+    def assemble(self, ids: Tensor, epochs: Tensor) -> Batch:
         """The batch of samples `ids` (B,) drawn in `epochs` (B,): SSL views for the first `shape.ssl`; bad_ids
-        (K,) and bad_kinds (K,) (indices into BAD_KINDS) name the distinct bad samples met (see BadSampleCount).
+        and bad_kinds name the distinct bad samples met (see BadSampleCount).
 
         Images whose bytes fail PIL's checks never reach the GPU decoders. When a decoder still fails on a batch,
         its pipeline is dropped (rebuilt on the next batch), the culprits are found (a full PIL decode, else the
@@ -453,8 +440,8 @@ class StepBatches(Dataset):
 
     @staticmethod
     def _bad_fields(bad: dict[int, str]) -> dict[str, Tensor]:
-        ids = sorted(bad)  # bad_samples: how many distinct ones this batch met (a run counts with BadSampleCount)
-        return {"bad_samples": torch.tensor(len(ids)), "bad_ids": torch.tensor(ids, dtype=torch.long),
+        ids = sorted(bad)
+        return {"bad_ids": torch.tensor(ids, dtype=torch.long),
                 "bad_kinds": torch.tensor([BAD_KINDS.index(bad[i]) for i in ids], dtype=torch.long)}
 
     def _decoder(self):
@@ -470,7 +457,7 @@ class StepBatches(Dataset):
                 self._dali = NvjpegDecoder()
         return self._dali
 
-    def _assemble_encoded(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
+    def _assemble_encoded(self, ids: Tensor, epochs: Tensor) -> Batch:
         """The DALI / nvJPEG path: pixels are decoded by the decoder, every random choice made here."""
         from vtp_fast.data.views import sample_views
 
@@ -478,9 +465,9 @@ class StepBatches(Dataset):
         used, items, bad = self._first_usable(ids, self.source.encoded)
         encoded = [x[0] for x in items]
         tokens = tokenize([x[2] for x in items], self.source.context_length)
-        batch = {"images": decoder.decode(encoded, self.source.image_size),
-                 "tokens": trim_tokens(tokens) if self.trim_text else tokens, "ids": torch.tensor(used),
-                 **self._bad_fields(bad)}
+        images = decoder.decode(encoded, self.source.image_size)
+        batch = Batch(images, trim_tokens(tokens) if self.trim_text else tokens, torch.tensor(used),
+                      **self._bad_fields(bad))
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2
@@ -488,23 +475,21 @@ class StepBatches(Dataset):
                                    torch.Generator().manual_seed(sample_seed(self.seed, int(e), used[k], 1)))
                       for k, e in enumerate(epochs[:n].tolist())]
             views = decoder.views(encoded[:n], [p[0] for p in params])  # per view (n, 3, s, s)
-            batch["global_crops"] = torch.cat(views[:2])  # view-major: (2n, 3, G, G)
+            batch.global_crops = torch.cat(views[:2])  # view-major: (2n, 3, G, G)
             local = views[2:]
-            batch["local_crops"] = torch.cat(local) if local else batch["global_crops"].new_zeros(0, 3, 1, 1)
+            batch.local_crops = torch.cat(local) if local else batch.global_crops.new_zeros(0, 3, 1, 1)
             self._add_masks(batch, torch.stack([p[1] for p in params]).transpose(0, 1).flatten(0, 1))
         return batch
 
     @staticmethod
-    def _add_masks(batch: dict, masks: Tensor) -> None:
+    def _add_masks(batch: Batch, masks: Tensor) -> None:
         """masks: (2n, N) view-major iBOT masks -> masks, packed index (M,) and per-token weights (M,)."""
-        batch["masks"] = masks
-        batch["mask_index"] = mask_to_index(masks)
-        batch["mask_weight"] = mask_weights(masks)
+        batch.masks, batch.mask_index, batch.mask_weight = masks, mask_to_index(masks), mask_weights(masks)
 
-    def _assemble_pil(self, ids: Tensor, epochs: Tensor) -> dict[str, Tensor]:
+    def _assemble_pil(self, ids: Tensor, epochs: Tensor) -> Batch:
         ids, plains, fulls, tokens, bad = self.fetch(ids)
-        batch = {"images": normalize_u8(plains), "tokens": trim_tokens(tokens) if self.trim_text else tokens,
-                 "ids": ids, **self._bad_fields(bad)}
+        batch = Batch(normalize_u8(plains), trim_tokens(tokens) if self.trim_text else tokens, ids,
+                      **self._bad_fields(bad))
         n = self.shape.ssl
         if n:
             grid = (self.views.global_size // self.shape.patch,) * 2
@@ -513,8 +498,8 @@ class StepBatches(Dataset):
                      for full, i, e in zip(fulls, ids[:n].tolist(), epochs[:n].tolist(), strict=True)]
             g, l, m = (torch.stack(t) for t in zip(*views, strict=True))  # (n, 2, ...), (n, L, ...), (n, 2, N)
             # view-major layouts: all samples' view 0, then view 1, ...
-            batch["global_crops"] = ((g.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (2n, 3, G, G)
-            batch["local_crops"] = ((l.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (L n, 3, l, l)
+            batch.global_crops = ((g.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (2n, 3, G, G)
+            batch.local_crops = ((l.transpose(0, 1).flatten(0, 1)) - MEAN) / STD  # (L n, 3, l, l)
             self._add_masks(batch, m.transpose(0, 1).flatten(0, 1))  # (2n, N)
         return batch
 

@@ -85,11 +85,11 @@ def base_batch(size: int, ssl: int, rec: int) -> tuple[int, int, int]:
     return MAX_BASE, max(1, round(ssl * f)) if ssl else 0, max(1, round(rec * f)) if rec else 0
 
 
-def _deterministic_masks(batch: dict, views) -> None:
+def _deterministic_masks(batch, views) -> None:
     """Every global crop masked at the expected count: mask_probability x mean(mask_ratio) of its tokens."""
     from vtp_fast.data.pairs import StepBatches
 
-    masks = batch["masks"]
+    masks = batch.masks
     n_tok = masks.shape[1]
     m = round(n_tok * views.mask_probability * sum(views.mask_ratio) / 2)
     fixed = torch.zeros_like(masks)
@@ -102,7 +102,6 @@ def _trainer_flops(pcfg, size: int, ssl: int, rec: int) -> tuple[int, object, tu
     (rows, feature width) the CLIP loss saw (None without CLIP)."""
     from vtp_fast.data.pairs import StepBatches, synthetic_pairs
     from vtp_fast.ops.registry import building_for
-    from vtp_fast.train.sources import to_device
     from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
     pcfg.batch.size, pcfg.batch.ssl, pcfg.batch.rec, pcfg.batch.accumulation = size, ssl, rec, 1
@@ -114,7 +113,7 @@ def _trainer_flops(pcfg, size: int, ssl: int, rec: int) -> tuple[int, object, tu
     batch = StepBatches(pairs, t.shape, pcfg.ssl.views, seed=0, trim_text=False)[0]
     if ssl:
         _deterministic_masks(batch, pcfg.ssl.views)
-    batch = to_device(batch, meta)
+    batch = batch.to(meta)
     seen: list[tuple[int, int]] = []
     hook = (t.student.clip_loss.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
             if t.student.uses_clip else None)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vtp_fast.config import ConfigError
+from vtp_fast.data.batch import BatchShape
 from vtp_fast.data.emoji import STYLES
-from vtp_fast.data.pairs import BatchShape
 from vtp_fast.data.views import ViewConfig
 from vtp_fast.losses.objective import ObjectiveConfig
 from vtp_fast.models.presets import vtp_config
@@ -123,13 +123,13 @@ class BatchConfig:
                 raise ConfigError(f"batch.{key}: {getattr(self, key)} must be between 0 and batch.size={self.size} "
                                   "(subsets of the CLIP batch)")
 
-    def per_rank(self, world: int) -> BatchShape:
+    def per_rank(self, world: int, patch: int) -> BatchShape:
         parts = world * self.accumulation
         for key in ("size", "ssl", "rec"):
             if getattr(self, key) % parts:
                 raise ConfigError(f"batch.{key}: {getattr(self, key)} is not divisible by world size x accumulation "
                                   f"= {parts}")
-        return BatchShape(self.size // parts, self.ssl // parts, self.rec // parts)
+        return BatchShape(self.size // parts, self.ssl // parts, self.rec // parts, patch)
 
 
 @dataclass

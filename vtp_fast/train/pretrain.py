@@ -29,7 +29,7 @@ from vtp_fast.train import loop
 from vtp_fast.train.common import MetricsLog
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import Evaluation, Job, StepOutput, start_process
-from vtp_fast.train.sources import describe_data, first_images, held_out_set, load_pairs, no_eval_note, to_device
+from vtp_fast.train.sources import describe_data, first_images, held_out_set, load_pairs, no_eval_note
 from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
 # (tokenizer, labelled images, work dir, dit_steps=, seed=) -> {"gen_probe_gfid", ...}: vtp_fast.downstream's
@@ -105,7 +105,7 @@ class PretrainJob(Job):
         micro = [next(self.batches) for _ in range(self.cfg.batch.accumulation)]
         for b in micro:
             self.bad_count.update(b)
-        return train_step(self.t, [to_device(b, self.device) for b in micro], schedules(self.cfg, step))
+        return train_step(self.t, [b.to(self.device, non_blocking=True) for b in micro], schedules(self.cfg, step))
 
     def evaluations(self) -> list[Evaluation]:
         evals = []

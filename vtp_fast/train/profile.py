@@ -17,11 +17,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vtp_fast.benchmark import env_info, markdown_table
+from vtp_fast.data.batch import Batch
 from vtp_fast.data.pairs import StepBatches
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import start_process
 from vtp_fast.train.probe import TimingProbe
-from vtp_fast.train.sources import load_pairs, to_device
+from vtp_fast.train.sources import load_pairs
 from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
 from vtp_fast.train.trainer import train_step as run_step
 
@@ -37,7 +38,7 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def count_flops(t, batch: dict, sched: dict) -> int:
+def count_flops(t, batch: Batch, sched: dict) -> int:
     """FLOPs of one step's forward + backward (teacher included)."""
     with FlopCounterMode(display=False) as counter:
         forward_backward(t, [batch], sched)
@@ -70,7 +71,7 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
     out = Path(out or Path(cfg.run.out_dir) / "profile")
     out.mkdir(parents=True, exist_ok=True)
 
-    flops = count_flops(t, to_device(data[0], device), schedules(cfg, 0))
+    flops = count_flops(t, data[0].to(device), schedules(cfg, 0))
     probe = TimingProbe(device)
     t.student.probe = probe
     rows = []
@@ -82,7 +83,7 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
             profiler.start()
         probe.reset()
         start = probe.stamp()
-        batch = to_device(data[i], device)
+        batch = data[i].to(device, non_blocking=True)
         got_data = probe.stamp()
         run_step(t, [batch], schedules(cfg, i))
         end = probe.stamp()

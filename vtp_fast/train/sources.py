@@ -83,10 +83,6 @@ def shard_eval_set(cfg: PretrainConfig, context_length: int) -> tuple[torch.Tens
     return torch.stack([plain for _, plain in found]), captions
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def held_out_set(cfg: PretrainConfig, root: Path | None, context_length: int) -> tuple[torch.Tensor | None,
                                                                                       list[str] | None]:
     """The held-out images (uint8) and captions that evaluation reads: the first `data.eval_images` usable samples

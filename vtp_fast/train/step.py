@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
+from vtp_fast.data.batch import Batch
 from vtp_fast.losses.clip import ClipLoss
 from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from vtp_fast.losses.objective import Objective
@@ -68,15 +69,15 @@ class Student(nn.Module):
         self.gather = masked_gather_op.OP.resolve()
         self.probe = Probe()  # vtp-fast profile swaps in a TimingProbe
 
-    def forward(self, batch: dict[str, Tensor], targets: dict | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
-        """batch: see vtp_fast.data.pairs.StepBatches; targets: the Teacher's when SSL is on. -> (loss terms,
+    def forward(self, batch: Batch, targets: dict | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
+        """targets: the Teacher's when SSL is on. -> (loss terms,
         reconstructed images (n_rec, 3, H, W) for the adversarial term, or None)."""
-        m, images, probe = self.model, batch["images"], self.probe
+        m, images, probe = self.model, batch.images, self.probe
         views, masks = [images], [None]
         if self.uses_ssl:
-            views += [batch["global_crops"], batch["local_crops"]]
-            masks += [batch["masks"], None]
-            if batch["local_crops"].shape[0] == 0:  # no local crops configured
+            views += [batch.global_crops, batch.local_crops]
+            masks += [batch.masks, None]
+            if batch.local_crops.shape[0] == 0:  # no local crops configured
                 views, masks = views[:2], masks[:2]
         with probe.region("trunk"), torch.no_grad() if self.freeze_encoder else nullcontext():
             outs = m.trunk(views, masks)
@@ -86,7 +87,7 @@ class Student(nn.Module):
             with probe.region("clip"):
                 cls, patch = probe.boundary("clip", plain["cls"], plain["patch"])
                 img = m.clip_image_features_from_tokens(cls, patch)
-                txt = m.clip_text_features(batch["tokens"])
+                txt = m.clip_text_features(batch.tokens)
                 terms["clip"] = self.clip_loss(img, txt, m.logit_scale)
 
         with probe.region("rec"):
@@ -102,12 +103,12 @@ class Student(nn.Module):
                 self._ssl_terms(outs[1], outs[2] if len(outs) > 2 else None, batch, targets, terms)
         return terms, recon
 
-    def _ssl_terms(self, glob: dict, loc: dict | None, batch: dict, targets: dict, terms: dict) -> None:
+    def _ssl_terms(self, glob: dict, loc: dict | None, batch: Batch, targets: dict, terms: dict) -> None:
         """DINO (CLS of global and local views), iBOT (masked patch tokens) and KoLeo terms into `terms`."""
         tokens = [glob["cls"], glob["patch"]] + ([loc["cls"]] if loc is not None else [])
         glob_cls, glob_patch, *loc_cls = self.probe.boundary("ssl", *tokens)
         n_glob = glob_cls.shape[0]
-        packed = self.gather.impl.masked_gather(glob_patch, batch["mask_index"])  # (M, D)
+        packed = self.gather.impl.masked_gather(glob_patch, batch.mask_index)  # (M, D)
         emb = self.head.embed(torch.cat([glob_cls, packed] + loc_cls))  # one MLP call for every token, (rows, d)
         weight = self.head.last_layer.weight.to(emb.dtype)  # (K, d): the logits happen inside the losses
         g_emb, p_emb = emb[:n_glob], emb[n_glob:n_glob + packed.shape[0]]
@@ -118,7 +119,7 @@ class Student(nn.Module):
                                            list(l_emb.chunk(n_local_views)) if n_local_views else [],
                                            targets["dino"], weight)
         if "ibot" in self.objective:
-            terms["ibot"] = self.ibot_loss(p_emb, targets["ibot"], weight, batch["mask_weight"], n_glob)
+            terms["ibot"] = self.ibot_loss(p_emb, targets["ibot"], weight, batch.mask_weight, n_glob)
         if "koleo" in self.objective:  # per global view, never between two views of one image
             terms["koleo"] = sum(self.koleo_loss(c) for c in glob_cls.chunk(N_GLOBAL))
 
@@ -144,16 +145,16 @@ class Teacher(nn.Module):
         ema_update(*self.pairs(student), momentum)
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, Tensor], student: Student, temp: float,
+    def forward(self, batch: Batch, student: Student, temp: float,
                 centers: dict[str, Tensor] | None = None) -> tuple[dict, dict[str, Tensor]]:
         """-> (targets, centres). targets (vtp_fast.losses.dino.Targets): 'dino', one per global view, and 'ibot'
         for the student's masked tokens, made with `centers` in force (default: the losses' own); centres: where
         each loss centre moves after this batch, applied by the step once it is taken (`apply_centers`). A
         forward, so FSDP's hooks gather the shards."""
         centers = centers or {}
-        out = self.trunk(batch["global_crops"])  # unmasked
+        out = self.trunk(batch.global_crops)  # unmasked
         n_glob = out["cls"].shape[0]
-        packed = student.gather.impl.masked_gather(out["patch"], batch["mask_index"])  # (M, D)
+        packed = student.gather.impl.masked_gather(out["patch"], batch.mask_index)  # (M, D)
         emb = self.head.embed(torch.cat([out["cls"], packed]))  # (n_glob + M, d)
         weight = self.head.last_layer.weight.to(emb.dtype)  # the teacher's own (EMA) prototypes
         targets, moved = {}, {}

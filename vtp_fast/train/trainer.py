@@ -13,7 +13,7 @@ import torch
 from vtp_fast import distributed as dist
 from vtp_fast.compile import apply_compile, transformer_blocks
 from vtp_fast.config import ConfigError
-from vtp_fast.data.pairs import BatchShape
+from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.losses.clip import clamp_logit_scale_
 from vtp_fast.losses.gan import adaptive_weight, discriminator_hinge, generator_hinge
 from vtp_fast.losses.objective import Objective
@@ -120,7 +120,7 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     else:
         model = VTP(vtp_config(cfg.model.preset, **overrides), rope_dtype=cfg.model.rope_dtype)
     world = dist.world_size()
-    shape = cfg.batch.per_rank(world)
+    shape = cfg.batch.per_rank(world, model.config.vision_patch_size)
     student = Student(model, objective, cfg.ssl, n_rec=shape.rec, lpips_vgg_path=cfg.objective.lpips_vgg_path,
                       freeze_encoder=cfg.stage == 2)
     student.to(device)
@@ -175,7 +175,7 @@ def adversarial_term(t: Trainer, terms: dict, recon: torch.Tensor, active: bool)
     return weight
 
 
-def forward_backward(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> Gradients:
+def forward_backward(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) -> Gradients:
     """Teacher targets, student terms and backward for each micro-batch (gradients accumulate, synchronised
     across ranks on the last one; each micro-batch's targets use the centres the previous one left)."""
     out = Gradients({}, {}, {})
@@ -193,7 +193,7 @@ def forward_backward(t: Trainer, micro_batches: list[dict], sched: dict[str, flo
                 weight = adversarial_term(t, terms, recon, sched["step"] >= t.cfg.gan.start_step)
                 if weight is not None:
                     out.aux["gan_weight"] = weight.detach().float()
-                out.fake, out.real = recon.detach(), batch["images"][: recon.shape[0]]
+                out.fake, out.real = recon.detach(), batch.images[: recon.shape[0]]
             total, logs = t.objective(terms)
         with probe.region("backward"):
             (total / n_micro).backward()
@@ -214,7 +214,7 @@ def discriminator_step(t: Trainer, fake: torch.Tensor, real: torch.Tensor) -> to
     return loss.detach()
 
 
-def train_step(t: Trainer, micro_batches: list[dict], sched: dict[str, float]) -> StepOutput:
+def train_step(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) -> StepOutput:
     """One optimizer step over `accumulation` micro-batches. A non-finite step changes nothing: gradients are
     dropped, the optimizer, EMA and loss centres are left as they were."""
     for group in t.optimizer.param_groups:
