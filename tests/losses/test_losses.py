@@ -269,8 +269,11 @@ def test_mse_term_is_the_pixel_mse_of_the_shuffled_tokens_and_weighted_inside_l_
     g = gen(3)
     x = torch.randn(2, 3, 32, 64, generator=g)
     tokens = torch.randn(2, 8, 3 * 16 * 16, generator=g)  # a 2x4 grid of 16x16 patches
-    out = ReconstructionLoss(perceptual=False, mse=True)(tokens, x)
-    assert out["rec_mse"].item() == pytest.approx(F.mse_loss(pixel_shuffle_ref(tokens, (2, 4), 16), x).item())
+    y = pixel_shuffle_ref(tokens, (2, 4), 16)
+    out = ReconstructionLoss(perceptual=False, mse=True)(tokens, x, y)
+    assert out["rec_mse"].item() == pytest.approx(F.mse_loss(y, x).item())
+    with pytest.raises(ValueError, match="need the reconstructed images"):
+        ReconstructionLoss(perceptual=False, mse=True)(tokens, x)
     assert "rec_mse" not in ReconstructionLoss(perceptual=False)(tokens, x)
     w = ObjectiveConfig(rec=0.1, mse=2.0).term_weights()
     assert w["rec_mse"] == pytest.approx(0.2) and ObjectiveConfig().term_weights()["rec_mse"] == 0  # published: off
@@ -291,6 +294,8 @@ def lpips_files(tmp_path):
 
 
 def test_lpips_code_path_with_supplied_weights(lpips_files, monkeypatch):
+    from vtp_fast.ops.pixel_shuffle_l1 import pixel_shuffle_ref
+
     vgg, heads = lpips_files
     monkeypatch.setattr("vtp_fast.losses.reconstruction.find_lpips_heads", lambda: heads)
     rec = ReconstructionLoss(perceptual=True, vgg_path=str(vgg))
@@ -298,10 +303,10 @@ def test_lpips_code_path_with_supplied_weights(lpips_files, monkeypatch):
     g = gen(7)
     x = torch.randn(2, 3, 32, 32, generator=g)
     tokens = torch.randn(2, 4, 3 * 16 * 16, generator=g).requires_grad_()  # a 2x2 grid of 16x16 patches
-    y = rec.image(tokens, (2, 2))
+    y = pixel_shuffle_ref(tokens, (2, 2), 16)
     same = rec.lpips(x.tanh(), x.tanh())
     assert torch.allclose(same, torch.zeros(2), atol=1e-6)
-    out = rec(tokens, x)
+    out = rec(tokens, x, y)
     assert out["rec_lpips"].item() > 0 and out["rec_l1"].item() == pytest.approx((y - x).abs().mean().item())
     out["rec_lpips"].backward()
     assert tokens.grad.abs().sum() > 0

@@ -73,18 +73,19 @@ class LPIPS(nn.Module):
 
 
 class ReconstructionLoss(nn.Module):
-    """forward(tokens, target) -> {'rec_l1': L1 in the model's normalised space, 'rec_mse': MSE in that space
-    (with `mse`), 'rec_lpips': LPIPS in pixels (with `perceptual`)}.
+    """forward(tokens, target, images) -> {'rec_l1': L1 in the model's normalised space, 'rec_mse': MSE in that
+    space (with `mse`), 'rec_lpips': LPIPS in pixels (with `perceptual`)}.
 
     tokens: the pixel decoder's pre-shuffle output (n, h * w, 3 * p * p); target: images (n, 3, h * p, w * p) in
-    the ImageNet-normalised input space. The L1 term goes through the fused pixel-shuffle + L1 op, so the
-    reconstruction is only assembled as an image when LPIPS (or the caller, via `image`) needs it.
+    the ImageNet-normalised input space. The L1 term goes through the fused pixel-shuffle + L1 op on the tokens;
+    the MSE and LPIPS terms read the reconstructed images (the model's `tokens_to_images`), needed only when
+    `needs_images`.
     """
 
     def __init__(self, perceptual: bool, vgg_path: str | None = None, patch: int = 16, mse: bool = False):
         super().__init__()
         self.patch, self.mse = patch, mse
-        self.shuffle = pixel_shuffle_op.OP.resolve()
+        self.fused_l1 = pixel_shuffle_op.OP.resolve()
         self.lpips = None
         if perceptual:
             vgg, heads = find_vgg_weights(vgg_path), find_lpips_heads()
@@ -102,15 +103,16 @@ class ReconstructionLoss(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def image(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(n, h * w, 3 * p * p) -> (n, 3, h * p, w * p)."""
-        return self.shuffle.impl.pixel_shuffle(tokens, grid, self.patch)
+    @property
+    def needs_images(self) -> bool:
+        return self.mse or self.lpips is not None
 
-    def forward(self, tokens: Tensor, target: Tensor) -> dict[str, Tensor]:
-        out = {"rec_l1": self.shuffle.impl.pixel_shuffle_l1(tokens, target, self.patch)}
-        if self.lpips is None and not self.mse:
+    def forward(self, tokens: Tensor, target: Tensor, recon: Tensor | None = None) -> dict[str, Tensor]:
+        out = {"rec_l1": self.fused_l1.impl.pixel_shuffle_l1(tokens, target, self.patch)}
+        if not self.needs_images:
             return out
-        recon = self.image(tokens, (target.shape[2] // self.patch, target.shape[3] // self.patch))
+        if recon is None:
+            raise ValueError("ReconstructionLoss: the MSE / LPIPS terms need the reconstructed images")
         if self.mse:
             out["rec_mse"] = (recon.float() - target.float()).square().mean()
         if self.lpips is not None:

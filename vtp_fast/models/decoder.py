@@ -44,7 +44,10 @@ class PixelDecoder(nn.Module):
         x = self.norm(x)
         return F.linear(x, self.proj_out.weight.flatten(1), self.proj_out.bias)
 
+    def tokens_to_images(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The last step, PixelShuffle(p): tokens (B, h * w, 3 * p * p) -> images (B, 3, h * p, w * p)."""
+        return self.shuffle.impl.pixel_shuffle(tokens, grid, self.patch_size)
+
     def forward(self, latents: Tensor) -> Tensor:
         """Latents (B, C, h, w) -> image (B, 3, h * p, w * p)."""
-        grid = (latents.shape[2], latents.shape[3])
-        return self.shuffle.impl.pixel_shuffle(self.forward_tokens(latents), grid, self.patch_size)
+        return self.tokens_to_images(self.forward_tokens(latents), (latents.shape[2], latents.shape[3]))

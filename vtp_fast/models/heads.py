@@ -47,6 +47,10 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.last_layer.weight_v, std=0.02)
 
+    def prototypes(self, dtype: torch.dtype) -> Tensor:
+        """The weight-normalised prototype matrix (K, d) in `dtype`: the losses take the logits against it."""
+        return self.last_layer.weight.to(dtype)
+
     def embed(self, x: Tensor) -> Tensor:
         return F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
 

@@ -170,6 +170,15 @@ class VTP(nn.Module):
         z = self.trunk.feature_bottleneck(patch)  # (B, hw, C)
         return z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *grid)
 
+    def decoder_tokens(self, patch: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Normed patch tokens (B, h * w, D) -> the pixel decoder's output before its pixel shuffle
+        (B, h * w, 3 * p * p): what the fused pixel-shuffle + L1 loss reads (training)."""
+        return self.pixel_decoder.forward_tokens(self.latents_from_patch(patch, grid))
+
+    def tokens_to_images(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The decoder's last step on `decoder_tokens`' output -> images (B, 3, h * p, w * p), normalised space."""
+        return self.pixel_decoder.tokens_to_images(tokens, grid)
+
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> latents (B, 64, H / 16, W / 16)."""
         self.check_images(images)

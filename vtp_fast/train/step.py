@@ -93,10 +93,11 @@ class Student(nn.Module):
         with probe.region("rec"):
             n_rec = images.shape[0] if self.n_rec is None else self.n_rec
             (patch,) = probe.boundary("rec", plain["patch"][:n_rec])
-            tokens = m.pixel_decoder.forward_tokens(m.latents_from_patch(patch, plain["grid"]))  # (n, hw, 3p^2)
-            terms.update(self.rec_loss(tokens, images[:n_rec]))
-            if self.expose_recon:
-                recon = self.rec_loss.image(tokens, plain["grid"])
+            tokens = m.decoder_tokens(patch, plain["grid"])  # (n, hw, 3p^2), before the pixel shuffle
+            if self.rec_loss.needs_images or self.expose_recon:
+                recon = m.tokens_to_images(tokens, plain["grid"])
+            terms.update(self.rec_loss(tokens, images[:n_rec], recon))
+            recon = recon if self.expose_recon else None
 
         if self.uses_ssl:
             with probe.region("ssl"):
@@ -110,7 +111,7 @@ class Student(nn.Module):
         n_glob = glob_cls.shape[0]
         packed = self.gather.impl.masked_gather(glob_patch, batch.mask_index)  # (M, D)
         emb = self.head.embed(torch.cat([glob_cls, packed] + loc_cls))  # one MLP call for every token, (rows, d)
-        weight = self.head.last_layer.weight.to(emb.dtype)  # (K, d): the logits happen inside the losses
+        weight = self.head.prototypes(emb.dtype)  # (K, d): the logits happen inside the losses
         g_emb, p_emb = emb[:n_glob], emb[n_glob:n_glob + packed.shape[0]]
         l_emb = emb[n_glob + packed.shape[0]:]
         n_local_views = l_emb.shape[0] // (n_glob // N_GLOBAL) if n_glob else 0
@@ -156,7 +157,7 @@ class Teacher(nn.Module):
         n_glob = out["cls"].shape[0]
         packed = student.gather.impl.masked_gather(out["patch"], batch.mask_index)  # (M, D)
         emb = self.head.embed(torch.cat([out["cls"], packed]))  # (n_glob + M, d)
-        weight = self.head.last_layer.weight.to(emb.dtype)  # the teacher's own (EMA) prototypes
+        weight = self.head.prototypes(emb.dtype)  # the teacher's own (EMA) prototypes
         targets, moved = {}, {}
         for name, rows in (("dino", emb[:n_glob]), ("ibot", emb[n_glob:])):
             if name in student.objective:
