@@ -1,4 +1,4 @@
-"""Benchmark: the FID/KID Inception feature pass (vtp_fast.eval.fid), images/s per variant, with each variant's
+"""Benchmark: the FID/KID Inception feature pass (vtp_fast.eval.inception), images/s per variant, with each variant's
 accuracy cost against the exact fp32 reference (torch-fidelity's own forward) on real 64x64 emoji.
 
     python bench/bench_inception.py [--device cpu] [--out bench/results/cpu/inception.jsonl] [--quick]
@@ -75,7 +75,7 @@ def run(device: str = "cpu", quick: bool = False, n_images: int | None = None, c
         emit: Emit | None = None) -> list[dict]:
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-    from vtp_fast.eval.fid import feature_extractor
+    from vtp_fast.eval.inception import feature_extractor
 
     n = n_images or (8 if quick else 1000)
     bs = 4 if quick else 50

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vtp_fast.eval import fid as F
+from vtp_fast.eval import inception as I
 from vtp_fast.eval.ssim import gaussian_window, ssim
 
 
@@ -22,7 +23,7 @@ from vtp_fast.eval.ssim import gaussian_window, ssim
 def cache(tmp_path_factory):
     """A private cache root holding the converted weights (converted once for this module)."""
     root = tmp_path_factory.mktemp("vtp_cache")
-    F.inception_weights(root, progress=False)
+    I.inception_weights(root, progress=False)
     return root
 
 
@@ -30,7 +31,7 @@ def cache(tmp_path_factory):
 def ts_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.jit.load(str(F.fid_helper_source()), map_location="cpu")
+        return torch.jit.load(str(I.fid_helper_source()), map_location="cpu")
 
 
 def _noise(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -55,7 +56,7 @@ def test_converted_inception_matches_torchscript(cache, ts_model):
     """torch-fidelity's network with the converted weights == the fid-helper TorchScript network, on 299x299
     inputs (so torch-fidelity's resize is the identity) mapped to [-1, 1) the same way ((x - 128) / 128)."""
     x = _noise(2, 1, size=299)
-    (ours,) = F.feature_extractor("cpu", cache, progress=False, precision="fp32")(x)
+    (ours,) = I.feature_extractor("cpu", cache, progress=False, precision="fp32")(x)
     with torch.no_grad():
         ref = ts_model((x.float() - 128) / 128)
     assert ours.shape == ref.shape == (2, 2048)
@@ -66,69 +67,69 @@ def test_converted_inception_matches_torchscript(cache, ts_model):
 
 
 def test_converted_state_dict_layout(cache):
-    state = torch.load(F.inception_weights(cache, progress=False), map_location="cpu", weights_only=True)
+    state = torch.load(I.inception_weights(cache, progress=False), map_location="cpu", weights_only=True)
     bn_gammas = [v for k, v in state.items() if k.endswith(".bn.weight")]
-    assert len(bn_gammas) == F.N_CONVS and all(bool((g == 1).all()) for g in bn_gammas)  # TF graph: no gamma
-    bns = [m for m in F.feature_extractor("cpu", cache, progress=False, precision="fp32").modules()
+    assert len(bn_gammas) == I.N_CONVS and all(bool((g == 1).all()) for g in bn_gammas)  # TF graph: no gamma
+    bns = [m for m in I.feature_extractor("cpu", cache, progress=False, precision="fp32").modules()
            if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(bns) == F.N_CONVS and all(abs(m.eps - 1e-3) < 1e-12 for m in bns)
+    assert len(bns) == I.N_CONVS and all(abs(m.eps - 1e-3) < 1e-12 for m in bns)
     assert torch.isnan(state["fc.weight"]).all() and state["fc.weight"].shape == (1008, 2048)  # no logits
 
 
 def test_conversion_checks_shapes(ts_model):
     """Swapping two convolutions of different shapes must be caught, not silently converted."""
     state = {k: v.clone() for k, v in ts_model.state_dict().items()}
-    good = F.convert_fid_helper_state_dict(state)
-    assert len(good) == 6 * F.N_CONVS + 2
+    good = I.convert_fid_helper_state_dict(state)
+    assert len(good) == 6 * I.N_CONVS + 2
     keys = list(state)
     a, b = keys[0:4], keys[4:8]  # conv (32, 3, 3, 3) and conv_1 (32, 32, 3, 3)
     swapped = dict(state)
     for ka, kb in zip(a, b, strict=True):
         swapped[ka], swapped[kb] = state[kb], state[ka]
     with pytest.raises(RuntimeError, match="convolution mismatch"):
-        F.convert_fid_helper_state_dict(swapped)
+        I.convert_fid_helper_state_dict(swapped)
 
 
 def test_inception_weights_cached_and_atomic(cache, monkeypatch):
-    path = F.inception_weights(cache, progress=False)
-    assert path.name == F.WEIGHTS_FILENAME and path.parent == cache / "fid"
+    path = I.inception_weights(cache, progress=False)
+    assert path.name == I.WEIGHTS_FILENAME and path.parent == cache / "fid"
     mtime = path.stat().st_mtime_ns
 
     def boom(*a, **k):
         raise AssertionError("rebuilt although the converted file exists")
 
-    monkeypatch.setattr(F, "_build_weights", boom)
-    assert F.inception_weights(cache, progress=False) == path
+    monkeypatch.setattr(I, "_build_weights", boom)
+    assert I.inception_weights(cache, progress=False) == path
     assert path.stat().st_mtime_ns == mtime
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temp leftovers
 
 
 def test_damaged_weights_file_is_refused(tmp_path):
-    bad = tmp_path / "fid" / F.WEIGHTS_FILENAME
+    bad = tmp_path / "fid" / I.WEIGHTS_FILENAME
     bad.parent.mkdir(parents=True)
     torch.save({"not": torch.zeros(1)}, bad)
     with pytest.raises(RuntimeError, match="delete it to rebuild"):
-        F.feature_extractor("cpu", tmp_path, progress=False)
+        I.feature_extractor("cpu", tmp_path, progress=False)
 
 
 def test_default_cache_dir_and_hub_install(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("VTP_FAST_CACHE", str(tmp_path / "c"))
-    assert F.fid_dir() == tmp_path / "c" / "fid"
+    assert I.fid_dir() == tmp_path / "c" / "fid"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    dest = F.install_for_torch_fidelity(cache, progress=False)
-    assert dest == tmp_path / "torch" / "hub" / "checkpoints" / F.WEIGHTS_FILENAME
-    assert dest.stat().st_size == F.inception_weights(cache, progress=False).stat().st_size
+    dest = I.install_for_torch_fidelity(cache, progress=False)
+    assert dest == tmp_path / "torch" / "hub" / "checkpoints" / I.WEIGHTS_FILENAME
+    assert dest.stat().st_size == I.inception_weights(cache, progress=False).stat().st_size
 
 
 def test_inception_score_refused(cache):
     with pytest.raises(ValueError, match="Inception Score is not supported"):
-        F.feature_extractor("cpu", cache, features=("2048", "logits_unbiased"), progress=False)
+        I.feature_extractor("cpu", cache, features=("2048", "logits_unbiased"), progress=False)
     import torch_fidelity
 
     data = F.Uint8ImageDataset(_noise(2, 3))
     with pytest.raises(ValueError, match="Inception Score is not supported"):
         torch_fidelity.calculate_metrics(input1=data, isc=True, cuda=False, verbose=False, cache=False,
-                                         **F.torch_fidelity_kwargs(cache, progress=False))
+                                         **I.torch_fidelity_kwargs(cache, progress=False))
 
 
 # ---------------------------------------------------------------------------------------------- FID math
@@ -248,7 +249,7 @@ def test_compute_fid_kid_matches_torch_fidelity(sets, cache):
     theirs = torch_fidelity.calculate_metrics(
         input1=F.Uint8ImageDataset(real), input2=F.Uint8ImageDataset(fake), kid=True, kid_subset_size=2,
         kid_subsets=3, cuda=False, verbose=False, cache=False, save_cpu_ram=True,
-        **F.torch_fidelity_kwargs(cache, progress=False))["kernel_inception_distance_mean"]
+        **I.torch_fidelity_kwargs(cache, progress=False))["kernel_inception_distance_mean"]
     ours = kid_features_to_metric(sets["f_noise32"], sets["f_black32"], kid_subset_size=2, kid_subsets=3,
                                   verbose=False)["kernel_inception_distance_mean"]
     assert ours > 0.1 and abs(theirs - ours) < 1e-4 * ours
@@ -298,7 +299,7 @@ def test_resize_matrix_matches_torch_fidelity(n_in):
     x = torch.randint(0, 256, (2, 3, n_in, n_in // 2 + 1), generator=torch.Generator().manual_seed(n_in))
     x = x.to(torch.uint8)
     ref = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
-    mh, mw = F.tf1_resize_matrix(x.shape[2], 299), F.tf1_resize_matrix(x.shape[3], 299)
+    mh, mw = I.tf1_resize_matrix(x.shape[2], 299), I.tf1_resize_matrix(x.shape[3], 299)
     ours = mh @ x.float() @ mw.T
     err = (ours - ref).abs().max().item()
     assert err < (1e-6 if n_in == 299 else 1e-4) * 255, err
@@ -313,11 +314,11 @@ def test_fast_paths_agree_with_fp32(cache):
     kw = {"device": "cpu", "cache_dir": cache, "progress": False, "batch_size": 3}
     ref = F.inception_features(x, **kw, precision="fp32")
     assert ref.shape == (3, 2048) and ref.std(0).mean() > 0.05  # distinct images, not a constant output
-    tol = {"fp32-fused": 1e-4, "bf16": F.BF16_REL_L2_TOL}
+    tol = {"fp32-fused": 1e-4, "bf16": I.BF16_REL_L2_TOL}
     fast = {p: F.inception_features(x, **kw, precision=p) for p in tol}
-    assert F.DEFAULT_PRECISION in tol  # the default is one of the fast paths checked here ...
-    assert F.feature_extractor("cpu", cache, progress=False) is F.feature_extractor(  # ... and is what runs
-        "cpu", cache, progress=False, precision=F.DEFAULT_PRECISION)
+    assert I.DEFAULT_PRECISION in tol  # the default is one of the fast paths checked here ...
+    assert I.feature_extractor("cpu", cache, progress=False) is I.feature_extractor(  # ... and is what runs
+        "cpu", cache, progress=False, precision=I.DEFAULT_PRECISION)
     for p, f in fast.items():
         assert f.dtype == torch.float32 and f.shape == ref.shape
         rel = ((f - ref).norm() / ref.norm()).item()
@@ -328,8 +329,8 @@ def test_fast_paths_agree_with_fp32(cache):
     # the intermediate taps agree too (same layer order as torch-fidelity's forward)
     feats = ("64", "192", "768", "2048")
     with torch.no_grad():
-        ref_all = F.feature_extractor("cpu", cache, features=feats, progress=False, precision="fp32")(x[:1])
-        fused_all = F.feature_extractor("cpu", cache, features=feats, progress=False, precision="fp32-fused")(x[:1])
+        ref_all = I.feature_extractor("cpu", cache, features=feats, progress=False, precision="fp32")(x[:1])
+        fused_all = I.feature_extractor("cpu", cache, features=feats, progress=False, precision="fp32-fused")(x[:1])
     for name, a, b in zip(feats, ref_all, fused_all, strict=True):
         assert a.shape == b.shape and ((a - b).norm() / a.norm()).item() < 1e-4, name
 
@@ -337,10 +338,10 @@ def test_fast_paths_agree_with_fp32(cache):
 def test_cache_keys_differ_by_precision(cache):
     """Features / statistics of different precisions live under different cache files and never mix; the exact
     fp32 path keeps the historical file names."""
-    paths = {p: (F.stats_path("k", cache, p), F.features_path("k", cache, p)) for p in F.PRECISIONS}
-    assert len({s for s, _ in paths.values()}) == len({f for _, f in paths.values()}) == len(F.PRECISIONS)
-    assert paths["fp32"] == (F.fid_dir(cache) / "stats" / "k.npz", F.fid_dir(cache) / "features" / "k.npy")
-    assert F.stats_path("k", cache) == paths[F.DEFAULT_PRECISION][0] != paths["fp32"][0]
+    paths = {p: (F.stats_path("k", cache, p), F.features_path("k", cache, p)) for p in I.PRECISIONS}
+    assert len({s for s, _ in paths.values()}) == len({f for _, f in paths.values()}) == len(I.PRECISIONS)
+    assert paths["fp32"] == (I.fid_dir(cache) / "stats" / "k.npz", I.fid_dir(cache) / "features" / "k.npy")
+    assert F.stats_path("k", cache) == paths[I.DEFAULT_PRECISION][0] != paths["fp32"][0]
     with pytest.raises(ValueError, match="precision"):
         F.stats_path("k", cache, "fp16")
     with pytest.raises(ValueError, match="precision"):

@@ -245,7 +245,7 @@ def dit_flops(cfg: StudyConfig, latent_shape: list[int], count_batch: int = 2) -
 @cache
 def inception_flops_per_image() -> int:
     """torch-fidelity's InceptionV3 (FID's pool features) on one image, resized to 299 x 299 inside."""
-    from vtp_fast.eval.fid import meta_inception
+    from vtp_fast.eval.inception import meta_inception
 
     model = meta_inception()
     x = torch.empty(1, 3, 299, 299, dtype=torch.uint8, device="meta")
