@@ -32,7 +32,7 @@ TABLE_COLUMNS = ["variant", "kind", "batch", "images_per_s", "speedup_vs_current
 
 def _images(n: int) -> torch.Tensor:
     """n uint8 (3, 64, 64) emoji (Google style; fixed order, repeated if n exceeds the set)."""
-    from vtp_fast.eval.latents import load_images
+    from vtp_fast.data.labelled import load_images
 
     x = load_images("emoji:google").images  # (N, 64, 64, 3) uint8
     x = x.permute(0, 3, 1, 2).contiguous()

@@ -11,7 +11,10 @@ import torch
 
 from vtp_fast import VTP, save_pretrained, vtp_config
 from vtp_fast.cli import main
-from vtp_fast.eval.latents import check_tokenizer, extract_latents, load_images, load_latents
+from vtp_fast.data.labelled import load_images
+from vtp_fast.data.latents import load_latents
+from vtp_fast.eval.latents import extract_latents
+from vtp_fast.models.pretrained import check_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_bad_input_is_refused_before_work(emoji_env, tokenizer_dir, tmp_path):
     (bad / "meta.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="labels up to 2 but 1 class"):
         load_latents(bad)
-    from vtp_fast.eval.latents import LabelledImages
+    from vtp_fast.data.labelled import LabelledImages
 
     one_class = LabelledImages(data.images, torch.zeros_like(data.labels), ["everything"], data.captions, "one")
     unconditional = tmp_path / "uncond"
@@ -115,7 +118,7 @@ def test_generative_probe_during_pretraining(emoji_env, tmp_path):
                                                                                          "ssl.views.global"))],
                                               f"data.root={root}", "ssl.views.global_size=64", f"run.out_dir={out}",
                                               "run.steps=2", "run.generative_probe_every=2", "run.probe_images=12",
-                                              "run.probe_dit_steps=3"]), generative_probe)
+                                              "run.probe_dit_steps=3"]), generative_probe=generative_probe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     probe = [r for r in rows if "gen_probe_gfid" in r]
     assert [r["step"] for r in probe] == [2] and np.isfinite(probe[0]["gen_probe_gfid"])

@@ -2,8 +2,8 @@
 down the layer table below, and the package-level import graph has no cycles.
 
 Layers, bottom up: kernels/csrc <- ops <- nn <- models; losses use ops; data uses none of these; train uses models,
-losses, data; eval uses models and data, never train; what needs both train and eval (the generative probe) sits
-in a layer above both. A violation too big to fix where it was found goes in KNOWN with its reason and the issue
+losses, data, never eval; eval uses models and data, never train; what needs both train and eval (the generative
+probe, pretraining with its evaluations: the CLI, the study) sits in a layer above both. A violation too big to fix where it was found goes in KNOWN with its reason and the issue
 item that removes it; an entry that is no longer needed fails too, so the list can only shrink.
 """
 
@@ -37,6 +37,7 @@ LAYER_OF = {
     # Process groups and collectives (no-ops on one process); the apply_ddp / apply_fsdp transforms of a built model.
     "vtp_fast.distributed": "distributed",
     "vtp_fast.compile": "compile",  # apply_compile: a transform of a built model, applied by the entry point
+    "vtp_fast.plots": "plots",  # PNG curves and image grids (matplotlib): runs, benchmarks and evaluations draw them
     "vtp_fast.eval": "eval",
     # Measuring tools: timing rows and tables, the roofline model, the kernels' ahead-of-time compile gate.
     "vtp_fast.benchmark": "measure",
@@ -61,19 +62,20 @@ RANKS = {
     "data": {"base"},  # uses neither models nor ops
     "distributed": {"base"},
     "compile": {"models", "nn", "ops", "base"},
-    # eval uses models and data, never train. It sits below train: training logs eval's metrics (PSNR, zero-shot)
-    # and plots, and trains the DiT on latent sets extracted by eval.latents.
-    "eval": {"models", "nn", "ops", "data", "base"},
-    "measure": {"kernels", "ops", "eval", "base"},  # kernel_check compiles kernels; benchmark plots via eval.plots
-    "train": {"models", "nn", "ops", "losses", "data", "distributed", "compile", "eval", "measure", "base"},
+    "plots": {"data", "base"},
+    # eval and train are siblings: eval uses models and data, never train; train uses models, losses and data, never
+    # eval (pretraining's held-out evaluation and generative probe are passed in by the layers above).
+    "eval": {"models", "nn", "ops", "data", "plots", "base"},
+    "measure": {"kernels", "ops", "plots", "base"},  # kernel_check compiles kernels; benchmark draws its plots
+    "train": {"models", "nn", "ops", "losses", "data", "distributed", "compile", "measure", "plots", "base"},
     # Above both train and eval: the generative probe (trains a DiT, scores it with gFID).
     "downstream": {"train", "models", "nn", "ops", "losses", "data", "distributed", "compile", "eval", "measure",
-                   "base"},
+                   "plots", "base"},
     "study": {"downstream", "train", "models", "nn", "ops", "losses", "data", "distributed", "compile", "eval",
-              "measure", "base"},
+              "measure", "plots", "base"},
     "api": {"models", "base"},
     "cli": {"api", "study", "downstream", "train", "models", "nn", "ops", "losses", "data", "distributed", "compile",
-            "eval", "measure", "base"},
+            "eval", "measure", "plots", "base"},
 }
 
 # (importing module, imported module) -> why it stays for now, and the issue item that removes it.

@@ -222,7 +222,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 def plot_scaling(rows: Sequence[dict], x: str, y: str, series: str, path: str | Path, *, title: str,
                  xlabel: str, ylabel: str) -> Path:
     """One line per `series` value: rows' `y` against `x` (log-scaled x), e.g. TFLOP/s against sequence length."""
-    from vtp_fast.eval.plots import plt
+    from vtp_fast.plots import plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for name in sorted({r[series] for r in rows}):

@@ -97,7 +97,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from vtp_fast.data.images import save_image
     from vtp_fast.eval.metrics import psnr
-    from vtp_fast.eval.plots import image_grid
+    from vtp_fast.plots import image_grid
 
     model = _model(args)
     images = _load_images(args.images, model.config.vision_patch_size, args.size)
@@ -153,6 +153,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
     from vtp_fast.downstream.generative_probe import generative_probe
+    from vtp_fast.eval.evaluate import held_out_scores
     from vtp_fast.train.config import PretrainConfig
     from vtp_fast.train.pretrain import pretrain
 
@@ -161,7 +162,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"run.resume={args.resume}")
     if args.init:
         overrides.append(f"model.init={args.init}")
-    pretrain(load_config(PretrainConfig, args.config, overrides), generative_probe=generative_probe)
+    pretrain(load_config(PretrainConfig, args.config, overrides), held_out_scores, generative_probe)
     return 0
 
 
@@ -176,7 +177,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_extract_latents(args: argparse.Namespace) -> int:
-    from vtp_fast.eval.latents import extract_latents, load_images
+    from vtp_fast.data.labelled import load_images
+    from vtp_fast.eval.latents import extract_latents
 
     model = _model(args)
     data = load_images(args.data, size=args.size or model.config.image_size)
@@ -201,7 +203,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from vtp_fast.eval.plots import image_grid
+    from vtp_fast.plots import image_grid
     from vtp_fast.train.dit import generate, load_dit
 
     tokenizer = _model(args)
@@ -234,8 +236,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from vtp_fast.data.labelled import load_images
     from vtp_fast.eval import evaluate
-    from vtp_fast.eval.latents import load_images
 
     needed = "--samples" if args.what == "gfid" else "--checkpoint"
     if getattr(args, needed.lstrip("-")) is None:

@@ -12,6 +12,7 @@ from tests.data.test_decoders import require_dali
 from tests.helpers import png_with_bad_pixels, random_png
 from vtp_fast.config import load_config
 from vtp_fast.data.shards import Sample, write_shards
+from vtp_fast.eval.evaluate import held_out_scores
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.pretrain import pretrain
 
@@ -46,7 +47,7 @@ def test_corrupt_pngs_first_start_and_resume(corrupt_shards, tmp_path, decoder, 
     full = tmp_path / "full"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pretrain(load_config(PretrainConfig, [], [*args, f"run.out_dir={full}"]))
+        pretrain(load_config(PretrainConfig, [], [*args, f"run.out_dir={full}"]), held_out_scores)
     header = capsys.readouterr().out
     # the header's check reads captions, image headers and PNG checksums, not pixels: the garbage-pixel PNG is
     # found when it is decoded, and counted then
@@ -56,7 +57,7 @@ def test_corrupt_pngs_first_start_and_resume(corrupt_shards, tmp_path, decoder, 
     shutil.rmtree(part / "checkpoints" / "step_00000004")  # killed after the checkpoint of step 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pretrain(load_config(PretrainConfig, [], [*args, f"run.out_dir={part}", "run.resume=auto"]))
+        pretrain(load_config(PretrainConfig, [], [*args, f"run.out_dir={part}", "run.resume=auto"]), held_out_scores)
     assert "resuming at step 2" in capsys.readouterr().out
 
     def counts(out):

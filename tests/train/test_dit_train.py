@@ -7,7 +7,8 @@ import torch
 
 from vtp_fast import VTP, vtp_config
 from vtp_fast.config import ConfigError
-from vtp_fast.eval.latents import LabelledImages, extract_latents
+from vtp_fast.data.labelled import LabelledImages
+from vtp_fast.eval.latents import extract_latents
 from vtp_fast.models.pretrained import read_safetensors
 from vtp_fast.train import dit as dit_train
 from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig

@@ -18,6 +18,7 @@ from vtp_fast.config import ConfigError, load_config
 from vtp_fast.data.batch import BatchShape
 from vtp_fast.data.pairs import StepBatches, emoji_pairs
 from vtp_fast.data.views import ViewConfig, block_mask
+from vtp_fast.eval.evaluate import held_out_scores
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import TrainingDiverged
 from vtp_fast.train.pretrain import pretrain
@@ -167,7 +168,7 @@ def test_non_finite_step_changes_nothing_and_the_run_stops(emoji_root, tmp_path,
 
     out = tmp_path / "diverge"
     with pytest.raises(TrainingDiverged, match="3 consecutive steps with non-finite losses \\(ibot, total\\)"):
-        pretrain(small_config(emoji_root, out, "run.steps=10", "run.max_bad_steps=3"))
+        pretrain(small_config(emoji_root, out, "run.steps=10", "run.max_bad_steps=3"), held_out_scores)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped")] == [1, 2, 3]
 
@@ -178,11 +179,13 @@ def saved_rng(run, step):
 
 def test_resume_continues_bit_for_bit_down_to_the_saved_rng_state(emoji_root, tmp_path):
     full = tmp_path / "full"
-    pretrain(small_config(emoji_root, full, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5"))
+    pretrain(small_config(emoji_root, full, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5"),
+             held_out_scores)
     part = tmp_path / "part"
     shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoints" / "step_00000006")
-    pretrain(small_config(emoji_root, part, "run.steps=6", "run.checkpoint_every=3", "run.resume=auto"))
+    pretrain(small_config(emoji_root, part, "run.steps=6", "run.checkpoint_every=3", "run.resume=auto"),
+             held_out_scores)
     a, b = loss_rows(full), loss_rows(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b, strict=True):
@@ -299,7 +302,7 @@ def test_without_held_out_images_nothing_is_measured_on_noise(source, emoji_root
     else:  # one's own shards (here: the emoji training styles written as shards) and no data.eval_shards
         extra = [f"data.shards={emoji_shards(emoji_root, ('google', 'twitter', 'fluent'))}", "data.num_workers=0"]
     out = tmp_path / "run"
-    paths = pretrain(small_config(emoji_root, out, "run.steps=2", "run.eval_every=1", *extra))
+    paths = pretrain(small_config(emoji_root, out, "run.steps=2", "run.eval_every=1", *extra), held_out_scores)
     text = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if "eval_psnr" in r or "zero_shot_top1" in r]  # no metric without real held-out

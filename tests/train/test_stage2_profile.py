@@ -8,6 +8,7 @@ import torch
 from tests.train.test_pretrain import SMALL, emoji_root, small_config  # noqa: F401 - fixture
 from vtp_fast import VTP, load_pretrained, save_pretrained, vtp_config
 from vtp_fast.config import ConfigError, load_config
+from vtp_fast.eval.evaluate import held_out_scores
 from vtp_fast.losses.gan import adaptive_weight, discriminator_hinge, generator_hinge
 from vtp_fast.models.discriminator import PatchDiscriminator
 from vtp_fast.train.config import PretrainConfig
@@ -50,7 +51,7 @@ def test_stage2_trains_only_decoder_and_discriminator_and_resumes(emoji_root, tm
     init = save_pretrained(VTP(vtp_config("vtp-nano", image_size=32)), tmp_path / "stage1")
     out = tmp_path / "stage2"
     pretrain(small_config(emoji_root, out, *STAGE2, f"model.init={init}", "run.steps=4", "run.checkpoint_every=2",
-                          "run.keep_checkpoints=3"))
+                          "run.keep_checkpoints=3"), held_out_scores)
     first, after = load_pretrained(init), dict(load_pretrained(out / "checkpoint").named_parameters())
     for k, v in first.named_parameters():
         assert torch.equal(v, after[k]) == (not k.startswith("pixel_decoder.")), f"{k}: only the decoder trains"
@@ -67,7 +68,7 @@ def test_stage2_trains_only_decoder_and_discriminator_and_resumes(emoji_root, tm
     shutil.copytree(out, part)
     shutil.rmtree(part / "checkpoints" / "step_00000004")
     pretrain(small_config(emoji_root, part, *STAGE2, f"model.init={init}", "run.steps=4", "run.checkpoint_every=2",
-                          "run.resume=auto"))
+                          "run.resume=auto"), held_out_scores)
     strip = lambda d: [(r["step"], r["loss/total"], r.get("loss/disc")) for r in  # noqa: E731
                        map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r]
     assert strip(part) == strip(out)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vtp_fast.data.labelled import LabelledImages
 from vtp_fast.eval.evaluate import generation_scores
-from vtp_fast.eval.latents import LabelledImages, extract_latents
+from vtp_fast.eval.latents import extract_latents
 from vtp_fast.models.vtp import VTP
 from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
 from vtp_fast.train.dit import generate, load_dit, train_dit

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from vtp_fast.config import InputError
+from vtp_fast.data.labelled import LabelledImages
 from vtp_fast.data.pairs import normalize_u8
-from vtp_fast.eval.latents import LabelledImages
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.ssim import ssim
 from vtp_fast.models.vtp import VTP
@@ -36,6 +36,24 @@ def require(data: LabelledImages, n: int, what: str) -> None:
     if len(data) < n:
         raise InputError(f"{what}: the reference set {data.name} has {len(data)} images, fewer than the {n} asked "
                          "for; lower the sample count or use a larger set")
+
+
+@torch.no_grad()
+def held_out_scores(model: VTP, images_u8: Tensor, captions: list[str] | None) -> dict:
+    """Pretraining's periodic evaluation (vtp-fast pretrain): PSNR of the reconstructions of held-out uint8 images
+    (N, S, S, 3), and with a text tower and captions, zero-shot accuracy among the set's distinct captions."""
+    from vtp_fast.eval.probe import zero_shot_names
+
+    was_training = model.training
+    model.eval()
+    images = normalize_u8(images_u8).to(next(model.parameters()).device)
+    recon = torch.cat([model.decode(model.encode(images[i:i + 128])) for i in range(0, len(images), 128)])
+    result = {"eval_psnr": psnr(model.denormalize(recon), model.denormalize(images)).mean().item()}
+    if model.config.train_clip and captions is not None:
+        zs = zero_shot_names(model, images, captions)
+        result.update(zero_shot_top1=zs["top1"], zero_shot_top5=zs["top5"], zero_shot_chance=zs["chance"])
+    model.train(was_training)
+    return result
 
 
 @torch.no_grad()

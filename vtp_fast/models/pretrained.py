@@ -8,6 +8,7 @@ atomically, so the reference implementation reads what we save and a failed save
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vtp_fast.config import ConfigError, UserError, from_dict
+from vtp_fast.config import ConfigError, InputError, UserError, from_dict
 from vtp_fast.io import atomic_dir
 from vtp_fast.models.vtp import VTP, VTPConfig
 from vtp_fast.ops.registry import building_for
@@ -133,3 +134,23 @@ def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor]
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return path
 
+
+def tokenizer_fingerprint(model: VTP) -> str:
+    """A short hash of the tokenizer's weights: latents from another tokenizer are refused."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_tokenizer(meta: dict, model: VTP) -> None:
+    """Refuse a tokenizer that did not make the latents `meta` (a latent set's meta.json) describes: channels or
+    weights differ."""
+    c = model.config.vision_feature_bottleneck
+    if meta["channels"] != c:
+        raise InputError(f"the latents have {meta['channels']} channels but the tokenizer makes {c}")
+    fp = tokenizer_fingerprint(model)
+    if meta.get("tokenizer_fingerprint") and meta["tokenizer_fingerprint"] != fp:
+        raise InputError(f"the latents were made by another tokenizer ({meta.get('tokenizer') or 'unknown'}, "
+                         f"fingerprint {meta['tokenizer_fingerprint']} != {fp}); re-extract them")

@@ -157,7 +157,7 @@ def report(cfg: StudyConfig, out: Path, seconds: float, note: str = "") -> None:
 
 
 def plots(cfg: StudyConfig, rows: list[dict], floor: dict, out: Path) -> None:
-    from vtp_fast.eval.plots import plt
+    from vtp_fast.plots import plt
 
     def floor_line(ax):
         ax.axhline(floor["gkid"], color="k", linestyle="--", linewidth=1, label="floor: real vs real")

@@ -107,12 +107,13 @@ def pretrain_config(cfg: StudyConfig, out: Path, mix: str, steps: int, channels:
 def train_tokenizer(out: Path, mix: str, steps: int, channels: int, cfg: StudyConfig) -> dict:
     """Pretrain one tokenizer; its compute is the model FLOPs of one step at the configured batch (forward +
     backward, teacher included; vtp_fast.study.plan) times the steps."""
+    from vtp_fast.eval.evaluate import held_out_scores
     from vtp_fast.study.plan import tokenizer_step
     from vtp_fast.train.pretrain import pretrain
 
     pcfg = pretrain_config(cfg, out, mix, steps, channels)
     t0 = time.perf_counter()
-    pretrain(pcfg)  # on every rank under torchrun
+    pretrain(pcfg, held_out_scores)  # on every rank under torchrun
     seconds = time.perf_counter() - t0
     if dist.rank() != 0:
         return {}
@@ -165,8 +166,8 @@ def score_floor(out: Path, cfg: StudyConfig, train_set) -> dict:
 def score_ceiling(run_dir: Path, cfg: StudyConfig, train_set) -> dict:
     """The tokenizer's decoder on Gaussian latents (the latent set's per-channel mean and std): what a DiT that has
     learned nothing generates."""
+    from vtp_fast.data.latents import load_latents
     from vtp_fast.eval.evaluate import generation_scores
-    from vtp_fast.eval.latents import load_latents
     from vtp_fast.models.pretrained import load_pretrained
 
     tokenizer = load_pretrained(run_dir / "tokenizer" / "checkpoint").to(device())
@@ -219,7 +220,7 @@ def score_dit(run_dir: Path, seed: int, stop: int, previous: int, cfg: StudyConf
 
 # ---------------------------------------------------------------------------------------------------- the study
 def load_sets(cfg: StudyConfig, size: int):
-    from vtp_fast.eval.latents import LabelledImages, load_images
+    from vtp_fast.data.labelled import LabelledImages, load_images
 
     train_set, held_out = load_images(cfg.data, size), load_images(cfg.held_out, size)
     if cfg.max_images and len(train_set) > cfg.max_images:

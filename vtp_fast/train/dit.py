@@ -20,13 +20,13 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast.compile import apply_compile
 from vtp_fast.config import ConfigError, InputError, from_dict
+from vtp_fast.data.latents import LatentSet, load_latents
 from vtp_fast.data.views import sample_seed
-from vtp_fast.eval.latents import LatentSet, check_tokenizer, load_latents
-from vtp_fast.eval.plots import plot_curves
 from vtp_fast.io import atomic_dir
 from vtp_fast.models.dit import DiT, DiTConfig, dit_config
-from vtp_fast.models.pretrained import load_state_strict, read_safetensors
+from vtp_fast.models.pretrained import check_tokenizer, load_state_strict, read_safetensors
 from vtp_fast.ops import building_for
+from vtp_fast.plots import plot_curves
 from vtp_fast.train import loop
 from vtp_fast.train.common import MetricsLog, autocast, ema_update
 from vtp_fast.train.config import DiTTrainConfig

@@ -18,13 +18,11 @@ from torch.utils.data import DataLoader
 from vtp_fast import distributed as dist
 from vtp_fast.config import ConfigError
 from vtp_fast.data.emoji import load_emoji
+from vtp_fast.data.labelled import probe_set
 from vtp_fast.data.pairs import BadSampleCount, ShardSource, StepBatches, describe_pairs, normalize_u8, pick_decoder
-from vtp_fast.eval.latents import probe_set
-from vtp_fast.eval.metrics import psnr
-from vtp_fast.eval.plots import image_grid, plot_curves
-from vtp_fast.eval.probe import zero_shot_names
 from vtp_fast.models.pretrained import save_pretrained
 from vtp_fast.models.vtp import VTP
+from vtp_fast.plots import image_grid, plot_curves
 from vtp_fast.train import loop
 from vtp_fast.train.common import MetricsLog
 from vtp_fast.train.config import PretrainConfig
@@ -32,6 +30,8 @@ from vtp_fast.train.loop import Evaluation, Job, StepOutput, start_process
 from vtp_fast.train.sources import describe_data, first_images, held_out_set, load_pairs, no_eval_note
 from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
+# (tokenizer, held-out uint8 images, captions or None) -> the row to log: vtp_fast.eval.evaluate.held_out_scores
+HeldOutEval = Callable[[VTP, torch.Tensor, list[str] | None], dict]
 # (tokenizer, labelled images, work dir, dit_steps=, seed=) -> {"gen_probe_gfid", ...}: vtp_fast.downstream's
 GenerativeProbe = Callable[..., dict]
 
@@ -39,11 +39,13 @@ GenerativeProbe = Callable[..., dict]
 class PretrainJob(Job):
     name = "pretrain"
 
-    def __init__(self, cfg: PretrainConfig, generative_probe: GenerativeProbe | None = None):
+    def __init__(self, cfg: PretrainConfig, held_out_eval: HeldOutEval | None = None,
+                 generative_probe: GenerativeProbe | None = None):
         if cfg.run.generative_probe_every and generative_probe is None:
             raise ConfigError("run.generative_probe_every: the generative probe trains a DiT and scores it; run it "
                               "through `vtp-fast pretrain`, or pass vtp_fast.downstream.generative_probe")
-        self.cfg, self.run, self.generative_probe = cfg, cfg.run, generative_probe
+        self.cfg, self.run = cfg, cfg.run
+        self.held_out_eval, self.generative_probe = held_out_eval, generative_probe
         self.device, _ = start_process(cfg.run)
         self.t = build_trainer(cfg, self.device)
         self.checkpoint_model, self.samples_per_step = self.t.model, cfg.batch.size
@@ -109,7 +111,7 @@ class PretrainJob(Job):
 
     def evaluations(self) -> list[Evaluation]:
         evals = []
-        if self.eval_u8 is not None:
+        if self.eval_u8 is not None and self.held_out_eval is not None:
             evals.append(Evaluation(self.run.eval_every, self._evaluate, at_start=True))
         if self.run.generative_probe_every:
             evals.append(Evaluation(self.run.generative_probe_every, self._probe, at_end=False))
@@ -117,7 +119,7 @@ class PretrainJob(Job):
 
     def _evaluate(self, step: int) -> dict:
         model = self.t.plain_model()  # every rank: gathering FSDP shards is collective
-        return evaluate(model, self.eval_u8, self.eval_captions, self.device) if model is not None else {}
+        return self.held_out_eval(model, self.eval_u8, self.eval_captions) if model is not None else {}
 
     def _probe(self, step: int) -> dict:
         model = self.t.plain_model()
@@ -145,25 +147,13 @@ class PretrainJob(Job):
                        note=None if self.eval_u8 is not None else no_eval_note(self.cfg))
 
 
-def pretrain(cfg: PretrainConfig, generative_probe: GenerativeProbe | None = None) -> dict[str, Path]:
-    """Pretrain (or resume) a tokenizer; the exported paths on the main rank ({} on the others).
-    generative_probe: vtp_fast.downstream.generative_probe.generative_probe, needed when
-    run.generative_probe_every > 0 (the CLI passes it)."""
-    return loop.run(PretrainJob(cfg, generative_probe))
-
-
-@torch.no_grad()
-def evaluate(model: VTP, eval_u8: torch.Tensor, eval_captions: list[str] | None, device: torch.device) -> dict:
-    was_training = model.training
-    model.eval()
-    images = normalize_u8(eval_u8).to(device)
-    recon = torch.cat([model.decode(model.encode(images[i:i + 128])) for i in range(0, len(images), 128)])
-    result = {"eval_psnr": psnr(model.denormalize(recon), model.denormalize(images)).mean().item()}
-    if model.config.train_clip and eval_captions is not None:
-        zs = zero_shot_names(model, images, eval_captions)
-        result.update(zero_shot_top1=zs["top1"], zero_shot_top5=zs["top5"], zero_shot_chance=zs["chance"])
-    model.train(was_training)
-    return result
+def pretrain(cfg: PretrainConfig, held_out_eval: HeldOutEval | None = None,
+             generative_probe: GenerativeProbe | None = None) -> dict[str, Path]:
+    """Pretrain (or resume) a tokenizer; the exported paths on the main rank ({} on the others). The evaluations
+    come from the layers above (the CLI and the study pass them): held_out_eval, every run.eval_every steps on the
+    held-out images (vtp_fast.eval.evaluate.held_out_scores; None: no held-out metrics), and generative_probe,
+    needed when run.generative_probe_every > 0 (vtp_fast.downstream.generative_probe.generative_probe)."""
+    return loop.run(PretrainJob(cfg, held_out_eval, generative_probe))
 
 
 def _finish(model: VTP, cfg: PretrainConfig, out: Path, log: MetricsLog, shown_u8: torch.Tensor,

@@ -135,7 +135,7 @@ def _report(result: dict, out: Path, trace: bool) -> None:
 
 
 def _bar_chart(table: list[dict], path: Path, title: str) -> None:
-    from vtp_fast.eval.plots import plt
+    from vtp_fast.plots import plt
 
     names = [r["phase"] for r in table][::-1]
     values = [r["median_ms"] for r in table][::-1]
