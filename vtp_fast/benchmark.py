@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vtp_fast import optional
+
 if TYPE_CHECKING:
     from vtp_fast.ops.registry import Backend, Op
 
@@ -60,12 +62,7 @@ def env_info(device: str | None = None) -> dict:
 
 @cache
 def _static_env(device: str | None) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_version = optional.module("triton").__version__ if optional.available("triton") else None
     kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = kind == "cuda" and torch.cuda.is_available()
     return {

@@ -1,14 +1,17 @@
 """Optional dependencies, each probed in exactly one place and turned into a boolean.
 
-Nothing else in the package imports flash-attn, xformers, NVIDIA apex, DALI or the native extension directly:
-it asks here. Probes run once (cached) and never raise; `reason(name)` says why something is missing.
+Nothing else in the package imports flash-attn, xformers, NVIDIA apex, DALI, the native extension, TensorBoard or
+resvg directly: it asks here. Probes run once (cached) and never raise; `reason(name)` says why something is
+missing. `package_dir` finds the files of a package (LPIPS heads, the FID weights) without importing it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 # name -> (module to import, attribute that proves it is the right package)
@@ -20,6 +23,8 @@ _PROBES: dict[str, tuple[str, str]] = {
     # PyPI's `apex` is an unrelated package; NVIDIA apex is recognised by its fused optimizer.
     "apex": ("apex.optimizers", "FusedAdam"),
     "dali": ("nvidia.dali", "pipeline_def"),
+    "tensorboard": ("torch.utils.tensorboard", "SummaryWriter"),  # run metrics as TensorBoard scalars
+    "resvg": ("resvg_py", "svg_to_bytes"),  # renders the OpenMoji style of the emoji set
 }
 
 
@@ -51,6 +56,17 @@ def module(name: str) -> ModuleType:
 def reason(name: str) -> str:
     """Why `name` is unavailable ('' when it is available)."""
     return _probe(name)[1]
+
+
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None when it is not installed)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def triton_interpreter() -> bool:

