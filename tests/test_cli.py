@@ -128,7 +128,7 @@ def test_pretrain_smoke(tmp_path, capsys):
 
     root = make_prepared_emoji(tmp_path / "emoji", size=32)
     out = tmp_path / "run"
-    assert main(["pretrain", *SMALL, f"data.root={root}", f"run.out_dir={out}", "run.steps=4", "run.log_every=2",
+    assert main(["pretrain", *SMALL, f"data.emoji.root={root}", f"run.out_dir={out}", "run.steps=4", "run.log_every=2",
                  "run.eval_every=2", "run.tensorboard=true"]) == 0
     text = capsys.readouterr().out
     for name in ("checkpoint", "reconstructions.png", "loss.png", "psnr.png", "zero_shot.png", "metrics.jsonl",

@@ -64,10 +64,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_validation_names_the_key():
     with pytest.raises(ConfigError, match="run.steps: must be >= 1"):
         load_config(PretrainConfig, [], ["run.steps=0"])
-    with pytest.raises(ConfigError, match="data.eval_styles: must not overlap"):
-        load_config(PretrainConfig, [], ["data.eval_styles=[google]"])
-    with pytest.raises(ConfigError, match="data.train_styles"):
-        load_config(PretrainConfig, [], ["data.train_styles=[apple]"])
+    with pytest.raises(ConfigError, match="data.emoji.eval_styles: must not overlap"):
+        load_config(PretrainConfig, [], ["data.emoji.eval_styles=[google]"])
+    with pytest.raises(ConfigError, match="data.emoji.train_styles"):
+        load_config(PretrainConfig, [], ["data.emoji.train_styles=[apple]"])
     with pytest.raises(ConfigError, match="optim.lr: must be >= 0"):
         load_config(PretrainConfig, [], ["optim.lr=-1"])
 

@@ -114,11 +114,11 @@ def test_generative_probe_during_pretraining(emoji_env, tmp_path):
 
     out = tmp_path / "run"
     root = emoji_env / "emoji" / "prepared-64"
-    pretrain(load_config(PretrainConfig, [], [*[o for o in SMALL if not o.startswith(("data.image_size",
-                                                                                         "ssl.views.global"))],
-                                              f"data.root={root}", "ssl.views.global_size=64", f"run.out_dir={out}",
-                                              "run.steps=2", "run.generative_probe_every=2", "run.probe_images=12",
-                                              "run.probe_dit_steps=3"]), generative_probe=generative_probe)
+    small = [o for o in SMALL if not o.startswith(("data.image_size", "ssl.views.global"))]
+    pretrain(load_config(PretrainConfig, [], [*small, f"data.emoji.root={root}", "ssl.views.global_size=64",
+                                              f"run.out_dir={out}", "run.steps=2", "run.generative_probe_every=2",
+                                              "run.probe_images=12", "run.probe_dit_steps=3"]),
+             generative_probe=generative_probe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     probe = [r for r in rows if "gen_probe_gfid" in r]
     assert [r["step"] for r in probe] == [2] and np.isfinite(probe[0]["gen_probe_gfid"])

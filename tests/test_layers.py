@@ -3,8 +3,9 @@ down the layer table below, and the package-level import graph has no cycles.
 
 Layers, bottom up: kernels/csrc <- ops <- nn <- models; losses use ops; data uses none of these; train uses models,
 losses, data, never eval; eval uses models and data, never train; what needs both train and eval (the generative
-probe, pretraining with its evaluations: the CLI, the study) sits in a layer above both. A violation too big to fix where it was found goes in KNOWN with its reason and the issue
-item that removes it; an entry that is no longer needed fails too, so the list can only shrink.
+probe, pretraining with its evaluations: the CLI, the study) sits in a layer above both. A violation too big to fix
+where it was found goes in KNOWN with its reason and the issue item that removes it; an entry that is no longer
+needed fails too, so the list can only shrink.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def _worker(rank, root, out_dir, result_file, mode):
         cfg = small_config(root, out_dir / "run", *EXTRA, f"run.distributed={mode}")
         torch.manual_seed(0)
         t = build_trainer(cfg, torch.device("cpu"))
-        pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
+        pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
         data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=WORLD)
         logs, grads, centers = run_once(t, data[STEP], schedules(cfg, STEP))
         logs = {k: v / WORLD for k, v in logs.items()}
@@ -60,7 +60,7 @@ def single_process_reference(root, tmp_path):
     cfg = small_config(root, tmp_path / "single", "batch.size=8", "batch.ssl=4", "batch.rec=4")
     torch.manual_seed(0)
     t = build_trainer(cfg, torch.device("cpu"))
-    pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
+    pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
     per_rank = [StepBatches(pairs, replace(t.shape, size=4, ssl=2, rec=2), cfg.ssl.views, seed=cfg.run.seed,
                             rank=r, world=WORLD).positions(STEP) for r in range(WORLD)]
     # the same 8 samples, ordered so that the first 4 are the union of the ranks' SSL / reconstruction subsets
@@ -100,8 +100,8 @@ def test_torchrun_fsdp_run_checkpoints_and_resumes_exactly(root, tmp_path):
 
     from tests.train.test_pretrain import SMALL
 
-    args = [*SMALL, f"data.root={root}", *EXTRA, "run.steps=4", "run.checkpoint_every=2", "run.keep_checkpoints=3",
-            "run.distributed=fsdp"]
+    args = [*SMALL, f"data.emoji.root={root}", *EXTRA, "run.steps=4", "run.checkpoint_every=2",
+            "run.keep_checkpoints=3", "run.distributed=fsdp"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "vtp_fast.cli", "pretrain"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -36,7 +36,7 @@ def emoji_root(tmp_path_factory):
 
 
 def small_config(root, out, *extra) -> PretrainConfig:
-    return load_config(PretrainConfig, [], [*SMALL, f"data.root={root}", f"run.out_dir={out}", *extra])
+    return load_config(PretrainConfig, [], [*SMALL, f"data.emoji.root={root}", f"run.out_dir={out}", *extra])
 
 
 def loss_rows(out):
@@ -118,7 +118,7 @@ def _trainer(root, tmp_path, *extra):
     cfg = small_config(root, tmp_path / "run", *extra)
     torch.manual_seed(0)
     t = build_trainer(cfg, torch.device("cpu"))
-    pairs = emoji_pairs(root, cfg.data.train_styles, t.model.config.text_context_length)
+    pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0)
     return t, cfg, data
 
@@ -203,7 +203,7 @@ def test_resume_continues_bit_for_bit_down_to_the_saved_rng_state(emoji_root, tm
 def test_sigkill_at_any_moment_then_resume_matches(emoji_root, tmp_path):
     """A run killed with SIGKILL (here: as soon as its first checkpoint exists, i.e. while it is writing the
     next steps or the next checkpoint) and resumed produces the uninterrupted run's loss trajectory exactly."""
-    args = [*SMALL, f"data.root={emoji_root}", "run.steps=8", "run.checkpoint_every=2", "run.keep_checkpoints=3"]
+    args = [*SMALL, f"data.emoji.root={emoji_root}", "run.steps=8", "run.checkpoint_every=2", "run.keep_checkpoints=3"]
     ref = tmp_path / "ref"
     cmd = [sys.executable, "-m", "vtp_fast.cli", "pretrain"]
     subprocess.run([*cmd, *args, f"run.out_dir={ref}"], check=True, capture_output=True, timeout=600)
@@ -251,7 +251,7 @@ def test_gradient_accumulation_equals_the_whole_batch(emoji_root, tmp_path):
         cfg = small_config(emoji_root, tmp_path / f"acc{accumulation}", *rec_only, f"batch.accumulation={accumulation}")
         torch.manual_seed(0)
         t = build_trainer(cfg, torch.device("cpu"))
-        pairs = emoji_pairs(emoji_root, cfg.data.train_styles, 16)
+        pairs = emoji_pairs(emoji_root, cfg.data.emoji.train_styles, 16)
         data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0)
         micro = [data[i] for i in range(accumulation)]  # optimizer step 0 = micro-steps 0..accumulation-1
         forward_backward(t, micro, schedules(cfg, 0))

@@ -80,6 +80,25 @@ class ModelConfig:
 
 
 @dataclass
+class EmojiConfig:
+    """The bundled emoji set (vtp_fast.data.emoji), used when data.shards is null or "emoji"."""
+
+    root: str | None = None  # a prepared emoji dir; null: prepare it in the cache ($VTP_FAST_CACHE)
+    train_styles: tuple[str, ...] = ("google", "twitter", "fluent")
+    eval_styles: tuple[str, ...] = ("openmoji",)  # held out: never trained on
+
+    def validate(self) -> None:
+        for key in ("train_styles", "eval_styles"):
+            bad = [s for s in getattr(self, key) if s not in STYLES]
+            if bad or not getattr(self, key):
+                raise ConfigError(f"data.emoji.{key}: {list(getattr(self, key))} must be a non-empty subset of "
+                                  f"{list(STYLES)}")
+        if set(self.train_styles) & set(self.eval_styles):
+            raise ConfigError("data.emoji.eval_styles: must not overlap data.emoji.train_styles (held-out "
+                              "evaluation)")
+
+
+@dataclass
 class DataConfig:
     # WebDataset shards ('dir', 'a/shard-{00000..00099}.tar'), or "emoji": the emoji set written as shards in the
     # cache; null: the emoji set decoded in memory
@@ -87,22 +106,11 @@ class DataConfig:
     decoder: Literal["auto", "torchvision", "nvjpeg", "dali"] = "auto"  # shards: auto = DALI when importable
     dali_threads: int = 2
     eval_shards: str | None = None  # held-out shards for PSNR and zero-shot (with shards); null: no zero-shot
-    root: str | None = None  # a prepared emoji dir; null: prepare it in the cache ($VTP_FAST_CACHE)
     image_size: int = 64
-    train_styles: tuple[str, ...] = ("google", "twitter", "fluent")
-    eval_styles: tuple[str, ...] = ("openmoji",)  # held out: never trained on
     eval_images: int = 512
     num_workers: int = 0
     synthetic: bool = False  # random pixels and tokens instead of the emoji set (benchmarks, profiles, GPUs offline)
-
-    def validate(self) -> None:
-        for key in ("train_styles", "eval_styles"):
-            bad = [s for s in getattr(self, key) if s not in STYLES]
-            if bad or not getattr(self, key):
-                raise ConfigError(f"data.{key}: {list(getattr(self, key))} must be a non-empty subset of "
-                                  f"{list(STYLES)}")
-        if set(self.train_styles) & set(self.eval_styles):
-            raise ConfigError("data.eval_styles: must not overlap data.train_styles (held-out evaluation)")
+    emoji: EmojiConfig = field(default_factory=EmojiConfig)
 
 
 @dataclass

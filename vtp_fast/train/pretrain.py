@@ -133,7 +133,7 @@ class PretrainJob(Job):
         (or first training) images unlabelled."""
         n = self.run.probe_images
         if self.root is not None:
-            emoji = load_emoji(self.root, self.cfg.data.train_styles)
+            emoji = load_emoji(self.root, self.cfg.data.emoji.train_styles)
             pick = torch.randperm(len(emoji), generator=torch.Generator().manual_seed(1))
             return probe_set(emoji.images[pick], emoji.labels[pick], emoji.category_names, n)
         return probe_set(self.eval_u8 if self.eval_u8 is not None else first_images(self.pairs, n), None, None, n)

@@ -30,11 +30,12 @@ def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet | Shar
         return synthetic_pairs(max(4096, 4 * cfg.batch.size), cfg.data.image_size, context_length, cfg.run.seed), None
     if cfg.data.shards and cfg.data.shards != "emoji":
         return ShardSource(ShardSet(cfg.data.shards), cfg.data.image_size, context_length), None
-    root = Path(cfg.data.root) if cfg.data.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
+    emoji = cfg.data.emoji
+    root = Path(emoji.root) if emoji.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
     if cfg.data.shards == "emoji":
-        shards = ShardSet(str(emoji_shards(root, tuple(cfg.data.train_styles))))
+        shards = ShardSet(str(emoji_shards(root, tuple(emoji.train_styles))))
         return ShardSource(shards, cfg.data.image_size, context_length), root
-    pairs = emoji_pairs(root, cfg.data.train_styles, context_length)
+    pairs = emoji_pairs(root, emoji.train_styles, context_length)
     if pairs.images.shape[1] != cfg.data.image_size:
         raise ConfigError(f"data.image_size: {cfg.data.image_size} but {root} holds {pairs.images.shape[1]} px images")
     return pairs, root
@@ -92,7 +93,7 @@ def held_out_set(cfg: PretrainConfig, root: Path | None, context_length: int) ->
         return shard_eval_set(cfg, context_length)
     if root is None:
         return None, None
-    held_out = load_emoji(root, cfg.data.eval_styles)
+    held_out = load_emoji(root, cfg.data.emoji.eval_styles)
     idx = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))[: cfg.data.eval_images]
     return held_out.images[idx], [held_out.captions[i] for i in idx.tolist()]
 
@@ -103,4 +104,4 @@ def describe_data(cfg: PretrainConfig) -> str:
         return "synthetic"
     if d.shards:
         return f"shards {d.shards}" + (f", held-out {d.eval_shards}" if d.eval_shards else "")
-    return f"emoji {', '.join(d.train_styles)}, held-out {', '.join(d.eval_styles)}"
+    return f"emoji {', '.join(d.emoji.train_styles)}, held-out {', '.join(d.emoji.eval_styles)}"
