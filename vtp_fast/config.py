@@ -4,6 +4,16 @@
 
 An unknown key anywhere is a `ConfigError` naming its dotted path; a value of the wrong type too. The
 resolved config is written next to a run's outputs with `save_config`.
+
+Where each schema lives (one per layer, beside the code it configures):
+
+- vtp_fast.train.config: every training job's: `RunConfig` (declared once; `PretrainRunConfig`, `DiTRunConfig`),
+  `OptimConfig`, pretraining's `PretrainConfig` (model, data with its `emoji` section, batch, ssl, gan) and the
+  DiT's `DiTTrainConfig`;
+- vtp_fast.models.vtp `VTPConfig`, vtp_fast.models.dit `DiTConfig`: architectures (the published config.json);
+- vtp_fast.losses.objective `ObjectiveConfig`: the objective's term weights;
+- vtp_fast.data.views `ViewConfig`: the multi-crop views and iBOT masks;
+- vtp_fast.study.config `StudyConfig`: the scaling study.
 """
 
 from __future__ import annotations
