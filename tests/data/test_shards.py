@@ -310,3 +310,29 @@ def test_a_data_set_smaller_than_the_batch_warns_with_both_numbers(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         StepBatches(source, BatchShape(size=3, ssl=0, rec=0, patch=16), VIEWS, seed=0)
+
+
+def _idx_gz(path, array: np.ndarray) -> None:
+    """Write `array` (uint8) as a gzipped IDX file, the format of the Fashion-MNIST files."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_one_fashion_mnist_reader_serves_shards_and_labelled_sets(tmp_path, monkeypatch):
+    from vtp_fast.data import shards as shards_mod
+    from vtp_fast.data.labelled import load_images
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.array([0, 9, 3, 3, 1], dtype=np.uint8)
+    _idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    got_images, got_labels = shards_mod.fashion_mnist("test", tmp_path)
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    samples, n = shards_mod.fashion_mnist_samples("test", tmp_path)
+    assert n == 5 and [s.caption for s in samples][:2] == ["a photo of a t-shirt", "a photo of a ankle boot"]
+    monkeypatch.setattr(shards_mod, "fashion_mnist_dir", lambda: tmp_path)
+    data = load_images("fashion-mnist:test", size=32)
+    assert data.images.shape == (5, 32, 32, 3) and data.labels.tolist() == [0, 9, 3, 3, 1]
+    assert data.name == "fashion-mnist-t10k-32" and data.class_names[9] == "ankle boot"

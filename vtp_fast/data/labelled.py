@@ -48,11 +48,11 @@ def load_images(spec: str, size: int = 64) -> LabelledImages:
         return LabelledImages(data.images, data.labels, data.category_names, data.captions,
                               f"emoji-{size}-{arg.replace(',', '+') or 'all'}")
     if kind == "fashion-mnist":
-        from vtp_fast.data.shards import FASHION_CLASSES, fashion_mnist_dir, read_idx_gz
+        from vtp_fast.data.shards import FASHION_CLASSES, fashion_mnist
 
-        split = "t10k" if arg == "test" else "train"
-        imgs = torch.from_numpy(read_idx_gz(fashion_mnist_dir() / f"{split}-images-idx3-ubyte.gz").copy())
-        labels = torch.from_numpy(read_idx_gz(fashion_mnist_dir() / f"{split}-labels-idx1-ubyte.gz").astype(np.int64))
+        split = "t10k" if arg == "test" else "train"  # the IDX files' name, kept in the set's name (cache keys)
+        raw_images, raw_labels = fashion_mnist("test" if arg == "test" else "train")
+        imgs, labels = torch.from_numpy(raw_images.copy()), torch.from_numpy(raw_labels.astype(np.int64))
         x = torch.nn.functional.pad(imgs[:, None].float(), (2, 2, 2, 2), value=0.0)  # (N, 1, 32, 32)
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         rgb = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()

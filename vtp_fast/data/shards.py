@@ -337,12 +337,17 @@ def read_idx_gz(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def fashion_mnist_samples(split: str = "train", folder: Path | None = None) -> tuple[Iterator[Sample], int]:
-    """Fashion-MNIST as PNG samples (28x28 grayscale), caption "a photo of a {class}", label = class id."""
+def fashion_mnist(split: str = "train", folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's split "train" or "test": images (N, 28, 28) uint8 and labels (N,) uint8."""
     folder = folder or fashion_mnist_dir()
     prefix = "train" if split == "train" else "t10k"
-    images = read_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    return (read_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz"),
+            read_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz"))
+
+
+def fashion_mnist_samples(split: str = "train", folder: Path | None = None) -> tuple[Iterator[Sample], int]:
+    """Fashion-MNIST as PNG samples (28x28 grayscale), caption "a photo of a {class}", label = class id."""
+    images, labels = fashion_mnist(split, folder)
 
     def gen():
         for img, lab in zip(images, labels, strict=True):
