@@ -95,7 +95,7 @@ def _multicrop(device: str, dtype: torch.dtype, backends: dict, quick: bool, row
 
     calls = {f"{label} (per view)": per_view(impl) for label, impl in backends.values()}
     if "triton" in backends:
-        from vtp_fast.nn.block import PackedViews
+        from vtp_fast.ops.attention import PackedViews
 
         packed = PackedViews.build([(nb, s * s + 1) for nb, s in views], ropes, torch.device(device))
         flat = [torch.cat([t[j].transpose(1, 2).reshape(-1, h, d) for t in qkv]).detach().requires_grad_()

@@ -2,6 +2,7 @@
 its kind, the kernels' declared work (and the fallback without one), and `vtp-fast bench --model`."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -133,7 +134,7 @@ def test_kernel_modules_work_is_read_or_defaulted(monkeypatch):
         pm.kernel_work.cache_clear()
         modules = {"vtp_fast.kernels.attention": SimpleNamespace(WORK={"fwd": {"gemms": 3}}),
                    "vtp_fast.kernels.clip_loss": SimpleNamespace()}
-        monkeypatch.setattr(pm.importlib.util, "find_spec", lambda name: object())
+        monkeypatch.setattr(pm.optional, "package_dir", lambda name: Path("/site-packages") / name)  # "installed"
         monkeypatch.setattr(pm.importlib, "import_module", lambda name: modules[name])
         work, source = pm.kernel_work("attention")
         assert work["fwd"]["gemms"] == 3 and work["bwd"] == pm.DEFAULT_WORK["attention"]["bwd"]

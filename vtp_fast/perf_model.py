@@ -42,7 +42,6 @@ Nothing here needs a GPU; torch is imported only to read WORK (the kernel module
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 from collections.abc import Iterable, Sequence

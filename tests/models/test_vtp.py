@@ -184,10 +184,10 @@ def test_list_forward_equals_separate_forwards():
     together = m.trunk(views, masks)
     for view, mask, out in zip(views, masks, together, strict=True):
         alone = m.trunk(view, mask)
-        assert out["grid"] == alone["grid"]
+        assert out.grid == alone.grid
         # the concatenated linears may block fp32 sums differently: rounding-level agreement
-        torch.testing.assert_close(out["cls"], alone["cls"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out["patch"], alone["patch"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.cls, alone.cls, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.patch, alone.patch, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

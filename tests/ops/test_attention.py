@@ -211,8 +211,8 @@ def test_trunk_list_forward_packs_views_in_one_launch():
     masks = [torch.rand(2, 16) < 0.3, None]
     with torch.no_grad():
         for a, b in zip(ref_model.trunk(views, masks), packed_model.trunk(views, masks), strict=True):
-            torch.testing.assert_close(a["patch"], b["patch"], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(a["cls"], b["cls"], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a.patch, b.patch, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a.cls, b.cls, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.triton

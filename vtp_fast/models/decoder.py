@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vtp_fast.nn.block import Block
+from vtp_fast.nn.block import Block, Views
 from vtp_fast.nn.mlp import swiglu_hidden
 from vtp_fast.nn.norms import make_norm
 from vtp_fast.nn.rope import Rope2D
@@ -38,9 +38,10 @@ class PixelDecoder(nn.Module):
         grid = latents.shape[2:]
         x = latents.flatten(2).transpose(1, 2)  # (B, hw, C)
         x = F.linear(x, self.proj_in.weight.flatten(1), self.proj_in.bias)  # the 1x1 conv on tokens
-        rope = self.rope_embed(*grid)
+        views, xs = Views([self.rope_embed(*grid)]), [x]
         for block in self.blocks:
-            x = block(x, rope)
+            xs = block(xs, views)
+        x = xs[0]
         x = self.norm(x)
         return F.linear(x, self.proj_out.weight.flatten(1), self.proj_out.bias)
 

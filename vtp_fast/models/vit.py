@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from vtp_fast.nn.block import Block, PackedViews
+from vtp_fast.nn.block import Block, Views
 from vtp_fast.nn.mlp import swiglu_hidden
 from vtp_fast.nn.norms import make_norm
 from vtp_fast.nn.rope import Rope2D
+from vtp_fast.ops.attention import PackedViews
 
 
 class PatchEmbed(nn.Module):
@@ -29,6 +31,14 @@ class PatchEmbed(nn.Module):
         bound = 1 / math.sqrt(self.proj.in_channels * self.proj.kernel_size[0] ** 2)
         nn.init.uniform_(self.proj.weight, -bound, bound)
         nn.init.uniform_(self.proj.bias, -bound, bound)
+
+
+class TrunkOutput(NamedTuple):
+    """One view's trunk output: final-normed tokens before the bottleneck."""
+
+    cls: Tensor  # (B, D)
+    patch: Tensor  # (B, h * w, D)
+    grid: tuple[int, int]  # (h, w)
 
 
 class VisionTrunk(nn.Module):
@@ -77,7 +87,7 @@ class VisionTrunk(nn.Module):
         return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1), grid
 
     def forward(self, images: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None):
-        """One view -> dict(cls (B, D), patch (B, hw, D), grid (h, w)); a list of views -> a list of those."""
+        """One view -> its TrunkOutput; a list of views -> a list of them."""
         single = isinstance(images, Tensor)
         views = [images] if single else list(images)
         masks = [masks] if single else (list(masks) if masks is not None else [None] * len(views))
@@ -86,12 +96,14 @@ class VisionTrunk(nn.Module):
         xs, grids = zip(*(self.tokens(v, m) for v, m in zip(views, masks, strict=True)), strict=True)
         xs = list(xs)
         ropes = [self.rope_embed(*g) for g in grids]
+        packed = None
         if self.packs_views and len(xs) > 1:  # one varlen attention launch per block for all views
-            ropes = PackedViews.build([x.shape[:2] for x in xs], ropes, xs[0].device)
+            packed = PackedViews.build([x.shape[:2] for x in xs], ropes, xs[0].device)
+        views = Views(ropes, packed)
         for block in self.blocks:
-            xs = block(xs, ropes)
+            xs = block(xs, views)
         outs = []
         for x, grid in zip(xs, grids, strict=True):
             x = self.norm(x)
-            outs.append({"cls": x[:, 0], "patch": x[:, 1:], "grid": grid})
+            outs.append(TrunkOutput(x[:, 0], x[:, 1:], grid))
         return outs[0] if single else outs

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from vtp_fast.config import ConfigError
 from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from vtp_fast.models.decoder import PixelDecoder
-from vtp_fast.models.vit import VisionTrunk
+from vtp_fast.models.vit import TrunkOutput, VisionTrunk
 from vtp_fast.nn.block import TextBlock
 from vtp_fast.nn.norms import LayerNorm
 from vtp_fast.text import tokenize
@@ -163,7 +163,14 @@ class VTP(nn.Module):
         """Normed CLS (B, D) and patch tokens (B, h * w, D) before the bottleneck."""
         self.check_images(images)
         out = self.trunk(images)
-        return out["cls"], out["patch"]
+        return out.cls, out.patch
+
+    def encode_views(self, views: list[Tensor], masks: list[Tensor | None]) -> list[TrunkOutput]:
+        """Training: several batches of views (multi-crop, different sizes) through the trunk in one pass, each with
+        an optional (B, h * w) iBOT mask -> each view's normed tokens before the bottleneck."""
+        for v in views:
+            self.check_images(v)
+        return self.trunk(views, masks)
 
     def latents_from_patch(self, patch: Tensor, grid: tuple[int, int]) -> Tensor:
         """Normed patch tokens (B, h * w, D) -> latents (B, C, h, w) through the linear bottleneck."""
@@ -183,7 +190,7 @@ class VTP(nn.Module):
         """(B, 3, H, W) -> latents (B, 64, H / 16, W / 16)."""
         self.check_images(images)
         out = self.trunk(images)
-        return self.latents_from_patch(out["patch"], out["grid"])
+        return self.latents_from_patch(out.patch, out.grid)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, 64, h, w) -> images (B, 3, 16 h, 16 w) in the normalised input space."""

@@ -25,8 +25,9 @@ class SelfAttention(nn.Module):
 
     @property
     def packs_views(self) -> bool:
-        """Whether the resolved backend runs several views of different lengths in one packed call."""
-        return getattr(self.backend.impl, "packs_views", False)
+        """Whether the resolved backend runs several views of different lengths in one packed call (a capability
+        its registration declares)."""
+        return "packs_views" in self.backend.capabilities
 
     def attend(self, qkv: Tensor, rope: Rope | None) -> Tensor:
         """qkv: (B, N, 3 * D) -> attention output (B, N, D), before the output projection."""

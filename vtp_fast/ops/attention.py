@@ -17,6 +17,7 @@ reference (fp32 math).
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,24 @@ def full_rope(rope: Rope, n: int) -> Rope:
             torch.cat([cos.new_ones(prefix, cos.shape[1]), cos]).contiguous())
 
 
+class PackedViews(NamedTuple):
+    """Views xs[i] (B_i, N_i, D) laid out back to back as S = sum B_i sequences: seq_start, seq_len (S,) int32,
+    max_len, and per-token rope tables (T, hd) (prefix rows: sin 0, cos 1). Built once per trunk forward."""
+
+    seq_start: Tensor
+    seq_len: Tensor
+    max_len: int
+    rope: Rope | None
+
+    @classmethod
+    def build(cls, shapes: list[tuple[int, int]], ropes: list[Rope], device: torch.device) -> PackedViews:
+        lens = torch.cat([torch.full((b,), n, dtype=torch.int32) for b, n in shapes])
+        starts = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+        tables = [full_rope(r, n) for r, (_, n) in zip(ropes, shapes, strict=True)]  # each (N_i, hd)
+        rope = tuple(torch.cat([t[j].repeat(b, 1) for t, (b, _) in zip(tables, shapes, strict=True)]) for j in (0, 1))
+        return cls(starts.to(device), lens.to(device), max(n for _, n in shapes), rope)
+
+
 if optional.available("triton"):
     from vtp_fast.kernels import attention as _kernels
 
@@ -265,7 +284,8 @@ if optional.available("triton"):
     # VTP_FAST_BACKEND_ATTENTION=triton. Never automatic under the CPU interpreter (too slow).
     _interp = optional.triton_interpreter()
     OP.register("triton", SimpleNamespace(attention=_attention_triton, attention_varlen=_attention_varlen_triton,
-                                          packs_views=True, note=_FP32_NOTE),
-                priority=-1 if _interp else 8, devices=("cpu",) if _interp else ("cuda",))
+                                          note=_FP32_NOTE),
+                priority=-1 if _interp else 8, devices=("cpu",) if _interp else ("cuda",),
+                capabilities=("packs_views",))
 else:
     OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))

@@ -35,6 +35,7 @@ class Backend:
     devices: tuple[str, ...]
     available: bool = True
     reason: str = ""  # why it is unavailable
+    capabilities: frozenset[str] = frozenset()  # what it can do beyond the reference's signatures ("packs_views")
 
 
 @dataclass
@@ -43,10 +44,10 @@ class Op:
     backends: dict[str, Backend] = field(default_factory=dict)
 
     def register(self, name: str, impl: SimpleNamespace, *, priority: int, devices: tuple[str, ...] = DEVICES,
-                 available: bool = True, reason: str = "") -> None:
+                 available: bool = True, reason: str = "", capabilities: tuple[str, ...] = ()) -> None:
         if name in self.backends:
             raise ValueError(f"op {self.name}: backend {name!r} registered twice")
-        self.backends[name] = Backend(name, impl, priority, tuple(devices), available, reason)
+        self.backends[name] = Backend(name, impl, priority, tuple(devices), available, reason, frozenset(capabilities))
 
     @property
     def env_var(self) -> str:

@@ -21,6 +21,7 @@ from vtp_fast.losses.dino import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from vtp_fast.losses.objective import Objective
 from vtp_fast.losses.reconstruction import ReconstructionLoss
 from vtp_fast.models.heads import DINOHead
+from vtp_fast.models.vit import TrunkOutput
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import masked_gather as masked_gather_op
 from vtp_fast.train.common import ema_update
@@ -70,9 +71,11 @@ class Student(nn.Module):
         self.probe = Probe()  # vtp-fast profile swaps in a TimingProbe
 
     def forward(self, batch: Batch, targets: dict | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
-        """targets: the Teacher's when SSL is on. -> (loss terms,
-        reconstructed images (n_rec, 3, H, W) for the adversarial term, or None)."""
-        m, images, probe = self.model, batch.images, self.probe
+        """targets: the Teacher's when SSL is on. -> (loss terms, reconstructed images (n_rec, 3, H, W) for the
+        adversarial term, or None). Without CLIP only the reconstructed images go through the trunk."""
+        m, probe = self.model, self.probe
+        n_rec = batch.images.shape[0] if self.n_rec is None else self.n_rec
+        images = batch.images if self.uses_clip else batch.images[:n_rec]
         views, masks = [images], [None]
         if self.uses_ssl:
             views += [batch.global_crops, batch.local_crops]
@@ -80,22 +83,21 @@ class Student(nn.Module):
             if batch.local_crops.shape[0] == 0:  # no local crops configured
                 views, masks = views[:2], masks[:2]
         with probe.region("trunk"), torch.no_grad() if self.freeze_encoder else nullcontext():
-            outs = m.trunk(views, masks)
+            outs = m.encode_views(views, masks)
         plain, terms, recon = outs[0], {}, None
 
         if self.uses_clip:
             with probe.region("clip"):
-                cls, patch = probe.boundary("clip", plain["cls"], plain["patch"])
+                cls, patch = probe.boundary("clip", plain.cls, plain.patch)
                 img = m.clip_image_features_from_tokens(cls, patch)
                 txt = m.clip_text_features(batch.tokens)
                 terms["clip"] = self.clip_loss(img, txt, m.logit_scale)
 
         with probe.region("rec"):
-            n_rec = images.shape[0] if self.n_rec is None else self.n_rec
-            (patch,) = probe.boundary("rec", plain["patch"][:n_rec])
-            tokens = m.decoder_tokens(patch, plain["grid"])  # (n, hw, 3p^2), before the pixel shuffle
+            (patch,) = probe.boundary("rec", plain.patch[:n_rec])
+            tokens = m.decoder_tokens(patch, plain.grid)  # (n, hw, 3p^2), before the pixel shuffle
             if self.rec_loss.needs_images or self.expose_recon:
-                recon = m.tokens_to_images(tokens, plain["grid"])
+                recon = m.tokens_to_images(tokens, plain.grid)
             terms.update(self.rec_loss(tokens, images[:n_rec], recon))
             recon = recon if self.expose_recon else None
 
@@ -104,9 +106,10 @@ class Student(nn.Module):
                 self._ssl_terms(outs[1], outs[2] if len(outs) > 2 else None, batch, targets, terms)
         return terms, recon
 
-    def _ssl_terms(self, glob: dict, loc: dict | None, batch: Batch, targets: dict, terms: dict) -> None:
+    def _ssl_terms(self, glob: TrunkOutput, loc: TrunkOutput | None, batch: Batch, targets: dict,
+                   terms: dict) -> None:
         """DINO (CLS of global and local views), iBOT (masked patch tokens) and KoLeo terms into `terms`."""
-        tokens = [glob["cls"], glob["patch"]] + ([loc["cls"]] if loc is not None else [])
+        tokens = [glob.cls, glob.patch] + ([loc.cls] if loc is not None else [])
         glob_cls, glob_patch, *loc_cls = self.probe.boundary("ssl", *tokens)
         n_glob = glob_cls.shape[0]
         packed = self.gather.impl.masked_gather(glob_patch, batch.mask_index)  # (M, D)
@@ -154,9 +157,9 @@ class Teacher(nn.Module):
         forward, so FSDP's hooks gather the shards."""
         centers = centers or {}
         out = self.trunk(batch.global_crops)  # unmasked
-        n_glob = out["cls"].shape[0]
-        packed = student.gather.impl.masked_gather(out["patch"], batch.mask_index)  # (M, D)
-        emb = self.head.embed(torch.cat([out["cls"], packed]))  # (n_glob + M, d)
+        n_glob = out.cls.shape[0]
+        packed = student.gather.impl.masked_gather(out.patch, batch.mask_index)  # (M, D)
+        emb = self.head.embed(torch.cat([out.cls, packed]))  # (n_glob + M, d)
         weight = self.head.prototypes(emb.dtype)  # the teacher's own (EMA) prototypes
         targets, moved = {}, {}
         for name, rows in (("dino", emb[:n_glob]), ("ibot", emb[n_glob:])):
