@@ -13,11 +13,10 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backends
+from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, peak_tflops, resolved_backends
 from vtp_fast.models.dit import DiT, dit_config
 from vtp_fast.ops import building_for
 from vtp_fast.train.flow import flow_loss
-from vtp_fast.train.profile import peak_tflops
 
 TABLE_COLUMNS = ["mode", "preset", "batch", "grid", "median_ms", "images_per_s", "tflop_per_s", "mfu",
                  "speedup_vs_eager"]

@@ -60,6 +60,19 @@ def env_info(device: str | None = None) -> dict:
     return {**_static_env(device), "cpu_threads": torch.get_num_threads()}
 
 
+# Dense bf16 peak (TFLOP/s) by GPU name fragment, for MFU.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
+               "B200": 2250.0, "GH200": 989.4}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s, for MFU; None for a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 @cache
 def _static_env(device: str | None) -> dict:
     triton_version = optional.module("triton").__version__ if optional.available("triton") else None

@@ -70,6 +70,16 @@ def all_reduce_max(x: Tensor) -> Tensor:
     return x
 
 
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (the same length on all), in rank order; [values] on one process."""
+    if not is_distributed():
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64)
+    parts = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(parts, mine)
+    return [p.tolist() for p in parts]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -85,42 +85,13 @@ def base_batch(size: int, ssl: int, rec: int) -> tuple[int, int, int]:
     return MAX_BASE, max(1, round(ssl * f)) if ssl else 0, max(1, round(rec * f)) if rec else 0
 
 
-def _deterministic_masks(batch, views) -> None:
-    """Every global crop masked at the expected count: mask_probability x mean(mask_ratio) of its tokens."""
-    from vtp_fast.data.pairs import StepBatches
-
-    masks = batch.masks
-    n_tok = masks.shape[1]
-    m = round(n_tok * views.mask_probability * sum(views.mask_ratio) / 2)
-    fixed = torch.zeros_like(masks)
-    fixed[:, :m] = True
-    StepBatches._add_masks(batch, fixed)
-
-
 def _trainer_flops(pcfg, size: int, ssl: int, rec: int) -> tuple[int, object, tuple[int, int] | None]:
     """FLOPs of one forward + backward of the pretraining step at this batch (meta device), the trainer, and the
     (rows, feature width) the CLIP loss saw (None without CLIP)."""
-    from vtp_fast.data.pairs import StepBatches, synthetic_pairs
-    from vtp_fast.ops.registry import building_for
-    from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
+    from vtp_fast.train.profile import count_step_flops
 
     pcfg.batch.size, pcfg.batch.ssl, pcfg.batch.rec, pcfg.batch.accumulation = size, ssl, rec, 1
-    meta = torch.device("meta")
-    torch.manual_seed(0)
-    with building_for("cpu"), meta:  # CPU backends (their reference maths), parameters without storage
-        t = _build_trainer(pcfg, meta)
-    pairs = synthetic_pairs(max(2 * size, 8), pcfg.data.image_size, t.model.config.text_context_length)
-    batch = StepBatches(pairs, t.shape, pcfg.ssl.views, seed=0, trim_text=False)[0]
-    if ssl:
-        _deterministic_masks(batch, pcfg.ssl.views)
-    batch = batch.to(meta)
-    seen: list[tuple[int, int]] = []
-    hook = (t.student.clip_loss.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-            if t.student.uses_clip else None)
-    flops = _count(lambda: forward_backward(t, [batch], schedules(pcfg, 0)))
-    if hook is not None:
-        hook.remove()
-    return flops, t, (seen[0] if seen else None)
+    return count_step_flops(pcfg)
 
 
 def clip_logits_coefficient(width: int, n: int = 4) -> float:

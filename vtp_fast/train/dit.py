@@ -80,6 +80,7 @@ class DiTJob(Job):
     """Rectified flow on a latent set: the raw weights train, the EMA (warmed up) is what is exported."""
 
     name, unit = "train-dit", "latents"
+    data_hint = "the latents are in memory: the host is slow to index them (threads, other jobs on its cores)"
 
     def __init__(self, cfg: DiTTrainConfig):
         self.cfg, self.run = cfg, cfg.run
@@ -114,18 +115,20 @@ class DiTJob(Job):
                   f"{'resuming at ' + str(start) if start else 'from scratch'} -> {self.run.out_dir}")
         return {}
 
-    def step(self, step: int) -> StepOutput:
-        cfg, gen = self.cfg, self.gen
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # every random draw of a step (batch, noise, t, label dropout) is seeded by (seed, rank, step): a resumed
         # run continues exactly
-        step_seed = sample_seed(cfg.run.seed, dist.rank(), step)
-        gen.manual_seed(step_seed)
+        step_seed = sample_seed(self.cfg.run.seed, dist.rank(), step)
+        self.gen.manual_seed(step_seed)
         torch.manual_seed(step_seed)
+        idx = torch.randint(self.latents.latents.shape[0], (self.per_rank,), generator=self.gen)
+        return self.latents.latents[idx].to(self.device), self.latents.labels[idx].to(self.device)
+
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+        cfg, gen, (x0, y) = self.cfg, self.gen, batch
         lr = cosine_schedule(step, cfg.run.steps, cfg.warmup_steps, cfg.lr, cfg.lr * 0.1)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(self.latents.latents.shape[0], (self.per_rank,), generator=gen)
-        x0, y = self.latents.latents[idx].to(self.device), self.latents.labels[idx].to(self.device)
         with self.amp:
             losses = flow_loss(self.wrapped, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight,
                                cos_over=cfg.cos_over, generator=gen)

@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from vtp_fast import distributed as dist
+from vtp_fast.benchmark import peak_tflops
 from vtp_fast.config import ConfigError
+from vtp_fast.data.batch import Batch
 from vtp_fast.data.emoji import load_emoji
 from vtp_fast.data.labelled import probe_set
 from vtp_fast.data.pairs import BadSampleCount, ShardSource, StepBatches, describe_pairs, normalize_u8, pick_decoder
@@ -27,6 +29,7 @@ from vtp_fast.train import loop
 from vtp_fast.train.common import MetricsLog
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import Evaluation, Job, StepOutput, start_process
+from vtp_fast.train.profile import step_flops
 from vtp_fast.train.sources import describe_data, first_images, held_out_set, load_pairs, no_eval_note
 from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
@@ -38,6 +41,8 @@ GenerativeProbe = Callable[..., dict]
 
 class PretrainJob(Job):
     name = "pretrain"
+    data_hint = ("raise data.num_workers or data.dali_threads, or decode on the GPU (data.decoder=dali or nvjpeg); "
+                 "see vtp-fast bench data")
 
     def __init__(self, cfg: PretrainConfig, held_out_eval: HeldOutEval | None = None,
                  generative_probe: GenerativeProbe | None = None):
@@ -87,6 +92,8 @@ class PretrainJob(Job):
                             pin_memory=self.device.type == "cuda" and not on_gpu,  # GPU batches are on the device
                             generator=torch.Generator().manual_seed(cfg.run.seed))  # not from the global RNG
         self.batches = iter(loader)
+        if peak_tflops(self.device):  # MFU in the logged rows (LPIPS not counted)
+            self.flops_per_step = step_flops(cfg, t.model.config)
         if dist.rank() != 0:
             return {}
         self.probe_data = self._probe_images() if self.run.generative_probe_every else None
@@ -103,11 +110,14 @@ class PretrainJob(Job):
         skipped = dict(getattr(pairs, "skipped", None) or getattr(getattr(pairs, "shards", None), "problems", {}))
         return {f"skipped_{k}": v for k, v in skipped.items()} if any(skipped.values()) else {}
 
-    def step(self, step: int) -> StepOutput:
+    def next_batch(self, step: int) -> list[Batch]:
         micro = [next(self.batches) for _ in range(self.cfg.batch.accumulation)]
         for b in micro:
             self.bad_count.update(b)
-        return train_step(self.t, [b.to(self.device, non_blocking=True) for b in micro], schedules(self.cfg, step))
+        return [b.to(self.device, non_blocking=True) for b in micro]
+
+    def step(self, step: int, batch: list[Batch]) -> StepOutput:
+        return train_step(self.t, batch, schedules(self.cfg, step))
 
     def evaluations(self) -> list[Evaluation]:
         evals = []

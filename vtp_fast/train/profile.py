@@ -9,6 +9,8 @@ and, on request, a torch.profiler trace.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -16,26 +18,63 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtp_fast.benchmark import env_info, markdown_table
+from vtp_fast import distributed as dist
+from vtp_fast.benchmark import env_info, markdown_table, peak_tflops
 from vtp_fast.data.batch import Batch
-from vtp_fast.data.pairs import StepBatches
+from vtp_fast.data.pairs import StepBatches, synthetic_pairs
+from vtp_fast.ops.registry import building_for
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import start_process
 from vtp_fast.train.probe import TimingProbe
 from vtp_fast.train.sources import load_pairs
-from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
+from vtp_fast.train.trainer import Trainer, _build_trainer, build_trainer, forward_backward, schedules
 from vtp_fast.train.trainer import train_step as run_step
 
-# Dense bf16 peak (TFLOP/s) by GPU name fragment, for MFU.
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
-               "B200": 2250.0, "GH200": 989.4}
+
+def _deterministic_masks(batch: Batch, views) -> None:
+    """Every global crop masked at the expected count: mask_probability x mean(mask_ratio) of its tokens."""
+    masks = batch.masks
+    m = round(masks.shape[1] * views.mask_probability * sum(views.mask_ratio) / 2)
+    fixed = torch.zeros_like(masks)
+    fixed[:, :m] = True
+    StepBatches._add_masks(batch, fixed)
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+def count_step_flops(cfg: PretrainConfig) -> tuple[int, Trainer, tuple[int, int] | None]:
+    """FLOPs of one forward + backward of the pretraining step at cfg.batch as one process's micro-batch, counted on
+    the meta device (nothing runs, on synthetic pairs, the iBOT masks at their expected count), the trainer built
+    there, and the (rows, feature width) the CLIP loss saw (None without CLIP). The RNG streams are left as they
+    were."""
+    meta = torch.device("meta")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with building_for("cpu"), meta:  # CPU backends (their reference maths), parameters without storage
+            t = _build_trainer(cfg, meta, local=True)
+        pairs = synthetic_pairs(max(2 * cfg.batch.size, 8), cfg.data.image_size, t.model.config.text_context_length)
+        batch = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=False)[0]
+    if cfg.batch.ssl:
+        _deterministic_masks(batch, cfg.ssl.views)
+    batch = batch.to(meta)
+    seen: list[tuple[int, int]] = []
+    hook = (t.student.clip_loss.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+            if t.student.uses_clip else None)
+    with FlopCounterMode(display=False) as counter:
+        forward_backward(t, [batch], schedules(cfg, 0))
+    if hook is not None:
+        hook.remove()
+    return counter.get_total_flops(), t, (seen[0] if seen else None)
+
+
+def step_flops(cfg: PretrainConfig, model_config) -> float:
+    """Model FLOPs of one optimizer step of the run `cfg` over all ranks (forward + backward, teacher included),
+    with the architecture `model_config` (a VTPConfig: a checkpoint's own when the run continues one)."""
+    world = dist.world_size()
+    per_rank = cfg.batch.per_rank(world, model_config.vision_patch_size)
+    c = copy.deepcopy(cfg)
+    c.model.init, c.model.overrides = None, dataclasses.asdict(model_config)
+    c.batch.size, c.batch.ssl, c.batch.rec, c.batch.accumulation = per_rank.size, per_rank.ssl, per_rank.rec, 1
+    c.objective.perceptual, c.run.compile, c.run.precision, c.data.synthetic = 0.0, False, "fp32", True
+    return float(count_step_flops(c)[0]) * cfg.batch.accumulation * world
 
 
 def count_flops(t, batch: Batch, sched: dict) -> int:

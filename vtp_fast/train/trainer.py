@@ -109,7 +109,9 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
         return _build_trainer(cfg, device)
 
 
-def _build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
+def _build_trainer(cfg: PretrainConfig, device: torch.device, local: bool = False) -> Trainer:
+    """local: as one process whatever the launch (cfg.batch is one rank's, nothing wrapped in DDP / FSDP), for
+    counting a step's FLOPs on the meta device."""
     objective = Objective(cfg.objective.term_weights())
     overrides = {**cfg.model.overrides, "train_clip": "clip" in objective, "train_reconstruction": True,
                  "image_size": cfg.data.image_size}
@@ -119,7 +121,7 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
             raise ConfigError(f"model.init: {cfg.model.init} has no text tower but objective.clip > 0")
     else:
         model = VTP(vtp_config(cfg.model.preset, **overrides), rope_dtype=cfg.model.rope_dtype)
-    world = dist.world_size()
+    world = 1 if local else dist.world_size()
     shape = cfg.batch.per_rank(world, model.config.vision_patch_size)
     student = Student(model, objective, cfg.ssl, n_rec=shape.rec, lpips_vgg_path=cfg.objective.lpips_vgg_path,
                       freeze_encoder=cfg.stage == 2)
@@ -134,12 +136,12 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
             dist.apply_fsdp(teacher, list(teacher.trunk.blocks), mixed_precision=device.type == "cuda",
                             reshard_root=True)
     else:
-        wrapped = dist.apply_ddp(student, device)
+        wrapped = student if local else dist.apply_ddp(student, device)
     optimizer = make_adamw(param_groups({"student": student}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas)
     trainer = Trainer(cfg, device, objective, student, wrapped, teacher, optimizer, shape)
     if "gan" in objective:
         trainer.disc = PatchDiscriminator(cfg.gan.channels, cfg.gan.layers).to(device)
-        trainer.disc_wrapped = dist.apply_ddp(trainer.disc, device)
+        trainer.disc_wrapped = trainer.disc if local else dist.apply_ddp(trainer.disc, device)
         trainer.disc_optimizer = make_adamw([{"params": list(trainer.disc.parameters()), "weight_decay": 0.0}],
                                             cfg.gan.lr, cfg.gan.betas)
     return trainer
