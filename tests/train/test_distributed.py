@@ -150,3 +150,36 @@ def test_sinkhorn_over_two_processes_equals_one_process_at_overflowing_scale(tmp
     assert torch.isfinite(whole).all()
     for got in torch.load(result, weights_only=True):
         torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_two_nodes_on_one_machine_train_as_one_two_process_run(root, tmp_path):
+    """Issue 13: two torchrun invocations, one process each, meeting at a c10d rendezvous on 127.0.0.1 (the
+    multi-node launch, as scripts/slurm_pretrain.sbatch does it) train exactly as one 2-process torchrun."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tests.train.test_pretrain import SMALL
+
+    args = [*SMALL, f"data.emoji.root={root}", *EXTRA, "run.steps=3", "run.checkpoint_every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    job = ["-m", "vtp_fast.cli", "pretrain", *args]
+    one = tmp_path / "one-node"
+    r = subprocess.run([*run, "--standalone", "--nproc_per_node", "2", *job, f"run.out_dir={one}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two-nodes"
+    nodes = [subprocess.Popen([*run, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *job,
+                               f"run.out_dir={two}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(err[-2000:] for _, err in outs)
+    losses = lambda d: [{k: v for k, v in x.items() if k.startswith("loss/")}  # noqa: E731
+                        for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss/total" in x]
+    assert len(losses(one)) == 3 and losses(two) == losses(one)

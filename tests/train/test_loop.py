@@ -24,10 +24,13 @@ class Regression(Job):
 
     name, unit, data_hint = "regression", "samples", "make the test's loader faster"
 
-    def __init__(self, out, steps: int = 8, data_s: float = 0.0, step_s: float = 0.0):
+    def __init__(self, out, steps: int = 8, data_s: float = 0.0, step_s: float = 0.0, nan_at: int | None = None,
+                 sync: bool = False):
         self.run = self.cfg = RunConfig(out_dir=str(out), steps=steps, log_every=2, checkpoint_every=steps,
                                         tensorboard=False)
         self.device, self.samples_per_step, self.data_s, self.step_s = torch.device("cpu"), 8, data_s, step_s
+        self.nan_at = nan_at  # this step's loss is NaN (on this process)
+        self.sync = sync  # decide finiteness with the other ranks every step (a collective, as real jobs do)
         torch.manual_seed(0)
         self.model = nn.Linear(4, 1)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05)
@@ -46,7 +49,9 @@ class Regression(Job):
     def step(self, step, batch):
         time.sleep(self.step_s)
         x, y = batch
-        loss = (self.model(x) - y).square().mean()
+        loss = (self.model(x) - y).square().mean() * (float("nan") if step == self.nan_at else 1.0)
+        if self.sync and not loop.all_finite({"total": loss.detach()}):
+            return StepOutput({"total": loss.detach()}, finite=False, bad_terms=["total"])
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -87,22 +92,43 @@ def test_mfu_is_the_model_flops_over_the_step_time_and_the_peak(tmp_path, monkey
         assert r["mfu"] == pytest.approx(1e9 / r["step_s"] / 2e12)
 
 
-def _straggler_worker(rank, out, world):
+def _worker(rank, out, world, job_kw):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     tdist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        loop.run(Regression(out / "run", steps=8, step_s=0.04 if rank == 1 else 0.0))
+        job = Regression(out / "run", steps=8, **job_kw[rank])
+        loop.run(job)
+        torch.save(job.model.state_dict(), out / f"rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
 
 def test_a_rank_that_is_always_slowest_is_named(tmp_path):
-    mp.start_processes(_straggler_worker, args=(tmp_path, 2), nprocs=2, start_method="spawn")
+    """Ranks that do not wait for each other inside every step: their step times differ, and the slowest is named.
+    (With a collective in every step, as under DDP, the others' waiting evens the step times out: the next test.)"""
+    mp.start_processes(_worker, args=(tmp_path, 2, [{}, {"step_s": 0.04}]), nprocs=2, start_method="spawn")
     logged = [r for r in rows(tmp_path / "run") if "loss/total" in r]
     assert len(logged) == 4 and all(r["slowest_rank"] == 1 and r["step_s_spread"] > 2 for r in logged)
     assert [("straggler" in r.get("warning", "")) for r in logged] == [False, False, True, False]
     assert "rank 1 was the slowest in 3 logged windows" in logged[2]["warning"]
+
+
+def test_a_rank_slow_to_load_is_named_even_when_every_step_syncs(tmp_path):
+    kw = [{"sync": True}, {"sync": True, "data_s": 0.03}]
+    mp.start_processes(_worker, args=(tmp_path, 2, kw), nprocs=2, start_method="spawn")
+    logged = [r for r in rows(tmp_path / "run") if "loss/total" in r]
+    assert all(r["data_wait_share"] > 0.5 for r in logged)
+    assert "data wait" in logged[0]["warning"] and "on rank 1" in logged[0]["warning"]
+
+
+def test_a_step_non_finite_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    kw = [{"sync": True}, {"sync": True, "nan_at": 4}]
+    mp.start_processes(_worker, args=(tmp_path, 2, kw), nprocs=2, start_method="spawn")
+    skipped = [r for r in rows(tmp_path / "run") if r.get("skipped")]
+    assert [(r["step"], r["bad_terms"]) for r in skipped] == [(5, ["total"])]  # logged by rank 0, finite itself
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a), "both took the same 7 steps on the same batches"
 
 
 def test_the_counted_step_flops_match_a_real_step(tmp_path):
