@@ -2,7 +2,6 @@
 every gradient, the teacher targets' centres."""
 
 import os
-from dataclasses import replace
 
 import pytest
 import torch
@@ -57,19 +56,14 @@ def root(tmp_path_factory):
 
 
 def single_process_reference(root, tmp_path):
+    """The same global batch in one process: the batch layout (BatchShape.groups) gives it the ranks' SSL and
+    reconstruction subsets with no reordering here."""
     cfg = small_config(root, tmp_path / "single", "batch.size=8", "batch.ssl=4", "batch.rec=4")
     torch.manual_seed(0)
     t = build_trainer(cfg, torch.device("cpu"))
     pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
-    per_rank = [StepBatches(pairs, replace(t.shape, size=4, ssl=2, rec=2), cfg.ssl.views, seed=cfg.run.seed,
-                            rank=r, world=WORLD).positions(STEP) for r in range(WORLD)]
-    # the same 8 samples, ordered so that the first 4 are the union of the ranks' SSL / reconstruction subsets
-    ids = torch.cat([p[0][:2] for p in per_rank] + [p[0][2:] for p in per_rank])
-    epochs = torch.cat([p[1][:2] for p in per_rank] + [p[1][2:] for p in per_rank])
-    t.student.n_rec = 4
-    batch = StepBatches(pairs, replace(t.shape, size=8, ssl=4, rec=4), cfg.ssl.views,
-                        seed=cfg.run.seed).assemble(ids, epochs)
-    return run_once(t, batch, schedules(cfg, STEP))
+    assert t.shape.groups == 4 and t.student.n_rec == 4
+    return run_once(t, StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed)[STEP], schedules(cfg, STEP))
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -183,3 +177,42 @@ def test_two_nodes_on_one_machine_train_as_one_two_process_run(root, tmp_path):
     losses = lambda d: [{k: v for k, v in x.items() if k.startswith("loss/")}  # noqa: E731
                         for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss/total" in x]
     assert len(losses(one)) == 3 and losses(two) == losses(one)
+
+
+def test_a_run_resumed_on_another_world_size_continues_the_same_trajectory(root, tmp_path):
+    """Issue 13, item 1: the global batch, its SSL and reconstruction subsets (BatchShape.groups) and every loss
+    statistic do not depend on the number of ranks, so a 2-process run resumed on 1 or on 3 processes continues
+    with the losses of the uninterrupted 2-process run (up to the order of float reductions)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.train.test_pretrain import SMALL
+
+    args = [*SMALL, f"data.emoji.root={root}", "batch.size=12", "batch.ssl=6", "batch.rec=6", "run.steps=4",
+            "run.checkpoint_every=2", "run.keep_checkpoints=3", "run.eval_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(world: int, out, *extra):
+        runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+                  if world > 1 else [sys.executable])
+        r = subprocess.run([*runner, "-m", "vtp_fast.cli", "pretrain", *args, f"run.out_dir={out}", *extra],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses(out) -> dict[int, float]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+    full = tmp_path / "world2"
+    launch(2, full)
+    for world in (1, 3):
+        part = tmp_path / f"resumed-on-{world}"
+        shutil.copytree(full, part)
+        shutil.rmtree(part / "checkpoints" / "step_00000004")
+        launch(world, part, "--resume", "auto")
+        got, want = losses(part), losses(full)
+        assert sorted(got) == [1, 2, 3, 4]
+        for step in (3, 4):
+            assert got[step] == pytest.approx(want[step], rel=1e-3), (world, step, got[step], want[step])

@@ -12,12 +12,18 @@ from torch import Tensor
 @dataclass
 class BatchShape:
     """Per-rank sizes of one step's batch: every pair feeds CLIP; SSL views are built for the first `ssl`
-    samples, reconstruction uses the first `rec`; `patch`: the model's patch size (the iBOT mask grid)."""
+    samples, reconstruction uses the first `rec`; `patch`: the model's patch size (the iBOT mask grid).
+
+    groups: the rank's share of the global batch is this many equal virtual groups of consecutive positions, each
+    holding ssl / groups SSL and rec / groups reconstructed samples (its first ones). The global batch has a fixed
+    number of such groups whatever the world size, so 1, 2 or 3 ranks train on the same SSL and reconstruction
+    subsets (vtp_fast.data.pairs.StepBatches.positions)."""
 
     size: int
     ssl: int
     rec: int
     patch: int
+    groups: int = 1
 
 
 @dataclass

@@ -324,16 +324,26 @@ class StepBatches(Dataset):
         return self.steps
 
     def positions(self, step: int) -> tuple[Tensor, Tensor]:
-        """This rank's (sample ids, epochs) for `step`, each (size,)."""
+        """This rank's (sample ids, epochs) for `step`, each (size,): its contiguous slice of the global batch,
+        ordered SSL samples first, then the other reconstructed ones, then the rest (see `_local_order`)."""
         n, local = len(self.source), self.shape.size
         start = (step * self.world + self.rank) * local
-        pos = torch.arange(start, start + local)
+        pos = (start + self._local_order())
         epochs = pos // n
         ids = torch.empty(local, dtype=torch.long)
         for e in epochs.unique().tolist():
             sel = epochs == e
             ids[sel] = epoch_order(self.seed, e, n, pos[sel] % n)
         return ids, epochs
+
+    def _local_order(self) -> Tensor:
+        """The slice's positions as `shape.groups` virtual groups of consecutive positions, each with its first
+        ssl / groups as SSL samples and its first rec / groups as reconstructed ones; every group's SSL samples,
+        then their other reconstructed ones, then the rest. One group: the slice in order."""
+        g, size = self.shape.groups, self.shape.size
+        lo, hi = sorted((self.shape.ssl // g, self.shape.rec // g))
+        idx = torch.arange(size).view(g, size // g)
+        return torch.cat([idx[:, :lo].flatten(), idx[:, lo:hi].flatten(), idx[:, hi:].flatten()])
 
     def __getitem__(self, step: int) -> Batch:
         return self.assemble(*self.positions(step))

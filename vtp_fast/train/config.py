@@ -4,6 +4,7 @@ vtp_fast/config.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -131,13 +132,18 @@ class BatchConfig:
                 raise ConfigError(f"batch.{key}: {getattr(self, key)} must be between 0 and batch.size={self.size} "
                                   "(subsets of the CLIP batch)")
 
+    @property
+    def groups(self) -> int:
+        """Virtual groups of a micro-step's global batch (see BatchShape): the most ranks it can be split over."""
+        return math.gcd(self.size, self.ssl, self.rec) // self.accumulation
+
     def per_rank(self, world: int, patch: int) -> BatchShape:
         parts = world * self.accumulation
         for key in ("size", "ssl", "rec"):
             if getattr(self, key) % parts:
                 raise ConfigError(f"batch.{key}: {getattr(self, key)} is not divisible by world size x accumulation "
                                   f"= {parts}")
-        return BatchShape(self.size // parts, self.ssl // parts, self.rec // parts, patch)
+        return BatchShape(self.size // parts, self.ssl // parts, self.rec // parts, patch, self.groups // world)
 
 
 @dataclass
