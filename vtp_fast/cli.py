@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-dit", help="train a DiT on a latent set (rectified flow)")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
     p.add_argument("--resume", help="'auto' or a checkpoint directory")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. latents=runs/latents steps=4000")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. latents=runs/latents run.steps=4000")
     p.set_defaults(func=cmd_train_dit)
 
     p = sub.add_parser("sample", help="sample images from a DiT, decoded with the tokenizer")
