@@ -1,6 +1,7 @@
-"""The shared training loop's stall and straggler accounting (vtp_fast.train.loop), on a job small enough to time:
-data wait against compute, the spread of step times across ranks with the slowest rank named, MFU, and the
-warnings that name the cause. Also the FLOP count MFU rests on, against a real step's."""
+"""The shared training loop's stall and straggler accounting (vtp_fast.train.loop, vtp_fast.train.stalls), on a job
+small enough to time: data wait against compute, the spread of step times across ranks with the slowest rank named,
+MFU, and the warnings that name the cause. Also the FLOP count MFU rests on, against a real step's.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
-from vtp_fast.train import loop
+from vtp_fast.train import loop, stalls
 from vtp_fast.train.config import RunConfig
 from vtp_fast.train.loop import Job, StepOutput
 
@@ -84,7 +85,7 @@ def test_a_compute_bound_run_does_not_warn(tmp_path, capsys):
 
 
 def test_mfu_is_the_model_flops_over_the_step_time_and_the_peak(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "peak_tflops", lambda device: 2.0)
+    monkeypatch.setattr(stalls, "peak_tflops", lambda device: 2.0)
     job = Regression(tmp_path / "mfu", step_s=0.01)
     job.flops_per_step = 1e9
     loop.run(job)

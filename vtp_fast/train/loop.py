@@ -4,16 +4,7 @@ A job supplies its step, its evaluations and its export (`Job`); the loop does t
 resume from the newest checkpoint (weights, optimizers, RNG streams, the job's own state), clean-up of interrupted
 saves, metrics (JSONL and TensorBoard, averaged over ranks), progress, the checkpoint schedule with whole-tensor
 state gathered on every rank (collective under FSDP), non-finite steps skipped up to `run.max_bad_steps` in a row.
-
-Stall and straggler accounting: the loop times each step's data (`Job.next_batch`) apart from its compute
-(`Job.step`). Every logged row carries, over the steps since the last one: the data-wait share of the step time
-(the worst rank's), seconds per step, its spread across ranks (slowest / fastest) and the slowest rank, samples/s,
-and MFU where the job knows its FLOPs and the device's peak is known. A warning names the cause when the data wait
-exceeds 10% of the step (naming the rank), or when one rank is the slowest, by more than 10%, in three logged
-windows in a row. On a GPU a step's time is taken up to the host sync of its finite check (the optimizer's kernels
-may still run). Under DDP / FSDP the gradient collectives make every rank wait for the slowest inside the step: a
-rank slow to compute then shows as equal step times (its lag is the others' wait, which this does not split out),
-while a rank slow to load shows as its own data wait.
+Stall and straggler accounting (data wait, step-time spread across ranks, MFU, warnings): vtp_fast.train.stalls.
 """
 
 from __future__ import annotations
@@ -31,11 +22,11 @@ from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast import optional
-from vtp_fast.benchmark import peak_tflops
 from vtp_fast.config import ConfigError, UserError, save_config, to_dict
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, pick_device, rng_state, seed_everything, set_rng_state
 from vtp_fast.train.config import RunConfig
+from vtp_fast.train.stalls import Stalls, Window
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -159,7 +150,7 @@ def run(job: Job) -> dict[str, Path]:
     evaluations = job.evaluations()
     _evaluate(log, None, [ev for ev in evaluations if ev.at_start and start == 0], 0)
     bar = tqdm(total=end, initial=start, desc=job.name, unit="step", disable=not main, dynamic_ncols=True)
-    bad_streak, window, stalls = 0, _Window(), _Stalls(job, bar if main else None)
+    bad_streak, window, stalls = 0, Window(), Stalls(job, bar if main else None)
     if saved_rng is not None:  # last, after everything above that may draw: the run continues the saved streams
         set_rng_state(saved_rng)
     for step in range(start, end):
@@ -185,7 +176,7 @@ def run(job: Job) -> dict[str, Path]:
             row = {**_step_row(job, result), **stalls.row(window)}
             _write(log, done, row)
             bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{row[f'{job.unit}_per_s']:.0f}"})
-            window = _Window()
+            window = Window()
         _evaluate(log, bar, [ev for ev in evaluations if done % ev.every == 0 or (ev.at_end and done == end)], done)
         if done % r.checkpoint_every == 0 or done == end:
             _save(job, ckpt, done)
@@ -248,70 +239,6 @@ def _step_row(job: Job, result: StepOutput) -> dict[str, Any]:
     mean = lambda v: (dist.all_reduce_sum(v.float().clone()) / world).item()  # noqa: E731
     return {**{f"loss/{k}": mean(v) for k, v in result.terms.items()}, **{k: mean(v) for k, v in result.aux.items()},
             **result.scalars, "memory_mb": memory_mb(job.device), **job.metrics()}
-
-
-@dataclass
-class _Window:
-    """This rank's step times since the last logged row: data wait and compute, in seconds."""
-
-    data: float = 0.0
-    compute: float = 0.0
-    steps: int = 0
-
-    def add(self, data: float, compute: float) -> None:
-        self.data, self.compute, self.steps = self.data + data, self.compute + compute, self.steps + 1
-
-
-class _Stalls:
-    """Stall and straggler accounting over logged windows (see the module's docstring). `row` is collective."""
-
-    DATA_SHARE, SPREAD, STREAK = 0.10, 1.10, 3
-
-    def __init__(self, job: Job, bar):
-        self.job, self.bar = job, bar  # bar: the main rank's progress bar (warnings go under it), else None
-        self.peak = peak_tflops(job.device)
-        self.data_warned, self.slowest, self.streak = False, None, 0
-        self.said: list[str] = []  # this window's warnings, logged in its row
-
-    def row(self, w: _Window) -> dict[str, Any]:
-        ranks = dist.all_gather_floats([w.data, w.compute, w.steps])
-        per_step = [(d + c) / max(n, 1) for d, c, n in ranks]  # seconds per step, each rank
-        shares = [d / max(d + c, 1e-12) for d, c, _ in ranks]
-        share = max(shares)
-        seconds = max(per_step)  # the step ends when its slowest rank does
-        row = {f"{self.job.unit}_per_s": self.job.samples_per_step / seconds, "step_s": seconds,
-               "data_wait_share": share}
-        if len(ranks) > 1:
-            slowest = max(range(len(ranks)), key=per_step.__getitem__)
-            row |= {"step_s_spread": seconds / max(min(per_step), 1e-12), "slowest_rank": slowest}
-            self._straggler(slowest, row["step_s_spread"])
-        if self.peak and self.job.flops_per_step:
-            row["mfu"] = self.job.flops_per_step / seconds / (self.peak * 1e12 * len(ranks))
-        self._data(share, shares.index(share) if len(ranks) > 1 else None)
-        if self.said:
-            row["warning"], self.said = " | ".join(self.said), []
-        return row
-
-    def _data(self, share: float, rank: int | None) -> None:
-        if share > self.DATA_SHARE and not self.data_warned:
-            where = f" on rank {rank}" if rank is not None else ""
-            self._warn(f"data wait is {share:.0%} of the step{where} (over {self.DATA_SHARE:.0%}): the input "
-                       f"pipeline is the bottleneck; {self.job.data_hint}")
-        self.data_warned = share > self.DATA_SHARE  # said again only after it clears and comes back
-
-    def _straggler(self, slowest: int, spread: float) -> None:
-        lagging = spread > self.SPREAD
-        self.streak = self.streak + 1 if lagging and slowest == self.slowest else int(lagging)
-        self.slowest = slowest if lagging else None
-        if self.streak == self.STREAK:
-            self._warn(f"rank {slowest} was the slowest in {self.STREAK} logged windows in a row (step time "
-                       f"x{spread:.2f} the fastest rank's): a straggler; check that rank's device clocks and "
-                       "temperature, and its data")
-
-    def _warn(self, message: str) -> None:
-        self.said.append(message)
-        if self.bar is not None:
-            self.bar.write(f"vtp-fast: warning: {message}")
 
 
 def _save(job: Job, ckpt: Checkpointer, step: int) -> None:
