@@ -40,10 +40,10 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from vtp_fast.perf_model import PEAK_FLOPS
 from vtp_fast.study.config import MIXES, ROOT, StudyConfig, resolve
+from vtp_fast.train.profile import flops_of
 
 DEFAULT_IMAGES = 1_281_167  # ImageNet-1k train, when neither cfg.max_images nor `images` says
 DEFAULT_HELD_OUT = 50_000  # ImageNet-1k val, when `held_out_images` does not say
@@ -68,12 +68,6 @@ _CACHE: dict[str, object] = {}  # counts by config (a plan of the same shapes co
 
 
 # ---------------------------------------------------------------------------------------------------- counting
-def _count(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def base_batch(size: int, ssl: int, rec: int) -> tuple[int, int, int]:
     """The smallest (size, ssl, rec) with the same ratio; rounded (non-zero parts kept >= 1) when that is over
     MAX_BASE pairs."""
@@ -107,7 +101,7 @@ def clip_logits_coefficient(width: int, n: int = 4) -> float:
         with torch.device("meta"):
             img, txt = torch.empty(rows, width, requires_grad=True), torch.empty(rows, width, requires_grad=True)
             scale = torch.zeros((), requires_grad=True)
-        return _count(lambda: loss(img, txt, scale).backward())
+        return flops_of(lambda: loss(img, txt, scale).backward())
 
     return (count(2 * n) - 2 * count(n)) / (2 * n * n)
 
@@ -135,7 +129,7 @@ def lpips_flops_per_image(size: int) -> int:
             total = total + torch.nn.functional.conv2d((fx - fy) ** 2, head).mean()
         total.backward()
 
-    return _count(run)
+    return flops_of(run)
 
 
 def tokenizer_step(cfg: StudyConfig, mix: str, channels: int) -> dict:
@@ -177,8 +171,8 @@ def _codec_flops(model, size: int) -> tuple[int, int, list[int]]:
     with torch.no_grad():
         x = torch.empty(1, 3, size, size, device="meta")
         z = []
-        enc = _count(lambda: z.append(model.encode(x)))
-        dec = _count(lambda: model.decode(torch.empty_like(z[0])))
+        enc = flops_of(lambda: z.append(model.encode(x)))
+        dec = flops_of(lambda: model.decode(torch.empty_like(z[0])))
     return enc, dec, list(z[0].shape[1:])
 
 
@@ -204,10 +198,10 @@ def dit_flops(cfg: StudyConfig, latent_shape: list[int], count_batch: int = 2) -
         x0 = torch.empty(count_batch, c, h, w)
         y = torch.zeros(count_batch, dtype=torch.long)
         tt = torch.empty(count_batch)
-    train = _count(lambda: flow_loss(model, x0, y, mu=dcfg.mu, sigma=dcfg.sigma, cos_weight=dcfg.cos_weight,
+    train = flops_of(lambda: flow_loss(model, x0, y, mu=dcfg.mu, sigma=dcfg.sigma, cos_weight=dcfg.cos_weight,
                                      cos_over=dcfg.cos_over)["total"].backward())
     with torch.no_grad():
-        forward = _count(lambda: model(x0, tt, y))
+        forward = flops_of(lambda: model(x0, tt, y))
     _CACHE[key] = {"preset": dcfg.preset, "batch": dcfg.batch, "latents": latent_shape,
                    "step_flops": train / count_batch * dcfg.batch, "forward_flops_per_sample": forward / count_batch}
     return _CACHE[key]
@@ -221,7 +215,7 @@ def inception_flops_per_image() -> int:
     model = meta_inception()
     x = torch.empty(1, 3, 299, 299, dtype=torch.uint8, device="meta")
     with torch.no_grad():
-        return _count(lambda: model(x))
+        return flops_of(lambda: model(x))
 
 
 # ---------------------------------------------------------------------------------------------------- MFU

@@ -99,7 +99,7 @@ def pretrain_config(cfg: StudyConfig, out: Path, mix: str, steps: int, channels:
     if w["ssl"] == 0:
         overrides.append("batch.ssl=0")
     pcfg = load_config(PretrainConfig, [resolve(cfg.tokenizer)], overrides)
-    if w["clip"] == 0:  # the trunk would encode every pair of the batch for CLIP alone: encode only what is used
+    if w["clip"] == 0:  # no pairs that only CLIP would use: the step encodes none, and none is loaded either
         pcfg.batch.size = max(pcfg.batch.rec, pcfg.batch.ssl)
     return pcfg
 

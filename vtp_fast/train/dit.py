@@ -31,7 +31,7 @@ from vtp_fast.train import loop
 from vtp_fast.train.common import MetricsLog, autocast, ema_update
 from vtp_fast.train.config import DiTTrainConfig
 from vtp_fast.train.flow import flow_loss, sample
-from vtp_fast.train.loop import Job, StepOutput, all_finite, start_process
+from vtp_fast.train.loop import Job, StepOutput, skipped, start_process
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
 
 
@@ -135,8 +135,8 @@ class DiTJob(Job):
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         terms = {k: v.detach() for k, v in losses.items()}
-        if not all_finite(terms):
-            return StepOutput(terms, finite=False, bad_terms=[k for k, v in terms.items() if not v.isfinite()])
+        if (skip := skipped(terms)) is not None:
+            return skip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
         self.opt.step()
         ema_update(list(self.ema.parameters()), list(self.model.parameters()), ema_decay(cfg.ema, step))

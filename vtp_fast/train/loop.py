@@ -60,7 +60,7 @@ class Evaluation:
 
 
 class Job:
-    """One training job. Subclasses set the attributes and implement `step` and `finish`."""
+    """One training job. Subclasses set the attributes and implement `next_batch`, `step` and `finish`."""
 
     name: str  # the progress bar's label
     unit: str = "images"  # what `samples_per_step` counts (logged as <unit>_per_s)
@@ -123,6 +123,18 @@ def all_finite(terms: dict[str, Tensor]) -> bool:
     host sync of a step)."""
     finite = torch.isfinite(torch.stack([v.float() for v in terms.values()])).all().float()
     return bool(dist.all_reduce_sum(finite).item() == dist.world_size())
+
+
+def skipped(terms: dict[str, Tensor], aux: dict[str, Tensor] | None = None,
+            scalars: dict[str, float] | None = None) -> StepOutput | None:
+    """The StepOutput of a skipped step when any of `terms` and `aux` is non-finite on any rank (all_finite),
+    naming this rank's non-finite ones; None when the step is to be taken."""
+    aux = aux or {}
+    values = {**terms, **aux}
+    if all_finite(values):
+        return None
+    bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+    return StepOutput(terms, aux, scalars or {}, finite=False, bad_terms=bad)
 
 
 def memory_mb(device: torch.device) -> float:

@@ -31,6 +31,13 @@ from vtp_fast.train.trainer import Trainer, _build_trainer, build_trainer, forwa
 from vtp_fast.train.trainer import train_step as run_step
 
 
+def flops_of(fn) -> int:
+    """Model FLOPs of calling fn() (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def _deterministic_masks(batch: Batch, views) -> None:
     """Every global crop masked at the expected count: mask_probability x mean(mask_ratio) of its tokens."""
     masks = batch.masks
@@ -58,11 +65,10 @@ def count_step_flops(cfg: PretrainConfig) -> tuple[int, Trainer, tuple[int, int]
     seen: list[tuple[int, int]] = []
     hook = (t.student.clip_loss.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
             if t.student.uses_clip else None)
-    with FlopCounterMode(display=False) as counter:
-        forward_backward(t, [batch], schedules(cfg, 0))
+    flops = flops_of(lambda: forward_backward(t, [batch], schedules(cfg, 0)))
     if hook is not None:
         hook.remove()
-    return counter.get_total_flops(), t, (seen[0] if seen else None)
+    return flops, t, (seen[0] if seen else None)
 
 
 def step_flops(cfg: PretrainConfig, model_config) -> float:
@@ -79,10 +85,9 @@ def step_flops(cfg: PretrainConfig, model_config) -> float:
 
 def count_flops(t, batch: Batch, sched: dict) -> int:
     """FLOPs of one step's forward + backward (teacher included)."""
-    with FlopCounterMode(display=False) as counter:
-        forward_backward(t, [batch], sched)
+    flops = flops_of(lambda: forward_backward(t, [batch], sched))
     t.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 def phase_times(probe: TimingProbe, data_ms: float, step_ms: float) -> dict[str, float]:

@@ -24,7 +24,7 @@ from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import building_for
 from vtp_fast.train.common import autocast
 from vtp_fast.train.config import PretrainConfig
-from vtp_fast.train.loop import StepOutput, all_finite
+from vtp_fast.train.loop import StepOutput, skipped
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups, set_group
 from vtp_fast.train.step import Student, Teacher, apply_centers
 
@@ -224,10 +224,9 @@ def train_step(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) 
     set_group(t.optimizer, "decay", weight_decay=sched["weight_decay"])
     g = forward_backward(t, micro_batches, sched)
     scalars = {k: v for k, v in sched.items() if k != "step"}
-    if not all_finite({**g.terms, **g.aux}):
+    if (skip := skipped(g.terms, g.aux, scalars)) is not None:
         t.optimizer.zero_grad(set_to_none=True)
-        bad = [k for k, v in {**g.terms, **g.aux}.items() if not torch.isfinite(v).all()]
-        return StepOutput(g.terms, g.aux, scalars, finite=False, bad_terms=bad)
+        return skip
     with t.student.probe.region("optimizer"):
         clip = t.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), clip if clip > 0 else float("inf"))
