@@ -150,6 +150,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- training
+def cmd_export(args: argparse.Namespace) -> int:
+    from vtp_fast.train.checkpoint import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"tokenizer of {args.checkpoint} -> {out} (the published layout: load_pretrained reads it)")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
     from vtp_fast.downstream.generative_probe import generative_probe
@@ -392,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="continue from a published checkpoint directory (adds heads and teacher)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 objective.clip=0")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="a training checkpoint (whole or sharded) -> the published layout")
+    p.add_argument("checkpoint", help="a checkpoint directory (<run>/checkpoints/step_N), or a run directory (its "
+                                      "newest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="per-objective step-time profile of a pretraining config")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")

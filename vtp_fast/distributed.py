@@ -80,6 +80,15 @@ def all_gather_floats(values: list[float]) -> list[list[float]]:
     return [p.tolist() for p in parts]
 
 
+def broadcast_object(obj):
+    """The main rank's `obj` (picklable), on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

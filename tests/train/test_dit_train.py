@@ -37,14 +37,15 @@ def losses(out) -> list[tuple[int, float]]:
     return [(r["step"], r["loss/total"]) for r in rows]
 
 
-def test_resume_continues_exactly_and_fresh_runs_refuse_old_checkpoints(latents, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_resume_continues_exactly_and_fresh_runs_refuse_old_checkpoints(latents, tmp_path, capsys, fmt):
     straight = tmp_path / "straight"
-    train_dit(config(latents, straight))
+    train_dit(config(latents, straight, checkpoint_format=fmt))
     split = tmp_path / "split"
-    train_dit(config(latents, split, stop_at=3))
+    train_dit(config(latents, split, stop_at=3, checkpoint_format=fmt))
     assert [s for s, _ in losses(split)] == [1, 2, 3]
     capsys.readouterr()
-    train_dit(config(latents, split, resume="auto"))
+    train_dit(config(latents, split, resume="auto", checkpoint_format=fmt))
     assert "resuming at 3" in capsys.readouterr().out  # continued, not started over
     assert losses(split) == losses(straight)  # the same batches, noise, t and label dropout after the resume
     a = read_safetensors(straight / "dit" / "model.safetensors")

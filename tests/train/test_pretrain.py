@@ -200,10 +200,15 @@ def test_resume_continues_bit_for_bit_down_to_the_saved_rng_state(emoji_root, tm
                for x, y in zip(a["numpy"].values(), b["numpy"].values(), strict=True))
 
 
-def test_sigkill_at_any_moment_then_resume_matches(emoji_root, tmp_path):
+@pytest.mark.parametrize("fmt", [(), ("run.checkpoint_format=sharded",),
+                                 ("run.checkpoint_format=sharded", "run.async_checkpoint=true")],
+                         ids=["full", "sharded", "sharded-async"])
+def test_sigkill_at_any_moment_then_resume_matches(emoji_root, tmp_path, fmt):
     """A run killed with SIGKILL (here: as soon as its first checkpoint exists, i.e. while it is writing the
-    next steps or the next checkpoint) and resumed produces the uninterrupted run's loss trajectory exactly."""
-    args = [*SMALL, f"data.emoji.root={emoji_root}", "run.steps=8", "run.checkpoint_every=2", "run.keep_checkpoints=3"]
+    next steps or the next checkpoint) and resumed produces the uninterrupted run's loss trajectory exactly, in
+    either checkpoint format, also when checkpoints are written in the background."""
+    args = [*SMALL, f"data.emoji.root={emoji_root}", "run.steps=8", "run.checkpoint_every=2", "run.keep_checkpoints=3",
+            *fmt]
     ref = tmp_path / "ref"
     cmd = [sys.executable, "-m", "vtp_fast.cli", "pretrain"]
     subprocess.run([*cmd, *args, f"run.out_dir={ref}"], check=True, capture_output=True, timeout=600)
@@ -309,3 +314,24 @@ def test_without_held_out_images_nothing_is_measured_on_noise(source, emoji_root
     assert "no held-out PSNR" in text and "held-out PSNR " not in text.replace("no held-out PSNR", "")
     assert "psnr_curve" not in paths and not (out / "psnr.png").exists()
     assert (out / "reconstructions.png").exists() and [r["step"] for r in loss_rows(out)] == [1, 2]
+
+
+def test_export_turns_either_checkpoint_format_into_the_published_layout(emoji_root, tmp_path):
+    from vtp_fast import load_pretrained
+    from vtp_fast.models.pretrained import CheckpointError
+    from vtp_fast.train.checkpoint import export
+
+    for fmt in ("full", "sharded"):
+        out = tmp_path / fmt
+        pretrain(small_config(emoji_root, out, "run.steps=2", "run.checkpoint_every=2",
+                              f"run.checkpoint_format={fmt}"))
+        want = load_pretrained(out / "checkpoint").state_dict()  # the run's own export at its end
+        for source in (out, out / "checkpoints" / "step_00000002"):  # a run directory: its newest checkpoint
+            got = load_pretrained(export(source, tmp_path / "exported" / fmt)).state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        export(tmp_path / "missing", tmp_path / "x")
+    # a sharded checkpoint refuses a run without its modules (here: no SSL head, teacher or centres)
+    with pytest.raises(CheckpointError, match="holds modules this run does not have"):
+        pretrain(small_config(emoji_root, tmp_path / "sharded", "run.steps=4", "run.resume=auto",
+                              "objective.dino=0", "objective.ibot=0", "objective.koleo=0"))

@@ -27,6 +27,8 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    checkpoint_format: Literal["full", "sharded"] = "full"  # sharded: every rank writes its shards (DCP)
+    async_checkpoint: bool = False  # sharded only: write in the background while training goes on
     resume: str = "none"  # none | auto (newest checkpoint in out_dir, if any) | a checkpoint directory
     device: str = "auto"
     threads: int = 0  # >0: torch intra-op threads
@@ -42,6 +44,8 @@ class RunConfig:
                 raise ConfigError(f"run.{key}: must be >= 1, got {getattr(self, key)}")
         if self.stop_at < 0:
             raise ConfigError(f"run.stop_at: must be >= 0, got {self.stop_at}")
+        if self.async_checkpoint and self.checkpoint_format != "sharded":
+            raise ConfigError("run.async_checkpoint: needs run.checkpoint_format=sharded")
 
     @property
     def end(self) -> int:

@@ -2,8 +2,8 @@
 
 A job supplies its step, its evaluations and its export (`Job`); the loop does the rest the same way for all:
 resume from the newest checkpoint (weights, optimizers, RNG streams, the job's own state), clean-up of interrupted
-saves, metrics (JSONL and TensorBoard, averaged over ranks), progress, the checkpoint schedule with whole-tensor
-state gathered on every rank (collective under FSDP), non-finite steps skipped up to `run.max_bad_steps` in a row.
+saves, metrics (JSONL and TensorBoard, averaged over ranks), progress, the checkpoint schedule (whole or sharded:
+vtp_fast.train.checkpoint), non-finite steps skipped up to `run.max_bad_steps` in a row.
 Stall and straggler accounting (data wait, step-time spread across ranks, MFU, warnings): vtp_fast.train.stalls.
 """
 
@@ -147,7 +147,8 @@ def run(job: Job) -> dict[str, Path]:
     """Train `job` from its newest checkpoint (run.resume) to run.end; returns the exported paths (main rank)."""
     r, main = job.run, dist.rank() == 0
     out = Path(r.out_dir)
-    ckpt = Checkpointer(out / "checkpoints", keep=r.keep_checkpoints)
+    ckpt = Checkpointer(out / "checkpoints", keep=r.keep_checkpoints, format=r.checkpoint_format,
+                        async_save=r.async_checkpoint)
     resumed_from = ckpt.resolve(r.resume)
     start, saved_rng = _resume(job, resumed_from) if resumed_from is not None else (0, None)
     end = r.end
@@ -190,9 +191,11 @@ def run(job: Job) -> dict[str, Path]:
             bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{row[f'{job.unit}_per_s']:.0f}"})
             window = Window()
         _evaluate(log, bar, [ev for ev in evaluations if done % ev.every == 0 or (ev.at_end and done == end)], done)
+        ckpt.finish_pending()  # a background save started at the step before
         if done % r.checkpoint_every == 0 or done == end:
             _save(job, ckpt, done)
         bar.update(1)
+    ckpt.finish_pending()
     bar.close()
     if log is not None:
         log.close()
@@ -237,9 +240,7 @@ def _evaluate(log: _Log | None, bar, due: list[Evaluation], step: int) -> None:
 
 def _resume(job: Job, path: Path) -> tuple[int, dict | None]:
     """Load the checkpoint at `path` into the job; -> (its step, the RNG streams to restore before the loop)."""
-    state = Checkpointer.load(path, job.checkpoint_model, job.modules())
-    for name, opt in job.optimizers().items():
-        dist.load_optimizer_state(opt, state[name])
+    state = Checkpointer.load(path, job.checkpoint_model, job.modules(), job.optimizers())
     job.load_state_dict(state)
     saved_rng = state.get("rng") or ({"torch_cpu": state["rng_cpu"]} if "rng_cpu" in state else None)
     return int(state["step"]), saved_rng
@@ -254,12 +255,6 @@ def _step_row(job: Job, result: StepOutput) -> dict[str, Any]:
 
 
 def _save(job: Job, ckpt: Checkpointer, step: int) -> None:
-    """Whole-tensor state gathered on every rank (collective under FSDP), written atomically by the main rank."""
-    model = job.checkpoint_model
-    model_state = dist.full_state_dict(model) if model is not None else None
-    modules = {name: dist.full_state_dict(m) for name, m in job.modules().items()}
-    state = {"step": step, **{name: dist.full_optimizer_state(opt) for name, opt in job.optimizers().items()},
-             **job.state_dict()}
-    if dist.rank() == 0:
-        ckpt.save(step, model, model_state, modules, {**state, "rng": rng_state(), "config": to_dict(job.cfg)})
-    dist.barrier()
+    """A checkpoint of every rank's state (collective), in run.checkpoint_format."""
+    state = {"step": step, **job.state_dict(), "rng": rng_state(), "config": to_dict(job.cfg)}
+    ckpt.save(step, job.checkpoint_model, job.modules(), job.optimizers(), state)
