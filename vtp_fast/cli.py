@@ -158,6 +158,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vtp_fast.config import load_config
+    from vtp_fast.io import atomic_write_text
+    from vtp_fast.train import planner
+    from vtp_fast.train.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    plan = planner.plan(cfg, args.gpus, args.gpu)
+    text = planner.report(plan)
+    print(text)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+    planner.check(plan)
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vtp_fast.config import load_config
     from vtp_fast.downstream.generative_probe import generative_probe
@@ -406,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "newest checkpoint)")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="per-GPU memory and step time of a pretraining config on N GPUs, before any GPU "
+                                    "runs it; recommends DDP or FSDP2, activation checkpointing and micro-batch")
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (all nodes)")
+    p.add_argument("--gpu", default="h200", choices=("h200", "h100", "a100"), help="GPU kind (default: h200)")
+    p.add_argument("--out", help="also write the report (markdown) to this file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.size=4096")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="per-objective step-time profile of a pretraining config")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")

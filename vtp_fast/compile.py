@@ -1,12 +1,29 @@
-"""`apply_compile`: torch.compile every transformer block of a built model (a VTP, a DiT), in place.
+"""Transforms of a built model's transformer blocks (a VTP, a DiT), in place, state-dict keys unchanged.
 
-Per-block compilation keeps compile times short and graphs reusable across blocks of one shape, and, done with
-`nn.Module.compile` (in place), keeps state-dict keys free of `_orig_mod.` prefixes.
+`apply_compile`: torch.compile every block. Per-block compilation keeps compile times short and graphs reusable
+across blocks of one shape, and, done with `nn.Module.compile` (in place), keeps keys free of `_orig_mod.`.
+
+`apply_activation_checkpointing`: trade compute for activation memory (`run.activation_checkpointing`):
+  per_block  keep only each block's input; its forward runs again in the backward (one more forward of the blocks)
+  selective  per block, keep the outputs of matmuls and attention (the costly ops) and recompute the rest (norms,
+             activations, RoPE, residual adds): most of the memory saved for little recomputation
+Gradients are those of the plain model (recomputation replays the same ops with the same RNG state). Apply it
+before compile and before DDP / FSDP2 wrap the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
+import torch
 from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from vtp_fast.models.dit import DiT
 from vtp_fast.models.vtp import VTP
@@ -26,4 +43,49 @@ def transformer_blocks(model: VTP | DiT) -> list[nn.Module]:
 def apply_compile(model: VTP | DiT, **options) -> VTP | DiT:
     for block in transformer_blocks(model):
         block.compile(**options)
+    return model
+
+
+_aten = torch.ops.aten
+# The ops whose outputs `selective` keeps: matmuls and every attention kernel (PyTorch's and the fused backends').
+_KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+         _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+         _aten._scaled_dot_product_cudnn_attention.default,
+         _aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    costly = op in _KEEP or op.name().startswith("vtp_fast::attention")
+    return CheckpointPolicy.MUST_SAVE if costly else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# run.activation_checkpointing -> the checkpoint context ("none": no checkpointing)
+_CONTEXTS = {"per_block": noop_context_fn,
+             "selective": functools.partial(create_selective_checkpoint_contexts, _keep_costly)}
+
+
+def _checkpointed(forward, context_fn, *args, **kwargs):
+    modes = [] if torch.compiler.is_compiling() else torch.overrides._get_current_function_mode_stack()
+    if modes:  # torch-function modes of the forward (the planner's emulated autocast) hold in the recompute too
+        inner = context_fn
+
+        def context_fn():
+            forward_context, recompute_context = inner()
+            return forward_context, _within(recompute_context, modes)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+@contextlib.contextmanager
+def _within(context, modes):
+    with context, contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
+
+
+def apply_activation_checkpointing(model: VTP | DiT, mode: str) -> VTP | DiT:
+    if mode != "none":
+        context_fn = _CONTEXTS[mode]
+        for block in transformer_blocks(model):
+            block.forward = functools.partial(_checkpointed, block.forward, context_fn)
     return model

@@ -34,6 +34,7 @@ class RunConfig:
     threads: int = 0  # >0: torch intra-op threads
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile every transformer block
+    activation_checkpointing: Literal["none", "per_block", "selective"] = "none"  # vtp_fast.compile
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     tensorboard: bool = True

@@ -47,21 +47,27 @@ def _deterministic_masks(batch: Batch, views) -> None:
     StepBatches._add_masks(batch, fixed)
 
 
-def count_step_flops(cfg: PretrainConfig) -> tuple[int, Trainer, tuple[int, int] | None]:
-    """FLOPs of one forward + backward of the pretraining step at cfg.batch as one process's micro-batch, counted on
-    the meta device (nothing runs, on synthetic pairs, the iBOT masks at their expected count), the trainer built
-    there, and the (rows, feature width) the CLIP loss saw (None without CLIP). The RNG streams are left as they
-    were."""
+def meta_step(cfg: PretrainConfig) -> tuple[Trainer, Batch]:
+    """The trainer of `cfg` built on the meta device as one process at cfg.batch (parameters without storage; the CPU
+    backends, i.e. the reference maths) and a batch of synthetic pairs with the iBOT masks at their expected count,
+    to trace a step (FLOPs, memory) without running it. The RNG streams are left as they were."""
     meta = torch.device("meta")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        with building_for("cpu"), meta:  # CPU backends (their reference maths), parameters without storage
+        with building_for("cpu"), meta:
             t = _build_trainer(cfg, meta, local=True)
         pairs = synthetic_pairs(max(2 * cfg.batch.size, 8), cfg.data.image_size, t.model.config.text_context_length)
         batch = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=False)[0]
     if cfg.batch.ssl:
         _deterministic_masks(batch, cfg.ssl.views)
-    batch = batch.to(meta)
+    return t, batch.to(meta)
+
+
+def count_step_flops(cfg: PretrainConfig) -> tuple[int, Trainer, tuple[int, int] | None]:
+    """FLOPs of one forward + backward of the pretraining step at cfg.batch as one process's micro-batch, counted on
+    the meta device (`meta_step`: nothing runs), the trainer built there, and the (rows, feature width) the CLIP loss
+    saw (None without CLIP)."""
+    t, batch = meta_step(cfg)
     seen: list[tuple[int, int]] = []
     hook = (t.student.clip_loss.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
             if t.student.uses_clip else None)
@@ -71,16 +77,25 @@ def count_step_flops(cfg: PretrainConfig) -> tuple[int, Trainer, tuple[int, int]
     return flops, t, (seen[0] if seen else None)
 
 
+def micro_config(cfg: PretrainConfig, world: int, accumulation: int, model_config=None) -> PretrainConfig:
+    """`cfg` as one rank's micro-batch on `world` ranks at `accumulation` micro-steps, for tracing on the meta device:
+    fp32, not compiled, without LPIPS (its VGG weights may be absent); the architecture `model_config` (a VTPConfig)
+    when given (a checkpoint's own when the run continues one)."""
+    c = copy.deepcopy(cfg)
+    if model_config is not None:
+        c.model.init, c.model.overrides = None, dataclasses.asdict(model_config)
+    c.batch.accumulation = accumulation
+    per_rank = c.batch.per_rank(world, c.model.patch_size)
+    c.batch.size, c.batch.ssl, c.batch.rec, c.batch.accumulation = per_rank.size, per_rank.ssl, per_rank.rec, 1
+    c.objective.perceptual, c.run.compile, c.run.precision, c.data.synthetic = 0.0, False, "fp32", True
+    return c
+
+
 def step_flops(cfg: PretrainConfig, model_config) -> float:
     """Model FLOPs of one optimizer step of the run `cfg` over all ranks (forward + backward, teacher included),
     with the architecture `model_config` (a VTPConfig: a checkpoint's own when the run continues one)."""
-    world = dist.world_size()
-    per_rank = cfg.batch.per_rank(world, model_config.vision_patch_size)
-    c = copy.deepcopy(cfg)
-    c.model.init, c.model.overrides = None, dataclasses.asdict(model_config)
-    c.batch.size, c.batch.ssl, c.batch.rec, c.batch.accumulation = per_rank.size, per_rank.ssl, per_rank.rec, 1
-    c.objective.perceptual, c.run.compile, c.run.precision, c.data.synthetic = 0.0, False, "fp32", True
-    return float(count_step_flops(c)[0]) * cfg.batch.accumulation * world
+    world, accumulation = dist.world_size(), cfg.batch.accumulation
+    return float(count_step_flops(micro_config(cfg, world, accumulation, model_config))[0]) * accumulation * world
 
 
 def count_flops(t, batch: Batch, sched: dict) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vtp_fast import distributed as dist
-from vtp_fast.compile import apply_compile, transformer_blocks
+from vtp_fast.compile import apply_activation_checkpointing, apply_compile, transformer_blocks
 from vtp_fast.config import ConfigError
 from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.losses.clip import clamp_logit_scale_
@@ -127,7 +127,9 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device, local: bool = Fals
                       freeze_encoder=cfg.stage == 2)
     student.to(device)
     teacher = Teacher(student).to(device) if student.uses_ssl else None
-    # fixed order: compile, then shard/wrap, then the optimizer (FSDP replaces the parameters)
+    # fixed order: activation checkpointing, compile, then shard/wrap, then the optimizer (FSDP replaces the
+    # parameters); the teacher, copied above, runs without gradients and keeps plain blocks
+    apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
     if cfg.run.compile:
         apply_compile(model)
     if world > 1 and cfg.run.distributed == "fsdp":

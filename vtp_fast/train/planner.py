@@ -1,0 +1,322 @@
+"""`vtp-fast plan`: whether a pretraining config fits on N GPUs of a kind, and how fast it will step, before any GPU
+runs it; the recommended data-parallel wrapper, activation checkpointing and micro-batch.
+
+Memory per GPU, for each option (DDP or FSDP2 x run.activation_checkpointing x micro-steps):
+  parameters   the student (fp32 master weights) and the EMA teacher; FSDP2 keeps a 1/N shard of both and gathers
+               two blocks at a time (the one running and the one prefetched) and the root's own parameters (patch
+               and text embeddings, the DINO head: the parts outside the transformer blocks) in the compute dtype
+  gradients    fp32, one per trainable parameter; DDP adds its bucket copy; FSDP2 keeps a 1/N shard and a block's
+               whole gradient before its reduce-scatter
+  optimizer    AdamW: two fp32 moments per trainable parameter (1/N under FSDP2)
+  activations  the peak of the tensors alive during one micro-batch's forward and backward (gradients excluded),
+               traced on the meta device at the per-rank micro-batch (nothing runs: a VTP-L step traces in seconds);
+               bf16 runs are traced with autocast's casts emulated (matmul and attention inputs in bf16, norms,
+               softmax and losses in fp32). The reference ops are traced: the fused kernels keep no (n, N) logits,
+               so this errs high where they are used
+  CLIP gather  the global batch's image and text features gathered on every rank, and their gradients
+Usable memory is USABLE of the GPU's (allocator fragmentation, the CUDA context, NCCL buffers). Checked against
+real peaks at tiny shapes on the CPU in tests/train/test_planner.py.
+
+Step time: the traced FLOPs of the micro-steps (recomputation included) at STEP_EFFICIENCY of the GPU's measured
+bf16 ceiling, against the collective traffic (DDP: all-reduce of the fp32 gradients; FSDP2: all-gather of the
+parameters for the forward, again for the backward, and for the teacher, reduce-scatter of the gradients, per
+micro-step) at the interconnect's bus bandwidth (NVLink within a node of 8, the network across nodes); the step
+takes the longer of the two (communication overlapped with compute). A model, not a measurement: the efficiency and
+bandwidths are stated assumptions until a GPU run measures them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from vtp_fast.compile import transformer_blocks
+from vtp_fast.config import ConfigError, UserError
+from vtp_fast.perf_model import PEAK_FLOPS
+from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.profile import flops_of, meta_step, micro_config
+from vtp_fast.train.trainer import forward_backward, schedules
+
+GIB = 2**30
+USABLE = 0.9
+STEP_EFFICIENCY = 0.40  # of the measured matmul ceiling over a whole step: an assumption until a GPU run measures it
+GPUS_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    peak_flops: float  # dense bf16 matmul, FLOP/s
+    nvlink_busbw: float  # bytes/s, collectives within a node
+    network_busbw: float  # bytes/s per GPU, collectives across nodes
+    source: str
+
+
+GPUS = {
+    "h200": GPU("H200", 139.0, PEAK_FLOPS, 360e9, 45e9,
+                "memory and matmul ceiling measured (GPU.md); bus bandwidths assumed: NVLink 4 at ~40% of 900 GB/s, "
+                "one 400 Gb/s NIC per GPU at ~90%"),
+    "h100": GPU("H100 80GB", 79.1, PEAK_FLOPS, 360e9, 45e9, "as the H200 (same SXM compute and NVLink), 80 GB"),
+    "a100": GPU("A100 80GB", 79.1, 0.8 * 312e12, 180e9, 22e9,
+                "80% of the 312 TFLOP/s specification; NVLink 3 and one 200 Gb/s NIC per GPU, assumed"),
+}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages that ops inside it create, while they live; `peak` is the most alive at
+    once. Storages are followed through weak references, so views and tensors autograd saves count once, as long
+    as they exist. The storages of `existing` (parameters, gradients, the batch: tensors that outlive the block)
+    are not counted when ops view or update them."""
+
+    def __init__(self, existing: Iterable[torch.Tensor] = ()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {id(t.untyped_storage()): 0 for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self._sizes:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += self._sizes[key]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    @staticmethod
+    def state_of(*modules: torch.nn.Module) -> list[torch.Tensor]:
+        """The parameters, their gradients and the buffers of `modules`."""
+        params = [p for m in modules for p in m.parameters()]
+        return [*params, *(p.grad for p in params if p.grad is not None), *(b for m in modules for b in m.buffers())]
+
+
+class EmulatedAutocast(TorchFunctionMode):
+    """bf16 autocast where the device has none (the meta device): matmul and attention inputs cast to bf16, norms,
+    softmax, exponentials and losses to fp32, above autograd as autocast is (so the casts are what it saves)."""
+
+    LOW = {F.linear, F.conv2d, F.scaled_dot_product_attention, torch.matmul, torch.Tensor.matmul,
+           torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.einsum}
+    HIGH = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.cross_entropy, F.mse_loss, F.l1_loss,
+            torch.softmax, torch.log_softmax, torch.logsumexp, torch.exp, torch.log, torch.Tensor.softmax,
+            torch.Tensor.log_softmax, torch.Tensor.logsumexp, torch.Tensor.exp, torch.Tensor.log}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to = torch.bfloat16 if func in self.LOW else torch.float32 if func in self.HIGH else None
+        if to is not None:
+            cast = lambda x: x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+            args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
+        return func(*args, **kwargs)
+
+
+@dataclass
+class MicroStep:
+    """One rank's micro-batch traced on the meta device."""
+
+    activation_bytes: int  # peak of the tensors alive in forward + backward, gradients excluded
+    flops: int  # forward + backward, teacher and recomputation included
+    student_params: int
+    trainable_params: int
+    teacher_params: int
+    block_params: int  # the largest transformer block
+    root_params: int  # student parameters outside the transformer blocks
+    clip_width: int  # 0 without CLIP
+    pairs: int  # the micro-batch
+
+
+def trace_micro_step(cfg: PretrainConfig, bf16: bool) -> MicroStep:
+    """`cfg` (one rank's micro-batch: see vtp_fast.train.profile.micro_config) traced with its
+    run.activation_checkpointing, with bf16 autocast emulated when `bf16`."""
+    autocast = EmulatedAutocast if bf16 else contextlib.nullcontext
+    t, batch = meta_step(cfg)
+    sched = schedules(cfg, 0)
+    with autocast():  # FLOPs in their own pass: FlopCounterMode keeps recomputed activations alive
+        flops = flops_of(lambda: forward_backward(t, [batch], sched))
+    for p in t.student.parameters():  # gradients allocated, as after a first step, and counted apart
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    modules = [t.student] + ([t.teacher] if t.teacher is not None else [])
+    existing = [x for x in (*LiveBytes.state_of(*modules), *tree_leaves(vars(batch))) if isinstance(x, torch.Tensor)]
+    live = LiveBytes(existing)
+    with live, autocast():
+        forward_backward(t, [batch], sched)
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    blocks = transformer_blocks(t.model)
+    return MicroStep(
+        activation_bytes=live.peak, flops=flops,
+        student_params=count(t.student.parameters()),
+        trainable_params=count(p for p in t.student.parameters() if p.requires_grad),
+        teacher_params=count(t.teacher.parameters()) if t.teacher is not None else 0,
+        block_params=max(count(b.parameters()) for b in blocks),
+        root_params=count(t.student.parameters()) - sum(count(b.parameters()) for b in blocks),
+        clip_width=t.model.config.text_embed_dim if t.student.uses_clip else 0, pairs=cfg.batch.size)
+
+
+@dataclass
+class Option:
+    strategy: str  # ddp | fsdp
+    checkpointing: str  # none | selective | per_block
+    accumulation: int
+    micro: MicroStep
+    memory: dict[str, float]  # GiB per GPU by part
+    compute_s: float
+    comm_s: float
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_s(self) -> float:
+        return max(self.compute_s, self.comm_s)
+
+
+def option(cfg: PretrainConfig, gpu: GPU, gpus: int, strategy: str, checkpointing: str, accumulation: int,
+           micro: MicroStep) -> Option:
+    m, n = micro, gpus
+    compute = 2 if gpu_bf16(cfg) else 4  # bytes per parameter gathered by FSDP2
+    if strategy == "fsdp":
+        memory = {"parameters": (m.student_params + m.teacher_params) * 4 / n
+                  + (2 * m.block_params + m.root_params) * compute,
+                  "gradients": m.trainable_params * 4 / n + m.block_params * 4,
+                  "optimizer": m.trainable_params * 8 / n}
+    else:
+        memory = {"parameters": (m.student_params + m.teacher_params) * 4,
+                  "gradients": m.trainable_params * 4 * (2 if n > 1 else 1),
+                  "optimizer": m.trainable_params * 8}
+    memory["activations"] = m.activation_bytes
+    memory["clip gather"] = 2 * 2 * 4 * m.clip_width * m.pairs * (n - 1) if n > 1 else 0
+    busbw = gpu.nvlink_busbw if n <= GPUS_PER_NODE else gpu.network_busbw
+    share = (n - 1) / n
+    if strategy == "fsdp":
+        traffic = accumulation * share * ((2 * m.student_params + m.teacher_params) * compute
+                                          + m.trainable_params * 4)
+    else:
+        traffic = 2 * share * m.trainable_params * 4
+    return Option(strategy, checkpointing, accumulation, micro, {k: v / GIB for k, v in memory.items()},
+                  compute_s=m.flops * accumulation / (gpu.peak_flops * STEP_EFFICIENCY), comm_s=traffic / busbw)
+
+
+@dataclass
+class Plan:
+    cfg: PretrainConfig
+    gpu: GPU
+    gpus: int
+    options: list[Option]
+
+    @property
+    def best(self) -> Option | None:
+        """The fastest option that fits; ties go to DDP, fewer micro-steps, less recomputation."""
+        fit = [o for o in self.options if o.total_gib <= USABLE * self.gpu.memory_gib]
+        order = {"none": 0, "selective": 1, "per_block": 2}
+        return min(fit, key=lambda o: (round(o.step_s, 4), o.strategy != "ddp", o.accumulation,
+                                       order[o.checkpointing]), default=None)
+
+
+def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: int = 16) -> Plan:
+    """Every option up to the first micro-step count at which one fits without activation checkpointing (more
+    micro-steps only add overhead), each micro-batch traced once per activation checkpointing mode."""
+    if gpu not in GPUS:
+        raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)}")
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: must be >= 1")
+    g = GPUS[gpu]
+    strategies = ("ddp", "fsdp") if gpus > 1 else ("ddp",)
+    options: list[Option] = []
+    traced = cache(lambda acc, ac: trace_micro_step(_with_checkpointing(micro_config(cfg, gpus, acc), ac),
+                                                    gpu_bf16(cfg)))
+    accumulation, tried = 1, False
+    while accumulation <= max_accumulation:
+        try:
+            micro_config(cfg, gpus, accumulation)
+        except ConfigError:
+            if not tried:
+                raise
+            break  # the batch does not split further
+        tried = True
+        for ac in ("none", "selective", "per_block"):
+            options += [option(cfg, g, gpus, s, ac, accumulation, traced(accumulation, ac)) for s in strategies]
+        if any(o.total_gib <= USABLE * g.memory_gib and o.checkpointing == "none" and o.accumulation == accumulation
+               for o in options):
+            break
+        accumulation *= 2
+    return Plan(cfg, g, gpus, options)
+
+
+def gpu_bf16(cfg: PretrainConfig) -> bool:
+    """Whether the run computes in bf16 on a GPU (run.precision auto means bf16 there)."""
+    return cfg.run.precision in ("auto", "bf16")
+
+
+def _with_checkpointing(cfg: PretrainConfig, mode: str) -> PretrainConfig:
+    cfg.run.activation_checkpointing = mode
+    return cfg
+
+
+class DoesNotFit(UserError, RuntimeError):
+    """No option fits in the GPU's memory."""
+
+
+def report(p: Plan) -> str:
+    """The options as a markdown table, the recommendation (or why nothing fits) and the assumptions."""
+    c, usable = p.cfg, USABLE * p.gpu.memory_gib
+    per_rank = c.batch.size // p.gpus
+    head = (f"# plan: {c.model.preset} on {p.gpus} x {p.gpu.name}\n\nglobal batch {c.batch.size} pairs (SSL "
+            f"{c.batch.ssl}, reconstruction {c.batch.rec}), {per_rank} per GPU, {c.data.image_size} px, "
+            f"{c.ssl.prototypes} prototypes, precision {c.run.precision}; usable memory {usable:.0f} GiB of "
+            f"{p.gpu.memory_gib:.0f}\n")
+    parts = list(p.options[0].memory)
+    cols = ["wrapper", "act. checkpointing", "micro-steps x pairs", *parts, "total GiB", "fits", "step s",
+            "images/s"]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    best = p.best
+    for o in p.options:
+        mark = " **(recommended)**" if o is best else ""
+        rows.append("| " + " | ".join([
+            o.strategy.upper().replace("FSDP", "FSDP2") + mark, o.checkpointing, f"{o.accumulation} x {o.micro.pairs}",
+            *(f"{o.memory[k]:.1f}" for k in parts), f"{o.total_gib:.1f}",
+            "yes" if o.total_gib <= usable else "no", f"{o.step_s:.2f}",
+            f"{c.batch.size / o.step_s:,.0f}"]) + " |")
+    if best is not None:
+        verdict = (f"recommended: {best.strategy.upper().replace('FSDP', 'FSDP2')}, activation checkpointing "
+                   f"{best.checkpointing}, {best.accumulation} micro-step(s) of {best.micro.pairs} pairs per GPU: "
+                   f"{best.total_gib:.1f} GiB, about {best.step_s:.2f} s per step ({c.batch.size / best.step_s:,.0f} "
+                   f"images/s; compute {best.compute_s:.2f} s, communication {best.comm_s:.2f} s)\n"
+                   f"  run.distributed={best.strategy} run.activation_checkpointing={best.checkpointing} "
+                   f"batch.accumulation={best.accumulation}")
+    else:
+        verdict = "nothing fits: " + _why(p, usable)
+    notes = (f"Modelled, not measured: activations traced on the meta device with the reference ops; step time at "
+             f"{STEP_EFFICIENCY:.0%} of {p.gpu.peak_flops / 1e12:.0f} TFLOP/s; {p.gpu.source}."
+             + (" LPIPS (VGG16) is not counted." if c.objective.perceptual > 0 else ""))
+    return "\n".join([head, *rows, "", verdict, "", notes]) + "\n"
+
+
+def _why(p: Plan, usable: float) -> str:
+    least = min(p.options, key=lambda o: o.total_gib)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in least.memory.items())
+    return (f"the smallest option ({least.strategy}, activation checkpointing {least.checkpointing}, "
+            f"{least.accumulation} micro-step(s) of {least.micro.pairs} pairs) needs {least.total_gib:.1f} GiB "
+            f"({parts}) of {usable:.0f} usable; use more GPUs, a smaller batch or a smaller model")
+
+
+def check(p: Plan) -> None:
+    """Refuse a plan with no option that fits."""
+    if p.best is None:
+        raise DoesNotFit(f"{p.cfg.model.preset} on {p.gpus} x {p.gpu.name}: " + _why(p, USABLE * p.gpu.memory_gib))
