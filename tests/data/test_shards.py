@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tests.helpers import assert_batches_equal, make_prepared_emoji
+from vtp_fast.config import ConfigError
 from vtp_fast.data import pairs as pairs_mod
 from vtp_fast.data.batch import BatchShape
 from vtp_fast.data.pairs import (
@@ -105,6 +106,37 @@ def test_ranks_cover_every_sample_once_per_epoch_and_resume(emoji_shards):
     a, b = ranks[1][3], again[3]
     assert_batches_equal(a, b)
     assert a.images.shape == (3, 3, 32, 32) and a.global_crops.shape == (2, 3, 32, 32)
+
+
+def test_resampled_groups_read_one_shard_each_and_do_not_depend_on_the_world_size(emoji_shards):
+    """Issue 13: the resampled mode draws, per virtual group, a run of consecutive samples of one shard (with
+    replacement: no epochs), as a function of (seed, step, group): 1 or 2 ranks see the same global batch, and a
+    fresh object (a resumed run) the same batches."""
+    _, out = emoji_shards
+    source = ShardSource(ShardSet(str(out)), 32, 16)  # 24 samples in shards of 10, 10, 4
+    offsets = source.offsets.tolist()
+    shape = BatchShape(size=8, ssl=4, rec=4, patch=16, groups=4)  # 4 groups of 2: SSL + reconstructed first
+    one = StepBatches(source, shape, VIEWS, seed=5, sampling="resampled")
+    halves = BatchShape(size=4, ssl=2, rec=2, patch=16, groups=2)
+    two = [StepBatches(source, halves, VIEWS, seed=5, rank=r, world=2, sampling="resampled") for r in range(2)]
+    seen = set()
+    for step in range(6):
+        ids, epochs = one.positions(step)
+        assert (epochs == step).all()
+        # one's slice is SSL samples of the 4 groups, then their other samples; the groups' runs:
+        runs = torch.stack([ids[:4], ids[4:]], 1)
+        for a, b in runs.tolist():
+            shard = int(np.searchsorted(offsets, a, side="right")) - 1
+            lo, hi = offsets[shard], offsets[shard + 1]
+            assert lo <= b < hi and b == lo + (a - lo + 1) % (hi - lo)  # consecutive within one shard, wrapping
+        seen.add(tuple(ids.tolist()))
+        split = [r.positions(step)[0] for r in two]  # rank r holds groups 2r, 2r + 1
+        assert torch.equal(torch.stack([torch.cat([s[:2] for s in split]), torch.cat([s[2:] for s in split])], 1),
+                           runs)
+    assert len(seen) == 6  # fresh draws every step
+    assert_batches_equal(one[3], StepBatches(source, shape, VIEWS, seed=5, sampling="resampled")[3])
+    with pytest.raises(ConfigError, match="unknown sampling"):
+        StepBatches(source, shape, VIEWS, seed=5, sampling="bootstrap")
 
 
 def test_windowed_shuffle_is_a_permutation(monkeypatch):

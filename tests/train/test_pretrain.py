@@ -335,3 +335,19 @@ def test_export_turns_either_checkpoint_format_into_the_published_layout(emoji_r
     with pytest.raises(CheckpointError, match="holds modules this run does not have"):
         pretrain(small_config(emoji_root, tmp_path / "sharded", "run.steps=4", "run.resume=auto",
                               "objective.dino=0", "objective.ibot=0", "objective.koleo=0"))
+
+
+def test_resampled_sampling_trains_and_resumes_exactly(emoji_root, tmp_path):
+    """data.sampling=resampled (no epochs; groups drawn with replacement) keeps exact resume: its batches are a
+    function of (seed, step) alone."""
+    extra = ("run.steps=4", "run.checkpoint_every=2", "data.sampling=resampled", "run.eval_every=100")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain(small_config(emoji_root, straight, *extra))
+    pretrain(small_config(emoji_root, split, *extra, "run.stop_at=2"))
+    pretrain(small_config(emoji_root, split, *extra, "run.resume=auto"))
+    strip = lambda rows: [{k: v for k, v in x.items() if k.startswith("loss/") or k == "step"} for x in rows]  # noqa: E731
+    assert [r["step"] for r in loss_rows(split)] == [1, 2, 3, 4]
+    assert strip(loss_rows(split)) == strip(loss_rows(straight))
+    epochs = tmp_path / "epochs"  # the option reaches the batches: the epoch-shuffled run sees other samples
+    pretrain(small_config(emoji_root, epochs, "run.steps=4", "run.stop_at=1", "run.eval_every=100"))
+    assert loss_rows(epochs)[0]["loss/total"] != loss_rows(straight)[0]["loss/total"]

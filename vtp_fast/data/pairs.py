@@ -2,8 +2,13 @@
 
 `StepBatches[step]` is this rank's share of the global batch of `step`: a deterministic function of (seed,
 step, rank), so a resumed run continues with exactly the batches it would have seen, and any number of
-DataLoader workers produce the same data. The global batch of step s holds positions [s * G, (s + 1) * G) of an
-endless stream of per-epoch shuffles of the data set (`epoch_order`); rank r takes its contiguous slice of it.
+DataLoader workers produce the same data. Two ways to draw it (`data.sampling`):
+  epochs     the global batch of step s holds positions [s * G, (s + 1) * G) of an endless stream of per-epoch
+             shuffles of the data set (`epoch_order`); rank r takes its contiguous slice of it
+  resampled  for data sets too large to go through in epochs: each virtual group of the global batch (BatchShape)
+             reads a contiguous run of samples from one shard drawn with replacement, from a random offset
+             (wrapping), a function of (seed, step, group) alone: no epoch bookkeeping, reads that stay within a
+             shard, and the same global batch on any number of ranks
 
 Sources: `PairSet` (decoded images in memory: the emoji set, synthetic data) and `ShardSource` (WebDataset
 shards decoded per sample). A sample that cannot be used (corrupt image, missing, empty or non-UTF-8 caption) is
@@ -95,6 +100,11 @@ class PairSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def offsets(self) -> list[int]:
+        """One "shard" holding every sample (the resampled mode's unit)."""
+        return [0, len(self)]
+
 
 class ShardSource:
     """Samples of WebDataset shards, decoded on demand (PIL): the plain image is the full image resized (shorter
@@ -107,6 +117,11 @@ class ShardSource:
 
     def __len__(self) -> int:
         return len(self.shards)
+
+    @property
+    def offsets(self):
+        """(shards + 1,): the first sample id of every shard, then the total."""
+        return self.shards.offsets
 
     def count_usable(self) -> int:
         """Check every sample as `encoded` does (caption, image header, PNG checksums; no pixels decoded) and return
@@ -297,10 +312,14 @@ def pick_decoder(name: str) -> str:
     return "nvjpeg" if torch.cuda.is_available() else "torchvision"
 
 
+SAMPLING = ("epochs", "resampled")
+_RESAMPLED = 0x5E5A  # tags the resampled mode's seeds
+
+
 class StepBatches(Dataset):
     def __init__(self, source, shape: BatchShape, views: ViewConfig, *, seed: int, rank: int = 0,
                  world: int = 1, steps: int = 1 << 40, trim_text: bool = False, decoder: str = "torchvision",
-                 dali_threads: int = 2, dali_device: str | None = None):
+                 dali_threads: int = 2, dali_device: str | None = None, sampling: str = "epochs"):
         """source: a PairSet or ShardSource; trim_text: cut token padding beyond the batch's longest caption
         (see `trim_tokens`); decoder (shards): "torchvision" (PIL on the CPU), "nvjpeg" (torchvision's GPU JPEG
         decoder, views on the GPU) or "dali" (vtp_fast.data.dali); see `assemble` for images a decoder fails
@@ -308,7 +327,9 @@ class StepBatches(Dataset):
         (default: "gpu" when CUDA is available), where the DALI decoder runs."""
         if decoder not in DECODERS:
             raise ConfigError(f"unknown decoder {decoder!r} (choices: {', '.join(DECODERS)})")
-        self.source, self.shape, self.views, self.trim_text = source, shape, views, trim_text
+        if sampling not in SAMPLING:
+            raise ConfigError(f"unknown sampling {sampling!r} (choices: {', '.join(SAMPLING)})")
+        self.source, self.shape, self.views, self.trim_text, self.sampling = source, shape, views, trim_text, sampling
         self.seed, self.rank, self.world, self.steps = seed, rank, world, steps
         self.decoder = decoder if isinstance(source, ShardSource) else "torchvision"
         self._dali, self._dali_threads, self._dali_device = None, dali_threads, dali_device
@@ -325,7 +346,11 @@ class StepBatches(Dataset):
 
     def positions(self, step: int) -> tuple[Tensor, Tensor]:
         """This rank's (sample ids, epochs) for `step`, each (size,): its contiguous slice of the global batch,
-        ordered SSL samples first, then the other reconstructed ones, then the rest (see `_local_order`)."""
+        ordered SSL samples first, then the other reconstructed ones, then the rest (see `_local_order`). In the
+        resampled mode the "epoch" of every sample is the step (views are drawn afresh at every draw)."""
+        if self.sampling == "resampled":
+            ids = self._resampled(step)
+            return ids, torch.full_like(ids, step)
         n, local = len(self.source), self.shape.size
         start = (step * self.world + self.rank) * local
         pos = (start + self._local_order())
@@ -335,6 +360,22 @@ class StepBatches(Dataset):
             sel = epochs == e
             ids[sel] = epoch_order(self.seed, e, n, pos[sel] % n)
         return ids, epochs
+
+    def _resampled(self, step: int) -> Tensor:
+        """This rank's virtual groups (global indices rank * groups ...), each a run of consecutive samples of one
+        shard (drawn uniformly among the non-empty ones) from a random offset, wrapping within the shard."""
+        bounds = torch.as_tensor(self.source.offsets)
+        starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+        starts, lengths = starts[lengths > 0], lengths[lengths > 0]
+        g = self.shape.groups
+        per = self.shape.size // g
+        runs = []
+        for group in range(self.rank * g, (self.rank + 1) * g):
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, _RESAMPLED, step, group))
+            k = int(torch.randint(len(starts), (1,), generator=gen))
+            offset = int(torch.randint(int(lengths[k]), (1,), generator=gen))
+            runs.append(starts[k] + (offset + torch.arange(per)) % lengths[k])
+        return torch.cat(runs)[self._local_order()]
 
     def _local_order(self) -> Tensor:
         """The slice's positions as `shape.groups` virtual groups of consecutive positions, each with its first

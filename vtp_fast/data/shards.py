@@ -245,6 +245,11 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    @property
+    def offsets(self) -> np.ndarray:
+        """(shards + 1,): the first sample id of every shard, then the total."""
+        return self._offsets
+
     def locate(self, i: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
         return shard, i - int(self._offsets[shard])

@@ -115,6 +115,7 @@ class DataConfig:
     image_size: int = 64
     eval_images: int = 512
     num_workers: int = 0
+    sampling: Literal["epochs", "resampled"] = "epochs"  # resampled: shards drawn with replacement (data/pairs.py)
     synthetic: bool = False  # random pixels and tokens instead of the emoji set (benchmarks, profiles, GPUs offline)
     emoji: EmojiConfig = field(default_factory=EmojiConfig)
 

@@ -85,7 +85,7 @@ class PretrainJob(Job):
         data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=dist.rank(),
                            world=dist.world_size(), steps=cfg.run.steps * cfg.batch.accumulation,
                            trim_text=t.causal_text, decoder=decoder, dali_threads=cfg.data.dali_threads,
-                           dali_device="gpu" if self.device.type == "cuda" else "cpu")
+                           dali_device="gpu" if self.device.type == "cuda" else "cpu", sampling=cfg.data.sampling)
         on_gpu = decoder == "nvjpeg" or (decoder == "dali" and self.device.type == "cuda")  # decodes in-process
         loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
                             num_workers=0 if on_gpu else cfg.data.num_workers,
