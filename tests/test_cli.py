@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,12 +85,11 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(problem, ckpt_dir, image
     out.mkdir()
     (out / "img0_recon.png").write_bytes(b"keep me")
     imgs = list(images)
-    expect = {"size": "not a multiple of the patch size 16", "unreadable": "unreadable image",
-              "missing": "no such file", "pickle": "pickle", "truncated": "truncated",
+    expect = {"size": "--size 100: must be a multiple of the patch size 16 (e.g. 96 or 112)",
+              "unreadable": "unreadable image", "missing": "no such file", "pickle": "pickle", "truncated": "truncated",
               "missing_key": "missing keys (1): trunk.norm.weight"}[problem]
     if problem == "size":
-        Image.new("RGB", (40, 33)).save(tmp_path / "odd.png")
-        imgs.append(str(tmp_path / "odd.png"))
+        imgs += ["--size", "100"]
     elif problem == "unreadable":
         (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
         imgs.append(str(tmp_path / "bad.png"))
@@ -114,6 +114,95 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(problem, ckpt_dir, image
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["img0_recon.png"]
     assert (out / "img0_recon.png").read_bytes() == b"keep me"
+
+
+def _photo(path, w, h, seed=0):
+    """A smooth image (a reconstructable gradient with noise) of w x h."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1) + rng.normal(0, 4, (h, w, 3))
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("resize, size", [("pad", (600, 400)), ("crop", (592, 400)), ("fit", (300, 200))])
+def test_photos_of_any_size_are_reconstructed(resize, size, ckpt_dir, tmp_path, capsys):
+    photo = _photo(tmp_path / "photo.jpg", 600, 400)
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(photo), "--checkpoint", str(ckpt_dir), "--out", str(out), "--resize", resize,
+                 "--max-side", "300"]) == 0
+    assert Image.open(out / "photo_recon.png").size == size
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_folders_and_mixed_sizes(ckpt_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "trip").mkdir(parents=True)
+    (folder / ".thumbs").mkdir()
+    _photo(folder / "a.png", 48, 32)
+    _photo(folder / "trip" / "b.jpg", 40, 33)
+    _photo(folder / "trip" / "c.png", 48, 32, seed=1)
+    _photo(folder / ".thumbs" / "hidden.png", 16, 16)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "z.safetensors"
+    assert main(["encode", str(folder), "--checkpoint", str(ckpt_dir), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 images found in 1 path(s)" in text
+    tensors = load_file(out)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"latents.2x3": (2, 64, 2, 3),
+                                                                "latents.3x3": (1, 64, 3, 3)}
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        index = {Path(r["file"]).name: r for r in json.loads(f.metadata()["files"])}
+    assert index["b.jpg"]["key"] == "latents.3x3" and index["b.jpg"]["size"] == [40, 33]
+    assert {index["a.png"]["row"], index["c.png"]["row"]} == {0, 1}
+    recon = tmp_path / "recon"
+    assert main(["reconstruct", str(folder), "--checkpoint", str(ckpt_dir), "--out", str(recon)]) == 0
+    assert "no grid: the images differ in size" in capsys.readouterr().out
+    assert Image.open(recon / "b_recon.png").size == (40, 33)
+
+
+@pytest.mark.parametrize("device, expect", [("gpu", "--device: 'gpu' is not a device"),
+                                            ("cuda", "--device: cuda requested but no CUDA device is visible")])
+def test_device_errors_name_the_option(device, expect, ckpt_dir, images, tmp_path):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    r = run_cli("reconstruct", *images, "--checkpoint", str(ckpt_dir), "--out", str(tmp_path), "--device", device)
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+
+
+def test_large_images_are_announced_with_an_estimated_time(ckpt_dir, tmp_path, capsys, monkeypatch):
+    import vtp_fast.cli as cli
+
+    monkeypatch.setattr(cli, "PIXEL_BUDGET", 40 * 40)
+    photo = _photo(tmp_path / "big.png", 64, 48)
+    assert main(["reconstruct", str(photo), "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: 1 image\(s\) above .* big.png \(64x48\); about [\d.]+ min on cpu", err), err
+
+
+def test_a_stopped_run_leaves_no_temp_folder(ckpt_dir, tmp_path):
+    """SIGTERM (what `kill` and job schedulers send) unwinds like Ctrl-C: the staging folder is removed."""
+    import signal
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        _photo(folder / f"{i:03d}.png", 64, 64, seed=i)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "vtp_fast.cli", "reconstruct", str(folder), "--checkpoint",
+                             str(ckpt_dir), "--out", str(out), "--batch", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob(".reconstruct-*/*.png")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "finished before it could be stopped"
+    assert not list(out.glob(".reconstruct-*")) and not list(out.iterdir())
+    assert "Traceback" not in err
 
 
 def test_bad_config_key_is_one_line(tmp_path):
@@ -173,3 +262,44 @@ def test_only_the_projects_own_errors_are_one_line(error, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"vtp-fast: error: {str(raised)}"]
     assert isinstance(raised, UserError) or error in ("image", "checkpoint")  # those two: see cli.user_errors
+
+
+def _parsers(parser, path=("vtp-fast",)):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_option_has_a_help_line_that_shows_its_default():
+    from vtp_fast.cli import build_parser
+
+    missing, silent = [], []
+    for path, parser in _parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            name = f"{' '.join(path)} {action.option_strings or action.dest}"
+            if action.dest == "help" or isinstance(action.choices, dict):  # -h, the subcommand list
+                continue
+            if not action.help:
+                missing.append(name)
+            has_default = action.default is not None and action.default is not False and action.default != []
+            if has_default and "default" not in action.help and "%(default)" not in formatter._get_help_string(action):
+                silent.append(name)
+    assert not missing, missing
+    assert not silent, silent
+
+
+def test_overrides_may_follow_options():
+    """`vtp-fast pretrain --resume auto run.steps=3`: dotted overrides after an option are overrides, not an
+    error; a command without overrides still refuses them."""
+    from vtp_fast.cli import parse
+
+    args = parse(["pretrain", "--resume", "auto", "run.steps=3", "--config", "a.yaml", "objective.clip=0"])
+    assert args.resume == "auto" and args.overrides == ["run.steps=3", "objective.clip=0"]
+    assert args.config == ["a.yaml"]
+    with pytest.raises(SystemExit):
+        parse(["export", "ckpt", "--out", "x", "run.steps=3"])  # export takes no overrides

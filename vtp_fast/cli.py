@@ -1,11 +1,17 @@
-"""The `vtp-fast` command."""
+"""vtp-fast: pre-train VTP-style visual tokenizers (a ViT autoencoder trained with reconstruction, CLIP and
+DINOv2-style self-supervision) and judge them by the images a diffusion model generates from their latents.
+
+Start with README.md (quick start: `make train`, `make test`); `vtp-fast COMMAND --help` lists a command's options
+with their defaults. Errors about your input print one line (VTP_FAST_DEBUG=1 shows the traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,25 +76,99 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- images io
-def _load_images(paths: Sequence[str], patch: int, size: int | None):
-    """Every image first (so a bad one fails before anything is written): list of (3, H, W) in [0, 1]."""
-    from vtp_fast.data.images import ImageError, load_image
-
-    images = []
-    for p in paths:
-        img = load_image(p, size)
-        if img.shape[1] % patch or img.shape[2] % patch:
-            raise ImageError(f"{p}: size {img.shape[2]}x{img.shape[1]} is not a multiple of the patch size "
-                             f"{patch}; pass --size N to resize and center-crop")
-        images.append(img)
-    return images
+PIXEL_BUDGET = 4_000_000  # pixels per image above which the time it will take is estimated and said first
 
 
 def _model(args: argparse.Namespace):
     from vtp_fast.models.pretrained import load_pretrained
     from vtp_fast.train.common import pick_device
 
-    return load_pretrained(args.checkpoint, device=pick_device(args.device or "auto"))
+    model = load_pretrained(args.checkpoint, device=pick_device(args.device or "auto", option="--device"))
+    return model.requires_grad_(False)
+
+
+def _inputs(args: argparse.Namespace, patch: int) -> list[tuple[Path, tuple[int, int]]]:
+    """The images named (files, folders searched recursively) with their (W, H), read from the headers only and
+    ordered by size (so that equal sizes batch together); every header is checked before any work starts."""
+    from PIL import Image
+
+    from vtp_fast.data.images import ImageError, find_images, open_rgb
+
+    if args.size is not None and (args.size < patch or args.size % patch):
+        lo = max(patch, args.size // patch * patch)
+        raise InputError(f"--size {args.size}: must be a multiple of the patch size {patch} (e.g. {lo} or "
+                         f"{lo + patch})")
+    paths = find_images(args.images)
+    if len(paths) != len(args.images):
+        print(f"{len(paths)} images found in {len(args.images)} path(s)")
+    sized = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                sized.append((p, img.size))
+        except Exception:  # noqa: BLE001 - open_rgb says what is wrong with it, naming the file
+            open_rgb(p)
+            raise ImageError(f"{p}: unreadable image") from None
+    return sorted(sized, key=lambda ps: (ps[1][1], ps[1][0]))
+
+
+def _fitted_size(wh: tuple[int, int], args: argparse.Namespace, patch: int) -> tuple[int, int]:
+    """(W, H) the model sees for an input of size `wh` (vtp_fast.data.images.Fitted's rules)."""
+    if args.size is not None:
+        return args.size, args.size
+    w, h = wh
+    if args.resize == "fit" and max(w, h) > args.max_side:
+        scale = args.max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    if args.resize == "crop":
+        return max(patch, w // patch * patch), max(patch, h // patch * patch)
+    return -(-w // patch) * patch, -(-h // patch) * patch
+
+
+def _warn_large(model, sized, args: argparse.Namespace, patch: int) -> None:
+    """Say, before starting, which images are above PIXEL_BUDGET and about how long they will take (from two
+    timed calibration runs: time = a * tokens + b * tokens^2, attention being quadratic)."""
+    import time
+
+    import torch
+
+    large = [(p, _fitted_size(wh, args, patch)) for p, wh in sized]
+    large = [(p, wh) for p, wh in large if wh[0] * wh[1] > PIXEL_BUDGET]
+    if not large:
+        return
+    times = []
+    for side in (8 * patch, 16 * patch):
+        x = torch.zeros(1, 3, side, side, device=model.pixel_mean.device)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.decode(model.encode(x))
+            times.append(time.perf_counter() - start)
+    n1, n2 = 64, 256  # tokens of the two runs
+    b = max(0.0, (times[1] / n2 - times[0] / n1) / (n2 - n1))
+    a = max(0.0, times[0] / n1 - b * n1)
+    total = 0.0
+    for _, (w, h) in large:
+        n = (w // patch) * (h // patch)
+        total += a * n + b * n * n
+    names = ", ".join(f"{p.name} ({w}x{h})" for p, (w, h) in large[:3]) + (" ..." if len(large) > 3 else "")
+    print(f"warning: {len(large)} image(s) above {PIXEL_BUDGET / 1e6:.0f} MP as the model sees them: {names}; "
+          f"about {total / 60:.1f} min on {model.pixel_mean.device.type} for those "
+          f"(--resize fit --max-side 1024 downscales them first)", file=sys.stderr, flush=True)
+
+
+def _batches(sized, args: argparse.Namespace, patch: int, batch: int):
+    """Yield lists of (path, Fitted) of one fitted size, at most `batch` images each, decoding as they come."""
+    from vtp_fast.data.images import Fitted, open_rgb
+
+    group: list = []
+    for p, wh in sized:
+        if group and (len(group) == batch or _fitted_size(wh, args, patch) != group[0][2]):
+            yield [(q, f) for q, f, _ in group]
+            group = []
+        fitted = Fitted(open_rgb(p), patch, args.resize, args.size, args.max_side)
+        group.append((p, fitted, _fitted_size(wh, args, patch)))
+    if group:
+        yield [(q, f) for q, f, _ in group]
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -100,31 +180,39 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from vtp_fast.plots import image_grid
 
     model = _model(args)
-    images = _load_images(args.images, model.config.vision_patch_size, args.size)
+    patch = model.config.vision_patch_size
+    sized = _inputs(args, patch)
+    _warn_large(model, sized, args, patch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows, shown = [], []
     with temp_dir(out, prefix=".reconstruct-", perms=0o700) as staging:  # each file is moved into `out` whole
-        pairs = []
-        with torch.no_grad():
-            for path, img in tqdm(list(zip(args.images, images, strict=True)), desc="reconstruct", unit="img",
-                                  disable=len(images) < 4):
-                x = model.normalize(img[None].to(model.pixel_mean.device))
-                rec = model.denormalize(model.decode(model.encode(x))).clamp(0, 1).cpu()
-                name = f"{Path(path).stem}_recon.png"
-                save_image(rec[0], staging / name)
-                pairs.append((path, name, img, rec[0], psnr(rec, img[None]).item()))
-        shapes = {tuple(p[2].shape) for p in pairs}
-        if len(shapes) == 1:
-            image_grid([torch.stack([p[2] for p in pairs]), torch.stack([p[3] for p in pairs])],
+        bar = tqdm(total=len(sized), desc="reconstruct", unit="img", disable=len(sized) < 2)
+        for group in _batches(sized, args, patch, args.batch):
+            x = torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
+            with torch.inference_mode():
+                rec = model.denormalize(model.decode(model.encode(model.normalize(x)))).clamp(0, 1).cpu()
+            for (path, fitted), r, original in zip(group, rec, x.cpu(), strict=True):
+                r, original = fitted.restore(r), fitted.restore(original)
+                name = f"{path.stem}_recon.png"
+                save_image(r, staging / name)
+                rows.append((path, name, psnr(r[None], original[None]).item()))
+                shown.append((original, r))
+            bar.update(len(group))
+        bar.close()
+        same = len({tuple(o.shape) for o, _ in shown}) == 1
+        if same and len(shown) <= 64:
+            image_grid([torch.stack([o for o, _ in shown]), torch.stack([r for _, r in shown])],
                        staging / "grid.png")
         for f in staging.iterdir():
             os.replace(f, out / f.name)
-    for path, name, _, _, value in pairs:
+    for path, name, value in rows:
         print(f"{path}: PSNR {value:.2f} dB -> {out / name}")
-    if len(shapes) == 1:
+    if same and len(shown) <= 64:
         print(f"grid (originals above, reconstructions below): {out / 'grid.png'}")
     else:
-        print("no grid: the images differ in size (pass --size N for one)")
+        print("no grid: " + ("the images differ in size (--size N gives them one)" if not same else
+                             f"{len(shown)} images (a grid shows at most 64)"))
     return 0
 
 
@@ -133,19 +221,41 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     import torch
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     model = _model(args)
-    images = _load_images(args.images, model.config.vision_patch_size, args.size)
-    if len({tuple(i.shape) for i in images}) != 1:
-        raise InputError("the images differ in size; pass --size N to resize and center-crop them all")
-    with torch.no_grad():
-        x = model.normalize(torch.stack(images).to(model.pixel_mean.device))
-        latents = torch.cat([model.encode(x[i:i + 64]) for i in range(0, len(x), 64)]).cpu().contiguous()
+    patch = model.config.vision_patch_size
+    sized = _inputs(args, patch)
+    _warn_large(model, sized, args, patch)
+    groups: dict[str, list] = {}  # "HxW" of the latents -> their tensors
+    index = []  # per input file: (key, row, original W x H)
+    bar = tqdm(total=len(sized), desc="encode", unit="img", disable=len(sized) < 2)
+    for group in _batches(sized, args, patch, args.batch):
+        x = torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
+        with torch.inference_mode():
+            z = model.encode(model.normalize(x)).cpu()
+        key = f"{z.shape[2]}x{z.shape[3]}"
+        for (path, fitted), latent in zip(group, z, strict=True):
+            index.append({"file": str(path), "key": key, "row": len(groups.setdefault(key, [])),
+                          "size": list(fitted.original), "box": fitted.box})
+            groups[key].append(latent)
+        bar.update(len(group))
+    bar.close()
+    tensors = {(f"latents.{k}" if len(groups) > 1 else "latents"): torch.stack(v).contiguous()
+               for k, v in groups.items()}
+    if len(groups) == 1:
+        for row in index:
+            row["key"] = "latents"
+    else:
+        for row in index:
+            row["key"] = f"latents.{row['key']}"
     out = Path(args.out)
     with atomic_path(out) as tmp:
-        save_file({"latents": latents}, str(tmp), metadata={"files": json.dumps(list(args.images)),
-                                                             "checkpoint": str(args.checkpoint)})
-    print(f"latents {tuple(latents.shape)} -> {out}")
+        save_file(tensors, str(tmp), metadata={"files": json.dumps(index), "checkpoint": str(args.checkpoint),
+                                               "resize": str(args.size or args.resize)})
+    print(", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + f" -> {out}"
+          + (" (one tensor per latent size; metadata 'files' maps each image to its key and row)"
+             if len(tensors) > 1 else ""))
     return 0
 
 
@@ -391,9 +501,32 @@ def cmd_kernels_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help line (unless it has none, is a flag, or the help states it);
+    descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Commands:
+    """Subcommands that show their defaults and repeat their one-line help as their description."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def add_parser(self, name: str, *, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
+        return self.action.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtp-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="vtp-fast", description=__doc__, formatter_class=_Help)
+    sub = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                          title="commands"))
 
     p = sub.add_parser("info", help="versions, device, native extension, resolved op backends")
     p.add_argument("--device", choices=("cpu", "cuda"), help="resolve the ops for this device")
@@ -402,11 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (("reconstruct", cmd_reconstruct, "encode + decode images, PSNR per image"),
                                   ("encode", cmd_encode, "encode images to latents in a safetensors file")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("images", nargs="+", help="image files")
+        p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
         p.add_argument("--checkpoint", required=True, help="a directory with config.json + model.safetensors")
         p.add_argument("--out", required=True,
                        help="output directory" if name == "reconstruct" else "output .safetensors file")
-        p.add_argument("--size", type=int, help="resize (shorter side) and center-crop to SIZE x SIZE")
+        p.add_argument("--resize", choices=("pad", "crop", "fit"), default="pad",
+                       help="sizes that are not multiples of the patch size: pad (reflect-pad, cropped back after "
+                            "decoding), crop (centre-crop to the multiple below), fit (downscale to --max-side, "
+                            "then pad)")
+        p.add_argument("--max-side", type=int, default=1024, help="--resize fit: the longest side, in pixels")
+        p.add_argument("--size", type=int, help="instead of --resize: shorter side to SIZE, centre-cropped to SIZE x "
+                                                "SIZE (a multiple of the patch size)")
+        p.add_argument("--batch", type=int, default=16, help="images of one size encoded at once")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.set_defaults(func=func)
 
@@ -446,9 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="emoji", help="emoji[:styles], fashion-mnist[:test], or a shards directory")
     p.add_argument("--out", required=True, help="output directory (latent shards + meta.json)")
     p.add_argument("--size", type=int, help="image size (default: the tokenizer's)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=128, help="images encoded at once")
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped copies")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_extract_latents)
 
     p = sub.add_parser("train-dit", help="train a DiT on a latent set (rectified flow)")
@@ -460,27 +600,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a DiT, decoded with the tokenizer")
     p.add_argument("--dit", required=True, help="an exported DiT (<train-dit out_dir>/dit)")
     p.add_argument("--checkpoint", required=True, help="the tokenizer the latents came from")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (samples.npz, a grid per class)")
     p.add_argument("--classes", nargs="+", help="class names (default: every class)")
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class")
+    p.add_argument("--steps", type=int, default=50, help="ODE solver steps")
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler", help="ODE solver")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
+                   help="apply guidance only for t in [T_LO, T_HI]")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="rfid | gfid | zeroshot | probe")
-    p.add_argument("what", choices=("rfid", "gfid", "zeroshot", "probe"))
+    p.add_argument("what", choices=("rfid", "gfid", "zeroshot", "probe"),
+                   help="rfid: reconstruction FID (+ PSNR, SSIM); gfid: FID of DiT samples; zeroshot: CLIP "
+                        "accuracy on class names; probe: linear probe on frozen features")
     p.add_argument("--checkpoint", help="the tokenizer (rfid, zeroshot, probe)")
     p.add_argument("--data", default="emoji", help="the evaluation / reference set")
     p.add_argument("--test-data", default="emoji:openmoji", help="probe: the test set")
     p.add_argument("--samples", help="gfid: samples.npz from vtp-fast sample")
     p.add_argument("--n", type=int, default=1000, help="images for FID (CPU: a few per second)")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--device")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("study", help="the paper's scaling study (default: the CPU study on the emoji set)")
@@ -494,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks of bench/: every backend vs the reference and torch.compile")
     p.add_argument("names", nargs="*", help="benchmarks to run (bench/bench_<name>.py; default: all)")
-    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     p.add_argument("--out", help="append JSONL rows (device, versions, git revision) to this file")
     p.add_argument("--report", nargs="+", metavar="JSONL", help="render rows of earlier runs as a markdown table")
@@ -503,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("kernels", help="kernel tools: the ahead-of-time compile gate")
-    kernels_sub = p.add_subparsers(dest="tool", required=True)
+    kernels_sub = _Commands(p.add_subparsers(dest="tool", required=True, metavar="TOOL", title="tools"))
     q = kernels_sub.add_parser("check", help="compile every Triton kernel configuration for GPU targets (no GPU "
                                              "needed): registers, spills, shared memory, MMA kind, warnings")
     q.add_argument("--arch", default="90,80", help="compute capabilities, or 'native' for the visible GPU")
@@ -518,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_kernels_check)
 
     p = sub.add_parser("data", help="prepare bundled data sets")
-    data_sub = p.add_subparsers(dest="dataset", required=True)
+    data_sub = _Commands(p.add_subparsers(dest="dataset", required=True, metavar="DATASET", title="data sets"))
     q = data_sub.add_parser("emoji", help="fetch (npm) and render the multi-style emoji set")
     q.add_argument("--cache", help="cache directory (default $VTP_FAST_CACHE or ~/.cache/vtp_fast)")
     q.add_argument("--size", type=int, default=64, help="image size in pixels")
@@ -526,20 +669,37 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("shards", help="write WebDataset shards (img2dataset layout) with DALI index files")
     q.add_argument("source", help="'emoji', 'fashion-mnist', an image folder, or a .csv/.parquet of paths + captions")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--prefix", default="shard")
+    q.add_argument("--prefix", default="shard", help="shard file names: PREFIX-00000.tar, ...")
     q.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     q.add_argument("--styles", nargs="+", help="emoji styles (default: all four)")
     q.add_argument("--size", type=int, default=64, help="emoji image size")
     q.add_argument("--split", default="train", choices=("train", "test"), help="Fashion-MNIST split")
-    q.add_argument("--path-column", default="path")
-    q.add_argument("--caption-column", default="caption")
-    q.add_argument("--label-column")
+    q.add_argument("--path-column", default="path", help="table column of image paths (relative to the table)")
+    q.add_argument("--caption-column", default="caption", help="table column of captions")
+    q.add_argument("--label-column", help="table column of integer class labels (written as KEY.cls)")
     q.set_defaults(func=cmd_data_shards)
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; dotted overrides (key=value) may also follow options (`--resume auto run.steps=3`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in x and not x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temp folders removed, partial outputs never published
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -88,3 +88,70 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def save_image(image: Tensor, path: str | Path) -> None:
     """(3, H, W) floats in [0, 1] -> a PNG file."""
     Image.fromarray(to_uint8(image)).save(path)
+
+
+# ------------------------------------------------------------------------------------- images of any size
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def find_images(paths: list[str | Path]) -> list[Path]:
+    """Image files, and the image files under folders (recursively, sorted; hidden names skipped). A path that is
+    neither, or a folder without images, is an ImageError."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not inside:
+                raise ImageError(f"{p}: a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            found += inside
+        elif p.exists() or p.suffix:
+            found.append(p)
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    return found
+
+
+class Fitted:
+    """An image made fit for a model of patch size `patch`: `pixels` (3, H', W') in [0, 1] with H', W' multiples
+    of the patch, and `restore`, which turns the model's output at that size back into the input's geometry.
+
+    resize "pad"   reflect-pad each side to the next multiple (split evenly); restore crops the padding off, so a
+                   reconstruction has the input's size exactly
+           "crop"  centre-crop each side to the previous multiple (at most patch - 1 pixels lost per side);
+                   restore is the identity (the output is the cropped size)
+           "fit"   downscale (keeping the aspect) so the longer side is at most `max_side`, then pad as "pad";
+                   restore crops the padding (the output has the downscaled size)
+    `size` instead: shorter side resized to `size` and centre-cropped to size x size (one size for all)."""
+
+    def __init__(self, img: Image.Image, patch: int, resize: str = "pad", size: int | None = None,
+                 max_side: int = 1024):
+        self.original = img.size  # (W, H)
+        self.box: tuple[int, int, int, int] | None = None  # (top, left, height, width) of the content
+        if size is not None:
+            self.pixels = to_tensor(center_crop_resize(img, size))
+            return
+        if resize == "fit" and max(img.size) > max_side:
+            scale = max_side / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        x = to_tensor(img)
+        h, w = x.shape[1:]
+        if resize == "crop":
+            hh, ww = max(patch, h // patch * patch), max(patch, w // patch * patch)
+            if hh > h or ww > w:  # smaller than one patch: nothing to crop to
+                raise ImageError(f"{w}x{h}: smaller than one patch ({patch} px); use --resize pad")
+            top, left = (h - hh) // 2, (w - ww) // 2
+            self.pixels = x[:, top:top + hh, left:left + ww]
+            return
+        ph, pw = -h % patch, -w % patch
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
+        mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs padding < the side
+        self.pixels = torch.nn.functional.pad(x[None], pad, mode=mode)[0] if ph or pw else x
+        self.box = (pad[2], pad[0], h, w)
+
+    def restore(self, out: Tensor) -> Tensor:
+        """(3, H', W') model output -> the geometry of the input (see the class)."""
+        if self.box is None:
+            return out
+        top, left, h, w = self.box
+        return out[..., top:top + h, left:left + w]

@@ -18,12 +18,17 @@ from torch import Tensor
 from vtp_fast.config import ConfigError
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "run.device") -> torch.device:
+    """"auto" (CUDA when visible), "cpu", "cuda" or "cuda:N"; errors name `option` (the config key or the CLI
+    flag the value came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option}: {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {name} requested but no CUDA device is visible")
+        raise ConfigError(f"{option}: {name} requested but no CUDA device is visible")
     return device
 
 
