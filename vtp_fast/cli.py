@@ -501,6 +501,9 @@ def cmd_kernels_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+TOKENIZER = "a directory (config.json + model.safetensors) or a Hugging Face Hub id (VTP-Large-f16d64[@REVISION])"
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every option's default in its help line (unless it has none, is a flag, or the help states it);
     descriptions keep their line breaks."""
@@ -536,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("encode", cmd_encode, "encode images to latents in a safetensors file")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-        p.add_argument("--checkpoint", required=True, help="a directory with config.json + model.safetensors")
+        p.add_argument("--checkpoint", required=True, help=f"the tokenizer: {TOKENIZER}")
         p.add_argument("--out", required=True,
                        help="output directory" if name == "reconstruct" else "output .safetensors file")
         p.add_argument("--resize", choices=("pad", "crop", "fit"), default="pad",
@@ -553,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="the main job: VTP pretraining (reconstruction + CLIP + DINO/iBOT)")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
     p.add_argument("--resume", help="'auto' (newest checkpoint of run.out_dir) or a checkpoint directory")
-    p.add_argument("--init", help="continue from a published checkpoint directory (adds heads and teacher)")
+    p.add_argument("--init", help=f"continue from a published tokenizer (adds heads and teacher): {TOKENIZER}")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=200 objective.clip=0")
     p.set_defaults(func=cmd_pretrain)
 
@@ -582,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("extract-latents", help="encode a labelled image set (+ flipped copies) into latent shards")
-    p.add_argument("--checkpoint", required=True, help="a tokenizer in the published layout")
+    p.add_argument("--checkpoint", required=True, help=f"the tokenizer: {TOKENIZER}")
     p.add_argument("--data", default="emoji", help="emoji[:styles], fashion-mnist[:test], or a shards directory")
     p.add_argument("--out", required=True, help="output directory (latent shards + meta.json)")
     p.add_argument("--size", type=int, help="image size (default: the tokenizer's)")
@@ -599,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a DiT, decoded with the tokenizer")
     p.add_argument("--dit", required=True, help="an exported DiT (<train-dit out_dir>/dit)")
-    p.add_argument("--checkpoint", required=True, help="the tokenizer the latents came from")
+    p.add_argument("--checkpoint", required=True, help=f"the tokenizer the latents came from: {TOKENIZER}")
     p.add_argument("--out", required=True, help="output directory (samples.npz, a grid per class)")
     p.add_argument("--classes", nargs="+", help="class names (default: every class)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class")
@@ -617,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("rfid", "gfid", "zeroshot", "probe"),
                    help="rfid: reconstruction FID (+ PSNR, SSIM); gfid: FID of DiT samples; zeroshot: CLIP "
                         "accuracy on class names; probe: linear probe on frozen features")
-    p.add_argument("--checkpoint", help="the tokenizer (rfid, zeroshot, probe)")
+    p.add_argument("--checkpoint", help=f"the tokenizer (rfid, zeroshot, probe): {TOKENIZER}")
     p.add_argument("--data", default="emoji", help="the evaluation / reference set")
     p.add_argument("--test-data", default="emoji:openmoji", help="probe: the test set")
     p.add_argument("--samples", help="gfid: samples.npz from vtp-fast sample")

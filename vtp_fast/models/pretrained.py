@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable
@@ -104,11 +105,48 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
             copy_(t, state[k])
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", rope_dtype: str = "bf16") -> VTP:
-    """A VTP model from a directory in the published layout (any size), in eval mode, on `device`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+HUB_OWNER = "MiniMaxAI"  # the published VTP-{Small,Base,Large}-f16d64 weights
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$|^VTP-[\w.-]+$")
+
+
+def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a Hugging Face Hub model id resolved to its snapshot in the local Hub cache
+    (`huggingface_hub`: $HF_HOME / $HF_HUB_CACHE, downloaded when online, $HF_HUB_OFFLINE respected).
+
+    Hub ids: "owner/name", "VTP-Large-f16d64" (short for MiniMaxAI/VTP-Large-f16d64), each optionally pinned with
+    "@REVISION" (a branch, tag or commit; `revision` likewise). A local directory of that name wins."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    text = str(name)
+    if "@" in text:
+        text, revision = text.split("@", 1)
+    if not _HUB_ID.match(text):
+        raise CheckpointError(f"{name}: not a checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME}) "
+                              "nor a Hugging Face Hub id (owner/name)")
+    repo = text if "/" in text else f"{HUB_OWNER}/{text}"
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    pinned = f" --revision {revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"{name}: {type(e).__name__} on the Hugging Face Hub ({repo}{pinned})") from None
+    except (LocalEntryNotFoundError, OSError) as e:  # offline (or no network) and not in the cache
+        raise CheckpointError(
+            f"{name}: {repo}{'@' + revision if revision else ''} is not in the Hugging Face cache ({HF_HUB_CACHE}) "
+            f"and cannot be downloaded here ({type(e).__name__}); fetch it where there is internet with "
+            f"`hf download {repo}{pinned} --include {CONFIG_NAME} {WEIGHTS_NAME}` and copy that cache "
+            "($HF_HOME) here, or pass the checkpoint directory") from None
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", rope_dtype: str = "bf16",
+                    revision: str | None = None) -> VTP:
+    """A VTP model from a directory in the published layout (any size) or a Hugging Face Hub id (see
+    `resolve_checkpoint`), in eval mode, on `device`."""
+    path = resolve_checkpoint(path, revision)
     config = read_config(path / CONFIG_NAME)
     state = read_safetensors(path / WEIGHTS_NAME)
     with building_for(device):  # its layers pick the ops' backends for the device it will run on

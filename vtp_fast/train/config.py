@@ -78,7 +78,7 @@ class ModelConfig:
     preset: str = "vtp-tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # VTPConfig fields
     rope_dtype: Literal["bf16", "fp32"] = "bf16"
-    init: str | None = None  # continue from a published checkpoint directory (adds heads and teacher)
+    init: str | None = None  # continue from a published tokenizer: a directory or a Hub id (adds heads, teacher)
 
     @property
     def patch_size(self) -> int:
