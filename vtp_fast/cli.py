@@ -465,6 +465,10 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
     from vtp_fast.data import shards
 
     source = args.source
+    photos = source not in ("emoji", "fashion-mnist")
+    if not photos and (args.short_side or args.max_side or args.quality):
+        raise InputError(f"--short-side, --max-side and --quality apply to photos (a folder or a table), not to "
+                         f"{source} (use --size for the emoji set)")
     if source == "emoji":
         from vtp_fast.data.emoji import STYLES, default_cache_dir, prepare_emoji
 
@@ -478,9 +482,24 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
         samples, total = shards.table_samples(Path(source), args.path_column, args.caption_column, args.label_column)
     else:
         raise InputError(f"{source}: not 'emoji', 'fashion-mnist', an image folder or a .csv/.parquet table")
+    report = shards.Prepared([])
+    if photos:
+        samples = shards.prepare(samples, report, args.short_side, args.max_side, args.quality)
     paths = shards.write_shards(samples, args.out, prefix=args.prefix, per_shard=args.per_shard, total=total)
     print(f"{len(paths)} shards with index files -> {args.out}"
-          f" ({args.out}/{args.prefix}-{{00000..{len(paths) - 1:05d}}}.tar)")
+          f" ({args.out}/{args.prefix}-{{00000..{max(0, len(paths) - 1):05d}}}.tar)")
+    if report.from_names:
+        print(f"{report.from_names} caption(s) taken from file names (no NAME.txt beside the image)")
+    if report.reencoded:
+        print(f"{report.reencoded} image(s) resized and/or re-encoded as JPEG (quality {args.quality or 90})")
+    if report.skipped:
+        listing = Path(args.out) / "skipped.txt"
+        listing.write_text("".join(f"{where}\t{why}\n" for where, why in report.skipped))
+        print(f"{len(report.skipped)} sample(s) skipped, listed in {listing}:", file=sys.stderr)
+        for where, why in report.skipped[:10]:
+            print(f"  {where}: {why}", file=sys.stderr)
+        if len(report.skipped) > 10:
+            print(f"  ... and {len(report.skipped) - 10} more", file=sys.stderr)
     return 0
 
 
@@ -501,6 +520,13 @@ def cmd_kernels_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+SHARD_RULES = """
+
+An image folder: every image under it (recursively, hidden names skipped); its caption is the text of NAME.txt
+beside it, else its file name (underscores and dashes as spaces; the count is reported); its label (KEY.cls) is
+the index of its folder among the sorted folders. A table: one row per image, a path (relative to the table), a
+caption and optionally an integer label. Images that do not decode and empty captions are skipped and listed in
+OUT/skipped.txt; nothing else is changed unless --short-side, --max-side or --quality ask for it."""
 TOKENIZER = "a directory (config.json + model.safetensors) or a Hugging Face Hub id (VTP-Large-f16d64[@REVISION])"
 
 
@@ -670,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=64, help="image size in pixels")
     q.set_defaults(func=cmd_data_emoji)
     q = data_sub.add_parser("shards", help="write WebDataset shards (img2dataset layout) with DALI index files")
+    q.description += SHARD_RULES
     q.add_argument("source", help="'emoji', 'fashion-mnist', an image folder, or a .csv/.parquet of paths + captions")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--prefix", default="shard", help="shard file names: PREFIX-00000.tar, ...")
@@ -680,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--path-column", default="path", help="table column of image paths (relative to the table)")
     q.add_argument("--caption-column", default="caption", help="table column of captions")
     q.add_argument("--label-column", help="table column of integer class labels (written as KEY.cls)")
+    q.add_argument("--short-side", type=int, help="photos: downscale so the shorter side is at most this")
+    q.add_argument("--max-side", type=int, help="photos: downscale so the longer side is at most this")
+    q.add_argument("--quality", type=int, help="photos: re-encode every image as JPEG at this quality (resized "
+                                               "ones always are, at 90)")
     q.set_defaults(func=cmd_data_shards)
     return parser
 

@@ -368,3 +368,38 @@ def test_one_fashion_mnist_reader_serves_shards_and_labelled_sets(tmp_path, monk
     data = load_images("fashion-mnist:test", size=32)
     assert data.images.shape == (5, 32, 32, 3) and data.labels.tolist() == [0, 9, 3, 3, 1]
     assert data.name == "fashion-mnist-t10k-32" and data.class_names[9] == "ankle boot"
+
+
+def test_photo_folders_are_checked_resized_and_reported(tmp_path, capsys):
+    """Issue 14: `data shards FOLDER` resizes and re-encodes photos on request, says how many captions came from
+    file names, and skips (and lists) images that do not decode and empty captions instead of packing them."""
+    from vtp_fast.cli import main
+
+    folder = tmp_path / "photos"
+    (folder / "beach").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (100, 200, 3), dtype=np.uint8)).save(folder / "beach" / "wave.jpg")
+    (folder / "beach" / "wave.txt").write_text("a wave at sunset\n")
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / "red_boat.bmp")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("RGB", (50, 50)).save(folder / "blank.png")
+    (folder / "blank.txt").write_text("  \n")
+    out = tmp_path / "shards"
+    assert main(["data", "shards", str(folder), "--out", str(out), "--short-side", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "1 caption(s) taken from file names" in captured.out
+    assert "2 sample(s) skipped" in captured.err
+    skipped = (out / "skipped.txt").read_text()
+    assert "broken.jpg\tunreadable image" in skipped and "blank.png\tempty caption" in skipped
+    data = ShardSet(str(out))
+    samples = [data[i] for i in range(len(data))]
+    assert len(samples) == 2
+    by_caption = {s.caption.decode(): s for s in samples}
+    assert set(by_caption) == {"a wave at sunset", "red boat"}
+    for s in samples:  # both re-encoded as JPEG, the shorter side down to 32 (never up)
+        assert s.ext == "jpg" and min(Image.open(io.BytesIO(s.image)).size) == 32
+    assert Image.open(io.BytesIO(by_caption["a wave at sunset"].image)).size == (64, 32)
+    with pytest.raises(Exception, match="apply to photos"):
+        from vtp_fast.cli import cmd_data_shards, parse
+
+        cmd_data_shards(parse(["data", "shards", "fashion-mnist", "--out", str(tmp_path / "x"), "--quality", "80"]))

@@ -60,6 +60,8 @@ class Sample:
     caption: str | None = None
     label: int | None = None
     meta: dict | None = None
+    origin: str | None = None  # where it came from, for messages (not written)
+    caption_from_name: bool = False  # the caption is the file name (no sidecar .txt)
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -362,19 +364,66 @@ def fashion_mnist_samples(split: str = "train", folder: Path | None = None) -> t
 
 
 def folder_samples(folder: Path) -> tuple[Iterator[Sample], int]:
-    """Every image under `folder`: caption from a sidecar NAME.txt, else the file name (underscores and dashes
-    as spaces); label = index of the parent folder among the sorted parent folders."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    """Every image under `folder` (recursively; hidden names skipped): caption from a sidecar NAME.txt, else the
+    file name (underscores and dashes as spaces; `Sample.caption_from_name` says so); label = index of the parent
+    folder among the sorted parent folders."""
+    from vtp_fast.data.images import find_images
+
+    files = find_images([folder])
     parents = {p: i for i, p in enumerate(sorted({f.parent for f in files}))}
 
     def gen():
         for f in files:
             side = f.with_suffix(".txt")
-            caption = side.read_text(errors="replace").strip() if side.is_file() else \
-                f.stem.replace("_", " ").replace("-", " ")
-            yield Sample(f.read_bytes(), f.suffix.lower().lstrip("."), caption, parents[f.parent])
+            named = not side.is_file()
+            caption = f.stem.replace("_", " ").replace("-", " ") if named else side.read_text(errors="replace")
+            yield Sample(f.read_bytes(), f.suffix.lower().lstrip("."), caption.strip(), parents[f.parent],
+                         origin=str(f), caption_from_name=named)
 
     return gen(), len(files)
+
+
+@dataclass
+class Prepared:
+    """What `prepare` did: samples skipped (origin, why), captions taken from file names, images re-encoded."""
+
+    skipped: list[tuple[str, str]]
+    from_names: int = 0
+    reencoded: int = 0
+
+
+def prepare(samples: Iterable[Sample], report: Prepared, short_side: int | None = None,
+            max_side: int | None = None, quality: int | None = None) -> Iterator[Sample]:
+    """Check, and optionally resize and re-encode, photos on their way into shards. A sample whose image does not
+    decode, or whose caption is empty, is skipped and listed in `report` (never written). Resizing (bicubic,
+    never up): the shorter side down to `short_side`, then the longer side down to `max_side`. Re-encoding (JPEG
+    at `quality`, default 90) happens when an image is resized, when `quality` is given, or when its format is not
+    one shards hold (IMAGE_EXTS)."""
+    from PIL import Image
+
+    from vtp_fast.data.images import ImageError, open_rgb
+
+    for s in samples:
+        where = s.origin or "a sample"
+        if s.caption is not None and not s.caption.strip():
+            report.skipped.append((where, "empty caption"))
+            continue
+        try:
+            img = open_rgb(s.image, name=where)
+        except ImageError as e:
+            report.skipped.append((where, str(e).split(": ", 1)[-1]))
+            continue
+        w, h = img.size
+        scale = min(1.0, short_side / min(w, h) if short_side else 1.0, max_side / max(w, h) if max_side else 1.0)
+        if scale < 1.0:
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        if scale < 1.0 or quality is not None or s.ext not in IMAGE_EXTS:
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=quality or 90)
+            s.image, s.ext = buf.getvalue(), "jpg"
+            report.reencoded += 1
+        report.from_names += s.caption_from_name
+        yield s
 
 
 def table_samples(table: Path, path_col: str = "path", caption_col: str = "caption",
@@ -401,6 +450,8 @@ def table_samples(table: Path, path_col: str = "path", caption_col: str = "capti
                 warnings.warn(f"{table}: {p} missing, skipped", stacklevel=2)
                 continue
             label = int(r[label_col]) if label_col and r.get(label_col) not in (None, "") else None
-            yield Sample(p.read_bytes(), p.suffix.lower().lstrip("."), str(r[caption_col]), label)
+            caption = r[caption_col]
+            yield Sample(p.read_bytes(), p.suffix.lower().lstrip("."), "" if caption is None else str(caption),
+                         label, origin=str(p))
 
     return gen(), len(rows)
