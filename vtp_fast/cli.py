@@ -45,7 +45,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"vtp_fast {__version__}  python {platform.python_version()}  torch {torch.__version__}"
           f"  (CUDA build {torch.version.cuda or 'none'})")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"device: {default_device()}  (GPU: {cuda}; CPU threads: {torch.get_num_threads()})")
+    print(f"device: {default_device()}  (GPU: {cuda})")
+    from vtp_fast.threads import budget
+
+    print(f"thread budget: {budget().describe()}")
     if optional.available("native"):
         native = optional.module("native")
         cuda_note = (f"CUDA sources compiled for {native.cuda_archs()}" if native.cuda_compiled()

@@ -31,7 +31,7 @@ class RunConfig:
     async_checkpoint: bool = False  # sharded only: write in the background while training goes on
     resume: str = "none"  # none | auto (newest checkpoint in out_dir, if any) | a checkpoint directory
     device: str = "auto"
-    threads: int = 0  # >0: torch intra-op threads
+    threads: int = 0  # torch intra-op threads; 0: from the thread budget (vtp_fast.threads)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile every transformer block
     activation_checkpointing: Literal["none", "per_block", "selective"] = "none"  # vtp_fast.compile
@@ -110,14 +110,20 @@ class DataConfig:
     # cache; null: the emoji set decoded in memory
     shards: str | None = None
     decoder: Literal["auto", "torchvision", "nvjpeg", "dali"] = "auto"  # shards: auto = DALI when importable
-    dali_threads: int = 2
+    dali_threads: int | None = None  # null: from the thread budget (vtp_fast.threads)
     eval_shards: str | None = None  # held-out shards for PSNR and zero-shot (with shards); null: no zero-shot
     image_size: int = 64
     eval_images: int = 512
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; null: from the thread budget (vtp_fast.threads)
     sampling: Literal["epochs", "resampled"] = "epochs"  # resampled: shards drawn with replacement (data/pairs.py)
     synthetic: bool = False  # random pixels and tokens instead of the emoji set (benchmarks, profiles, GPUs offline)
     emoji: EmojiConfig = field(default_factory=EmojiConfig)
+
+    def validate(self) -> None:
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0 (or null: the budget's), got {self.num_workers}")
+        if self.dali_threads is not None and self.dali_threads < 1:
+            raise ConfigError(f"data.dali_threads: must be >= 1 (or null), got {self.dali_threads}")
 
 
 @dataclass

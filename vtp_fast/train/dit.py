@@ -84,7 +84,7 @@ class DiTJob(Job):
 
     def __init__(self, cfg: DiTTrainConfig):
         self.cfg, self.run = cfg, cfg.run
-        self.device, self.gen = start_process(cfg.run)  # model init: the same on every rank
+        self.device, self.gen, _ = start_process(cfg.run)  # model init: the same on every rank
         world = dist.world_size()
         if cfg.batch % world:
             raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast import optional
 from vtp_fast.config import ConfigError, UserError, save_config, to_dict
+from vtp_fast.threads import CpuShare, ThreadBudget, apply_budget, budget, rebalance
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, pick_device, rng_state, seed_everything, set_rng_state
 from vtp_fast.train.config import RunConfig
@@ -109,13 +110,14 @@ class Job:
         raise NotImplementedError
 
 
-def start_process(run: RunConfig) -> tuple[torch.device, torch.Generator]:
-    """The job's device (the local GPU under torchrun), torch threads, and every RNG seeded from run.seed (the
-    returned CPU generator is the job's own)."""
+def start_process(run: RunConfig, loader_workers: int | None = 0,
+                  dali_threads: int | None = None) -> tuple[torch.device, torch.Generator, ThreadBudget]:
+    """The job's device (the local GPU under torchrun), its thread budget (vtp_fast.threads: torch threads set
+    here; loader workers and DALI threads for the caller; None: from the budget), and every RNG seeded from
+    run.seed (the returned CPU generator is the job's own)."""
     device = dist.init_from_env() if dist.launched_distributed() else pick_device(run.device)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    return device, seed_everything(run.seed)
+    threads = apply_budget(budget(run.threads, loader_workers, dali_threads))
+    return device, seed_everything(run.seed), threads
 
 
 def all_finite(terms: dict[str, Tensor]) -> bool:
@@ -163,7 +165,7 @@ def run(job: Job) -> dict[str, Path]:
     evaluations = job.evaluations()
     _evaluate(log, None, [ev for ev in evaluations if ev.at_start and start == 0], 0)
     bar = tqdm(total=end, initial=start, desc=job.name, unit="step", disable=not main, dynamic_ncols=True)
-    bad_streak, window, stalls = 0, Window(), Stalls(job, bar if main else None)
+    bad_streak, window, stalls, share = 0, Window(), Stalls(job, bar if main else None), CpuShare()
     if saved_rng is not None:  # last, after everything above that may draw: the run continues the saved streams
         set_rng_state(saved_rng)
     for step in range(start, end):
@@ -186,7 +188,10 @@ def run(job: Job) -> dict[str, Path]:
             continue
         bad_streak = 0
         if done % r.log_every == 0 or done == end:
-            row = {**_step_row(job, result), **stalls.row(window)}
+            if (changed := rebalance(share)) is not None and main:
+                bar.write(f"step {done}: {changed[1]:.1f} of this process's CPUs busy with other processes: torch "
+                          f"threads now {changed[0]} (vtp_fast.threads)")
+            row = {**_step_row(job, result), **stalls.row(window), "torch_threads": torch.get_num_threads()}
             _write(log, done, row)
             bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{row[f'{job.unit}_per_s']:.0f}"})
             window = Window()

@@ -51,7 +51,7 @@ class PretrainJob(Job):
                               "through `vtp-fast pretrain`, or pass vtp_fast.downstream.generative_probe")
         self.cfg, self.run = cfg, cfg.run
         self.held_out_eval, self.generative_probe = held_out_eval, generative_probe
-        self.device, _ = start_process(cfg.run)
+        self.device, _, self.threads = start_process(cfg.run, cfg.data.num_workers, cfg.data.dali_threads)
         self.t = build_trainer(cfg, self.device)
         self.checkpoint_model, self.samples_per_step = self.t.model, cfg.batch.size
         context = self.t.model.config.text_context_length
@@ -84,11 +84,11 @@ class PretrainJob(Job):
         decoder = pick_decoder(cfg.data.decoder) if from_shards else "torchvision"
         data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=dist.rank(),
                            world=dist.world_size(), steps=cfg.run.steps * cfg.batch.accumulation,
-                           trim_text=t.causal_text, decoder=decoder, dali_threads=cfg.data.dali_threads,
+                           trim_text=t.causal_text, decoder=decoder, dali_threads=self.threads.dali_threads,
                            dali_device="gpu" if self.device.type == "cuda" else "cpu", sampling=cfg.data.sampling)
         on_gpu = decoder == "nvjpeg" or (decoder == "dali" and self.device.type == "cuda")  # decodes in-process
         loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
-                            num_workers=0 if on_gpu else cfg.data.num_workers,
+                            num_workers=0 if on_gpu else self.threads.loader_workers,
                             pin_memory=self.device.type == "cuda" and not on_gpu,  # GPU batches are on the device
                             generator=torch.Generator().manual_seed(cfg.run.seed))  # not from the global RNG
         self.batches = iter(loader)

@@ -123,7 +123,7 @@ def phase_times(probe: TimingProbe, data_ms: float, step_ms: float) -> dict[str,
 def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | None = None,
             trace: bool = False) -> dict:
     cfg.batch.accumulation = 1  # phases are per micro-batch
-    device, _ = start_process(cfg.run)
+    device, _, _ = start_process(cfg.run)
     t = build_trainer(cfg, device)
     pairs, _ = load_pairs(cfg, t.model.config.text_context_length)
     data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, trim_text=t.causal_text)
