@@ -617,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=f"the tokenizer: {TOKENIZER}")
     p.add_argument("--data", default="emoji", help="emoji[:styles], fashion-mnist[:test], or a shards directory")
     p.add_argument("--out", required=True, help="output directory (latent shards + meta.json)")
-    p.add_argument("--size", type=int, help="image size (default: the tokenizer's)")
+    p.add_argument("--size", type=int, help="image size: every image resized (shorter side) and centre-cropped to "
+                                            "SIZE x SIZE, one size for the latent set (default: the tokenizer's)")
     p.add_argument("--batch", type=int, default=128, help="images encoded at once")
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped copies")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
