@@ -115,19 +115,6 @@ def _inputs(args: argparse.Namespace, patch: int) -> list[tuple[Path, tuple[int,
     return sorted(sized, key=lambda ps: (ps[1][1], ps[1][0]))
 
 
-def _fitted_size(wh: tuple[int, int], args: argparse.Namespace, patch: int) -> tuple[int, int]:
-    """(W, H) the model sees for an input of size `wh` (vtp_fast.data.images.Fitted's rules)."""
-    if args.size is not None:
-        return args.size, args.size
-    w, h = wh
-    if args.resize == "fit" and max(w, h) > args.max_side:
-        scale = args.max_side / max(w, h)
-        w, h = max(1, round(w * scale)), max(1, round(h * scale))
-    if args.resize == "crop":
-        return max(patch, w // patch * patch), max(patch, h // patch * patch)
-    return -(-w // patch) * patch, -(-h // patch) * patch
-
-
 def _warn_large(model, sized, args: argparse.Namespace, patch: int) -> None:
     """Say, before starting, which images are above PIXEL_BUDGET and about how long they will take (from two
     timed calibration runs: time = a * tokens + b * tokens^2, attention being quadratic)."""
@@ -135,7 +122,9 @@ def _warn_large(model, sized, args: argparse.Namespace, patch: int) -> None:
 
     import torch
 
-    large = [(p, _fitted_size(wh, args, patch)) for p, wh in sized]
+    from vtp_fast.data.images import fitted_size
+
+    large = [(p, fitted_size(wh, patch, args.resize, args.size, args.max_side)) for p, wh in sized]
     large = [(p, wh) for p, wh in large if wh[0] * wh[1] > PIXEL_BUDGET]
     if not large:
         return
@@ -161,15 +150,15 @@ def _warn_large(model, sized, args: argparse.Namespace, patch: int) -> None:
 
 def _batches(sized, args: argparse.Namespace, patch: int, batch: int):
     """Yield lists of (path, Fitted) of one fitted size, at most `batch` images each, decoding as they come."""
-    from vtp_fast.data.images import Fitted, open_rgb
+    from vtp_fast.data.images import Fitted, fitted_size, open_rgb
 
     group: list = []
     for p, wh in sized:
-        if group and (len(group) == batch or _fitted_size(wh, args, patch) != group[0][2]):
+        shape = fitted_size(wh, patch, args.resize, args.size, args.max_side)
+        if group and (len(group) == batch or shape != group[0][2]):
             yield [(q, f) for q, f, _ in group]
             group = []
-        fitted = Fitted(open_rgb(p), patch, args.resize, args.size, args.max_side)
-        group.append((p, fitted, _fitted_size(wh, args, patch)))
+        group.append((p, Fitted(open_rgb(p), patch, args.resize, args.size, args.max_side), shape))
     if group:
         yield [(q, f) for q, f, _ in group]
 
@@ -244,14 +233,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
             groups[key].append(latent)
         bar.update(len(group))
     bar.close()
-    tensors = {(f"latents.{k}" if len(groups) > 1 else "latents"): torch.stack(v).contiguous()
-               for k, v in groups.items()}
-    if len(groups) == 1:
-        for row in index:
-            row["key"] = "latents"
-    else:
-        for row in index:
-            row["key"] = f"latents.{row['key']}"
+    name = (lambda k: "latents") if len(groups) == 1 else (lambda k: f"latents.{k}")  # noqa: E731
+    tensors = {name(k): torch.stack(v).contiguous() for k, v in groups.items()}
+    for row in index:
+        row["key"] = name(row["key"])
     out = Path(args.out)
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata={"files": json.dumps(index), "checkpoint": str(args.checkpoint),

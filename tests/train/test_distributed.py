@@ -179,12 +179,8 @@ def test_two_nodes_on_one_machine_train_as_one_two_process_run(root, tmp_path):
     assert len(losses(one)) == 3 and losses(two) == losses(one)
 
 
-def test_a_run_resumed_on_another_world_size_continues_the_same_trajectory(root, tmp_path):
-    """Issue 13, item 1: the global batch, its SSL and reconstruction subsets (BatchShape.groups) and every loss
-    statistic do not depend on the number of ranks, so a 2-process run resumed on 1 or on 3 processes continues
-    with the losses of the uninterrupted 2-process run (up to the order of float reductions)."""
-    import json
-    import shutil
+def _pretrain(root, world: int, out, *extra) -> None:
+    """The CLI's pretraining of the 12-pair test config (4 steps, a checkpoint every 2) on `world` processes."""
     import subprocess
     import sys
 
@@ -192,75 +188,60 @@ def test_a_run_resumed_on_another_world_size_continues_the_same_trajectory(root,
 
     args = [*SMALL, f"data.emoji.root={root}", "batch.size=12", "batch.ssl=6", "batch.rec=6", "run.steps=4",
             "run.checkpoint_every=2", "run.keep_checkpoints=3", "run.eval_every=100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+              if world > 1 else [sys.executable])
+    r = subprocess.run([*runner, "-m", "vtp_fast.cli", "pretrain", *args, f"run.out_dir={out}", *extra],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
-    def launch(world: int, out, *extra):
-        runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-                  if world > 1 else [sys.executable])
-        r = subprocess.run([*runner, "-m", "vtp_fast.cli", "pretrain", *args, f"run.out_dir={out}", *extra],
-                           capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+
+def _resumes_match(root, tmp_path, full, resumes) -> None:
+    """Each (world, extra) of `resumes` continues the 2-process run `full` from its step-2 checkpoint with its
+    losses at steps 3 and 4 (to 1e-3: floats summed in another order)."""
+    import json
+    import shutil
 
     def losses(out) -> dict[int, float]:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
 
-    full = tmp_path / "world2"
-    launch(2, full)
-    for world in (1, 3):
+    for world, extra in resumes:
         part = tmp_path / f"resumed-on-{world}"
         shutil.copytree(full, part)
         shutil.rmtree(part / "checkpoints" / "step_00000004")
-        launch(world, part, "--resume", "auto")
+        _pretrain(root, world, part, *extra, "--resume", "auto")
         got, want = losses(part), losses(full)
         assert sorted(got) == [1, 2, 3, 4]
         for step in (3, 4):
             assert got[step] == pytest.approx(want[step], rel=1e-3), (world, step, got[step], want[step])
+
+
+def test_a_run_resumed_on_another_world_size_continues_the_same_trajectory(root, tmp_path):
+    """Issue 13, item 1: the global batch, its SSL and reconstruction subsets (BatchShape.groups) and every loss
+    statistic do not depend on the number of ranks, so a 2-process run resumed on 1 or on 3 processes continues
+    with the losses of the uninterrupted 2-process run (up to the order of float reductions)."""
+    _pretrain(root, 2, tmp_path / "world2")
+    _resumes_match(root, tmp_path, tmp_path / "world2", [(1, ()), (3, ())])
 
 
 def test_sharded_checkpoints_reshard_onto_any_world_size_and_wrapper_and_export(root, tmp_path):
     """Issue 13, item 2: a 2-process FSDP2 run writes sharded checkpoints (DCP, every rank its shards, nothing
     gathered); resumed on 1 process and on 3 DDP processes it continues the uninterrupted run's losses, and
     `vtp-fast export` consolidates the shards into the published layout with the weights the run ended with."""
-    import json
-    import shutil
     import subprocess
     import sys
 
-    from tests.train.test_pretrain import SMALL
     from vtp_fast import load_pretrained
 
-    args = [*SMALL, f"data.emoji.root={root}", "batch.size=12", "batch.ssl=6", "batch.rec=6", "run.steps=4",
-            "run.checkpoint_every=2", "run.keep_checkpoints=3", "run.eval_every=100", "run.checkpoint_format=sharded"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def launch(world: int, out, *extra):
-        runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-                  if world > 1 else [sys.executable])
-        r = subprocess.run([*runner, "-m", "vtp_fast.cli", "pretrain", *args, f"run.out_dir={out}", *extra],
-                           capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-
-    def losses(out) -> dict[int, float]:
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
-
+    sharded = "run.checkpoint_format=sharded"
     full = tmp_path / "fsdp2"
-    launch(2, full, "run.distributed=fsdp")
+    _pretrain(root, 2, full, "run.distributed=fsdp", sharded)
     ckpt = full / "checkpoints" / "step_00000002"
     assert (ckpt / "state" / ".metadata").is_file() and not (ckpt / "model").exists()
     assert len(list((ckpt / "state").glob("*.distcp"))) == 2  # one file of shards per rank
-    for world, extra in ((1, ()), (3, ("run.distributed=ddp",))):
-        part = tmp_path / f"resumed-on-{world}"
-        shutil.copytree(full, part)
-        shutil.rmtree(part / "checkpoints" / "step_00000004")
-        launch(world, part, *extra, "--resume", "auto")
-        got, want = losses(part), losses(full)
-        assert sorted(got) == [1, 2, 3, 4]
-        for step in (3, 4):
-            assert got[step] == pytest.approx(want[step], rel=1e-3), (world, step, got[step], want[step])
+    _resumes_match(root, tmp_path, full, [(1, (sharded,)), (3, (sharded, "run.distributed=ddp"))])
     r = subprocess.run([sys.executable, "-m", "vtp_fast.cli", "export", str(full), "--out", str(tmp_path / "pub")],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     exported = load_pretrained(tmp_path / "pub")
     final = load_pretrained(full / "checkpoint")  # the run's own export at its end (gathered whole)

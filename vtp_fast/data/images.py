@@ -112,6 +112,20 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def fitted_size(wh: tuple[int, int], patch: int, resize: str = "pad", size: int | None = None,
+                max_side: int = 1024) -> tuple[int, int]:
+    """(W, H) of `Fitted(image of size wh, ...).pixels`, from the size alone (no decoding)."""
+    if size is not None:
+        return size, size
+    w, h = wh
+    if resize == "fit" and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    if resize == "crop":
+        return max(patch, w // patch * patch), max(patch, h // patch * patch)
+    return -(-w // patch) * patch, -(-h // patch) * patch
+
+
 class Fitted:
     """An image made fit for a model of patch size `patch`: `pixels` (3, H', W') in [0, 1] with H', W' multiples
     of the patch, and `restore`, which turns the model's output at that size back into the input's geometry.

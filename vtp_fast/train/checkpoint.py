@@ -66,7 +66,7 @@ def is_sharded(path: Path) -> bool:
 class Checkpointer:
     def __init__(self, root: str | Path, keep: int = 2, format: Format = "full", async_save: bool = False):
         self.root, self.keep, self.format, self.async_save = Path(root), max(1, keep), format, async_save
-        self._pending: tuple[Future, Path | None, Path] | None = None  # a background save: (write, temp, final)
+        self._pending: tuple[Future, Path, Path] | None = None  # a background save: (write, temp dir, final)
         self._group = None  # the process group background saves talk over (not the training one)
 
     def complete(self) -> list[Path]:
