@@ -65,6 +65,10 @@ def test_rebalance_fits_torch_threads_to_the_cpus_others_leave(cpus, monkeypatch
         assert threads.rebalance(share) is None and torch.get_num_threads() == 2  # unchanged
         assert threads.rebalance(share) == (4, 0.1) and torch.get_num_threads() == 4  # it finished
         assert threads.rebalance(share) is None  # cannot tell: left as is
+        cpus(4, local_ranks=2)  # torchrun's ranks share the CPUs by design: left as budgeted
+        threads.apply_budget(threads.budget(workers=0))
+        assert torch.get_num_threads() == 2 and threads.rebalance(_Share(2.0)) is None
+        cpus(4)
         threads.apply_budget(threads.budget(threads=3))  # run.threads: never changed
         assert threads.rebalance(_Share(3.0)) is None and torch.get_num_threads() == 3
     finally:

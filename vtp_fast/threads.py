@@ -23,14 +23,18 @@ import os
 from dataclasses import dataclass
 
 
+def local_ranks() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 otherwise)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def process_cpus() -> int:
     """CPUs this process may run on (its affinity), divided among the local ranks of a torchrun launch."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, cpus // max(1, local_ranks))
+    return max(1, cpus // local_ranks())
 
 
 SOURCE_CPUS = "the CPUs the loader workers leave"
@@ -92,7 +96,8 @@ class CpuShare:
             return None
         mine = {f"cpu{c}" for c in self.cpus}
         tick = os.sysconf("SC_CLK_TCK")
-        busy = sum(sum(map(int, x[1:9])) - int(x[4]) - int(x[5]) for x in lines if x[0] in mine) / tick  # to steal
+        # user, nice, system, idle, iowait, irq, softirq, steal (guest time is inside user and nice)
+        busy = sum(sum(map(int, x[1:9])) - int(x[4]) - int(x[5]) for x in lines if x[0] in mine) / tick
         t = os.times()
         return busy, t.user + t.system, time.monotonic()
 
@@ -108,9 +113,10 @@ class CpuShare:
 def rebalance(share: CpuShare) -> tuple[int, float] | None:
     """When the budget in force (`apply_budget`) chose torch's threads itself, fit them to the CPUs other processes
     leave free (at least 1, at most the budget's); returns (the new thread count, CPUs busy elsewhere) when it
-    changed, else None."""
+    changed, else None. Not with several local ranks, which share the CPUs by design (torchrun also sets
+    OMP_NUM_THREADS then)."""
     b = _applied
-    if b is None or b.source != SOURCE_CPUS or (others := share.others()) is None:
+    if b is None or b.source != SOURCE_CPUS or local_ranks() > 1 or (others := share.others()) is None:
         return None
     import torch
 
