@@ -62,13 +62,6 @@ def to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
-def load_image(path: str | Path, size: int | None = None) -> Tensor:
-    """An image file -> (3, H, W) float32 RGB in [0, 1]; with `size`, resized (shorter side) and center-cropped
-    to size x size."""
-    img = open_rgb(path)
-    return to_tensor(center_crop_resize(img, size) if size is not None else img)
-
-
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size` (bicubic), then center-crop to size x size."""
     w, h = img.size
@@ -112,15 +105,27 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def downscaled_size(wh: tuple[int, int], short_side: int | None = None,
+                    max_side: int | None = None) -> tuple[int, int]:
+    """(W, H) after downscaling `wh` (keeping the aspect, never up) so that the shorter side is at most
+    `short_side` and the longer at most `max_side` (None: no bound)."""
+    w, h = wh
+    scale = min(1.0, short_side / min(w, h) if short_side else 1.0, max_side / max(w, h) if max_side else 1.0)
+    return (w, h) if scale == 1.0 else (max(1, round(w * scale)), max(1, round(h * scale)))
+
+
+def downscale(img: Image.Image, short_side: int | None = None, max_side: int | None = None) -> Image.Image:
+    """`img` resized (bicubic) to `downscaled_size`; itself when that is its size."""
+    size = downscaled_size(img.size, short_side, max_side)
+    return img if size == img.size else img.resize(size, Image.BICUBIC)
+
+
 def fitted_size(wh: tuple[int, int], patch: int, resize: str = "pad", size: int | None = None,
                 max_side: int = 1024) -> tuple[int, int]:
     """(W, H) of `Fitted(image of size wh, ...).pixels`, from the size alone (no decoding)."""
     if size is not None:
         return size, size
-    w, h = wh
-    if resize == "fit" and max(w, h) > max_side:
-        scale = max_side / max(w, h)
-        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    w, h = downscaled_size(wh, max_side=max_side) if resize == "fit" else wh
     if resize == "crop":
         return max(patch, w // patch * patch), max(patch, h // patch * patch)
     return -(-w // patch) * patch, -(-h // patch) * patch
@@ -128,7 +133,8 @@ def fitted_size(wh: tuple[int, int], patch: int, resize: str = "pad", size: int 
 
 class Fitted:
     """An image made fit for a model of patch size `patch`: `pixels` (3, H', W') in [0, 1] with H', W' multiples
-    of the patch, and `restore`, which turns the model's output at that size back into the input's geometry.
+    of the patch (`fitted_size`), and `restore`, which turns the model's output at that size back into the input's
+    geometry.
 
     resize "pad"   reflect-pad each side to the next multiple (split evenly); restore crops the padding off, so a
                    reconstruction has the input's size exactly
@@ -145,19 +151,16 @@ class Fitted:
         if size is not None:
             self.pixels = to_tensor(center_crop_resize(img, size))
             return
-        if resize == "fit" and max(img.size) > max_side:
-            scale = max_side / max(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-        x = to_tensor(img)
+        ww, hh = fitted_size(img.size, patch, resize, max_side=max_side)
+        x = to_tensor(downscale(img, max_side=max_side) if resize == "fit" else img)
         h, w = x.shape[1:]
         if resize == "crop":
-            hh, ww = max(patch, h // patch * patch), max(patch, w // patch * patch)
             if hh > h or ww > w:  # smaller than one patch: nothing to crop to
                 raise ImageError(f"{w}x{h}: smaller than one patch ({patch} px); use --resize pad")
             top, left = (h - hh) // 2, (w - ww) // 2
             self.pixels = x[:, top:top + hh, left:left + ww]
             return
-        ph, pw = -h % patch, -w % patch
+        ph, pw = hh - h, ww - w
         pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)  # left, right, top, bottom
         mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs padding < the side
         self.pixels = torch.nn.functional.pad(x[None], pad, mode=mode)[0] if ph or pw else x

@@ -399,9 +399,7 @@ def prepare(samples: Iterable[Sample], report: Prepared, short_side: int | None 
     never up): the shorter side down to `short_side`, then the longer side down to `max_side`. Re-encoding (JPEG
     at `quality`, default 90) happens when an image is resized, when `quality` is given, or when its format is not
     one shards hold (IMAGE_EXTS)."""
-    from PIL import Image
-
-    from vtp_fast.data.images import ImageError, open_rgb
+    from vtp_fast.data.images import ImageError, downscale, open_rgb
 
     for s in samples:
         where = s.origin or "a sample"
@@ -413,13 +411,10 @@ def prepare(samples: Iterable[Sample], report: Prepared, short_side: int | None 
         except ImageError as e:
             report.skipped.append((where, str(e).split(": ", 1)[-1]))
             continue
-        w, h = img.size
-        scale = min(1.0, short_side / min(w, h) if short_side else 1.0, max_side / max(w, h) if max_side else 1.0)
-        if scale < 1.0:
-            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-        if scale < 1.0 or quality is not None or s.ext not in IMAGE_EXTS:
+        resized = downscale(img, short_side, max_side)
+        if resized is not img or quality is not None or s.ext not in IMAGE_EXTS:
             buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=quality or 90)
+            resized.save(buf, format="JPEG", quality=quality or 90)
             s.image, s.ext = buf.getvalue(), "jpg"
             report.reencoded += 1
         report.from_names += s.caption_from_name
