@@ -163,25 +163,39 @@ def _batches(sized, args: argparse.Namespace, patch: int, batch: int):
         yield [(q, f) for q, f, _ in group]
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
+def _fitted_batches(model, args: argparse.Namespace, desc: str):
+    """The named images made fit for `model` (`_batches`), each batch stacked on its device: (group, pixels), with
+    a progress bar. Every header is read, and large images announced, before this returns."""
     import torch
     from tqdm import tqdm
+
+    patch = model.config.vision_patch_size
+    sized = _inputs(args, patch)
+    _warn_large(model, sized, args, patch)
+
+    def batches():
+        with tqdm(total=len(sized), desc=desc, unit="img", disable=len(sized) < 2) as bar:
+            for group in _batches(sized, args, patch, args.batch):
+                yield group, torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
+                bar.update(len(group))
+
+    return batches()
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
 
     from vtp_fast.data.images import save_image
     from vtp_fast.eval.metrics import psnr
     from vtp_fast.plots import image_grid
 
     model = _model(args)
-    patch = model.config.vision_patch_size
-    sized = _inputs(args, patch)
-    _warn_large(model, sized, args, patch)
+    batches = _fitted_batches(model, args, "reconstruct")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, shown = [], []
     with temp_dir(out, prefix=".reconstruct-", perms=0o700) as staging:  # each file is moved into `out` whole
-        bar = tqdm(total=len(sized), desc="reconstruct", unit="img", disable=len(sized) < 2)
-        for group in _batches(sized, args, patch, args.batch):
-            x = torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
+        for group, x in batches:
             with torch.inference_mode():
                 rec = model.denormalize(model.decode(model.encode(model.normalize(x)))).clamp(0, 1).cpu()
             for (path, fitted), r, original in zip(group, rec, x.cpu(), strict=True):
@@ -190,8 +204,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                 save_image(r, staging / name)
                 rows.append((path, name, psnr(r[None], original[None]).item()))
                 shown.append((original, r))
-            bar.update(len(group))
-        bar.close()
         same = len({tuple(o.shape) for o, _ in shown}) == 1
         if same and len(shown) <= 64:
             image_grid([torch.stack([o for o, _ in shown]), torch.stack([r for _, r in shown])],
@@ -213,17 +225,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     import torch
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     model = _model(args)
-    patch = model.config.vision_patch_size
-    sized = _inputs(args, patch)
-    _warn_large(model, sized, args, patch)
     groups: dict[str, list] = {}  # "HxW" of the latents -> their tensors
     index = []  # per input file: (key, row, original W x H)
-    bar = tqdm(total=len(sized), desc="encode", unit="img", disable=len(sized) < 2)
-    for group in _batches(sized, args, patch, args.batch):
-        x = torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
+    for group, x in _fitted_batches(model, args, "encode"):
         with torch.inference_mode():
             z = model.encode(model.normalize(x)).cpu()
         key = f"{z.shape[2]}x{z.shape[3]}"
@@ -231,8 +237,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
             index.append({"file": str(path), "key": key, "row": len(groups.setdefault(key, [])),
                           "size": list(fitted.original), "box": fitted.box})
             groups[key].append(latent)
-        bar.update(len(group))
-    bar.close()
     name = (lambda k: "latents") if len(groups) == 1 else (lambda k: f"latents.{k}")  # noqa: E731
     tensors = {name(k): torch.stack(v).contiguous() for k, v in groups.items()}
     for row in index:
