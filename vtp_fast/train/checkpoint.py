@@ -141,7 +141,7 @@ class Checkpointer:
                 atomic_write_text(tmp / _MODEL_CONFIG, json.dumps(config_json(model.config), indent=2) + "\n")
             torch.save(state, tmp / _TRAIN_STATE)
         tmp = Path(dist.broadcast_object(str(tmp) if tmp is not None else None))
-        shards = _sharded_state(model, modules, optimizers)
+        shards = _sharded_state(_tree(model, modules), optimizers)
         if not self.async_save:
             dcp.save(shards, checkpoint_id=tmp / _SHARDS, no_dist=not dist.is_distributed())
             self._publish(tmp, final)
@@ -223,11 +223,10 @@ def _tree(model: VTP | None, modules: dict[str, nn.Module]) -> nn.ModuleDict:
     return nn.ModuleDict({**({"model": model} if model is not None else {}), **modules})
 
 
-def _sharded_state(model, modules, optimizers) -> dict:
+def _sharded_state(tree: nn.ModuleDict, optimizers) -> dict:
     """The DCP state dict: this rank's shards (DTensors under FSDP2, whole tensors otherwise: written once)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    tree = _tree(model, modules)
     return {"weights": tree.state_dict(), **{name: get_optimizer_state_dict(tree, opt)
                                              for name, opt in optimizers.items()}}
 
@@ -239,12 +238,12 @@ def _load_sharded(path: Path, model, modules, optimizers) -> None:
 
     saved = FileSystemReader(str(path / _SHARDS)).read_metadata().state_dict_metadata
     _refuse_extra_modules(path / _SHARDS, {k.split(".")[1] for k in saved if k.startswith("weights.")}, modules)
-    target = _sharded_state(model, modules, optimizers)  # the shapes and shardings to load into
+    tree = _tree(model, modules)
+    target = _sharded_state(tree, optimizers)  # the shapes and shardings to load into
     try:
         dcp.load(target, checkpoint_id=path / _SHARDS, no_dist=not dist.is_distributed())
     except Exception as e:  # noqa: BLE001 - DCP raises a CheckpointException gathering every rank's failure
         raise CheckpointError(f"{path / _SHARDS}: does not fit this run ({type(e).__name__}: {e})"[:2000]) from None
-    tree = _tree(model, modules)
     tree.load_state_dict(target["weights"])
     for name, opt in optimizers.items():
         set_optimizer_state_dict(tree, opt, target[name])
