@@ -46,13 +46,12 @@ class ThreadBudget:
     torch_threads: int
     loader_workers: int
     dali_threads: int
-    omp_wait_policy: str
     source: str  # what decided torch_threads
 
     def describe(self) -> str:
         return (f"{self.cpus} CPU(s) for this process: torch {self.torch_threads} thread(s) ({self.source}), "
                 f"{self.loader_workers} loader worker(s), {self.dali_threads} DALI thread(s); "
-                f"OMP_WAIT_POLICY={self.omp_wait_policy}")
+                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def budget(threads: int = 0, workers: int | None = None, dali_threads: int | None = None) -> ThreadBudget:
@@ -69,8 +68,7 @@ def budget(threads: int = 0, workers: int | None = None, dali_threads: int | Non
         torch_threads, source = int(omp), "OMP_NUM_THREADS"
     else:
         torch_threads, source = max(1, cpus - workers), SOURCE_CPUS
-    return ThreadBudget(cpus, torch_threads, workers, dali_threads, os.environ.get("OMP_WAIT_POLICY", "unset"),
-                        source)
+    return ThreadBudget(cpus, torch_threads, workers, dali_threads, source)
 
 
 class CpuShare:
