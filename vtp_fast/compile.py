@@ -89,3 +89,12 @@ def apply_activation_checkpointing(model: VTP | DiT, mode: str) -> VTP | DiT:
         for block in transformer_blocks(model):
             block.forward = functools.partial(_checkpointed, block.forward, context_fn)
     return model
+
+
+def transform_blocks(model: VTP | DiT, activation_checkpointing: str = "none", compile: bool = False) -> VTP | DiT:
+    """A training job's block transforms (run.activation_checkpointing, run.compile) in the order they need:
+    checkpointing first, so the compiled forward is the checkpointed one; before DDP / FSDP2 wrap the model."""
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    return model

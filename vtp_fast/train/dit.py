@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vtp_fast import distributed as dist
-from vtp_fast.compile import apply_activation_checkpointing, apply_compile
+from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError, InputError, from_dict
 from vtp_fast.data.latents import LatentSet, load_latents
 from vtp_fast.data.views import sample_seed
@@ -93,9 +93,7 @@ class DiTJob(Job):
             self.model = build_dit(cfg, self.latents).to(self.device)
             self.ema = build_dit(cfg, self.latents).to(self.device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
-        apply_activation_checkpointing(self.model, cfg.run.activation_checkpointing)
-        if cfg.run.compile:
-            apply_compile(self.model)
+        transform_blocks(self.model, cfg.run.activation_checkpointing, cfg.run.compile)
         self.wrapped = dist.apply_ddp(self.model, self.device)
         self.opt = make_adamw(param_groups({"dit": self.model}, cfg.weight_decay), cfg.lr, cfg.betas)
         self.samples_per_step, self.per_rank = cfg.batch, cfg.batch // world

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vtp_fast import distributed as dist
-from vtp_fast.compile import apply_activation_checkpointing, apply_compile, transformer_blocks
+from vtp_fast.compile import transform_blocks, transformer_blocks
 from vtp_fast.config import ConfigError
 from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.losses.clip import clamp_logit_scale_
@@ -129,9 +129,7 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device, local: bool = Fals
     teacher = Teacher(student).to(device) if student.uses_ssl else None
     # fixed order: activation checkpointing, compile, then shard/wrap, then the optimizer (FSDP replaces the
     # parameters); the teacher, copied above, runs without gradients and keeps plain blocks
-    apply_activation_checkpointing(model, cfg.run.activation_checkpointing)
-    if cfg.run.compile:
-        apply_compile(model)
+    transform_blocks(model, cfg.run.activation_checkpointing, cfg.run.compile)
     if world > 1 and cfg.run.distributed == "fsdp":
         wrapped = dist.apply_fsdp(student, transformer_blocks(model), mixed_precision=device.type == "cuda")
         if teacher is not None:
