@@ -1,10 +1,16 @@
-"""Test data built by the tests themselves: a prepared emoji-format folder of synthetic images."""
+"""Test data built by the tests themselves (a prepared emoji-format folder of synthetic images, damaged images) and
+a load on the cores that comes and goes."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +75,31 @@ def assert_batches_equal(a, b) -> None:
     for k, v in vars(a).items():
         w = getattr(b, k)
         assert (v is None and w is None) or torch.equal(v, w), k
+
+
+# One process per CPU, all busy (spinning) for 0.5-4 s, then all idle for 0.5-3 s, over and over: other jobs starting
+# and stopping on the cores, which a constant load does not imitate (a run that adapted to the load would adapt once).
+_FLICKER = """
+import os, random, sys, time
+n = os.cpu_count() or 1
+for i in range(n - 1):
+    if os.fork() == 0:
+        break
+rng = random.Random(int(sys.argv[1]))  # the same seed in every process: they load and rest together
+while True:
+    end = time.monotonic() + rng.uniform(0.5, 4.0)
+    while time.monotonic() < end:
+        pass
+    time.sleep(rng.uniform(0.5, 3.0))
+"""
+
+
+@contextmanager
+def flickering_load(seed: int = 0):
+    """Load every CPU on and off (busy 0.5-4 s, idle 0.5-3 s) while the body runs."""
+    proc = subprocess.Popen([sys.executable, "-c", _FLICKER, str(seed)], start_new_session=True)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

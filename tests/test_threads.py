@@ -1,5 +1,5 @@
-"""Issue 14: one thread budget from the CPUs a process may use (affinity, local ranks, OMP_NUM_THREADS), fitted to
-what other processes leave free."""
+"""Issues 14 and 20: one thread budget from the CPUs a process may use (affinity, local ranks, OMP_NUM_THREADS),
+fixed for a run and restored on resume, and the OpenMP wait set before torch loads."""
 
 import os
 import subprocess
@@ -43,42 +43,40 @@ def test_explicit_settings_win(cpus):
     assert "3 thread(s) (run.threads)" in b.describe()
 
 
-class _Share:
-    def __init__(self, *values):
-        self.values = list(values)
-
-    def others(self):
-        return self.values.pop(0)
-
-
-def test_rebalance_fits_torch_threads_to_the_cpus_others_leave(cpus, monkeypatch):
+def test_resume_keeps_the_saved_thread_count_unless_the_user_chose_one(cpus, monkeypatch):
+    """Issue 20: the thread count is fixed for a run and restored on resume (reductions split by thread count); a
+    count the user set is kept, with a warning that the bits will differ."""
     import torch
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(threads, "_applied", None)
     try:
         cpus(4)
         threads.apply_budget(threads.budget(workers=0))
         assert torch.get_num_threads() == 4
-        share = _Share(2.2, 2.0, 0.1, None)
-        assert threads.rebalance(share) == (2, 2.2)  # another job keeps 2 CPUs busy
-        assert threads.rebalance(share) is None and torch.get_num_threads() == 2  # unchanged
-        assert threads.rebalance(share) == (4, 0.1) and torch.get_num_threads() == 4  # it finished
-        assert threads.rebalance(share) is None  # cannot tell: left as is
-        cpus(4, local_ranks=2)  # torchrun's ranks share the CPUs by design: left as budgeted
-        threads.apply_budget(threads.budget(workers=0))
-        assert torch.get_num_threads() == 2 and threads.rebalance(_Share(2.0)) is None
-        cpus(4)
-        threads.apply_budget(threads.budget(threads=3))  # run.threads: never changed
-        assert threads.rebalance(_Share(3.0)) is None and torch.get_num_threads() == 3
+        assert threads.resume_threads(3) is None and torch.get_num_threads() == 3  # the checkpoint's count
+        assert threads.resume_threads(None) is None and torch.get_num_threads() == 3  # an older checkpoint
+        threads.apply_budget(threads.budget(threads=2))
+        warning = threads.resume_threads(3)
+        assert torch.get_num_threads() == 2 and "2 torch thread(s) (run.threads)" in warning
+        assert "checkpoint's run used 3" in warning and "differ" in warning
+        assert threads.resume_threads(2) is None
     finally:
         torch.set_num_threads(before)
 
 
-def test_cpu_share_sees_another_process_working():
-    if not os.path.exists("/proc/stat"):
-        pytest.skip("no /proc/stat")
-    share = threads.CpuShare()
-    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
-    subprocess.run([sys.executable, "-c", spin], check=True)
-    assert share.others() >= 0.5  # one process spun for 1.5 s on (some of) these CPUs
+@pytest.mark.parametrize("env, want", [({}, f"GOMP_SPINCOUNT={threads.SPIN_COUNT}"),
+                                       ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+                                       ({"GOMP_SPINCOUNT": "7"}, "GOMP_SPINCOUNT=7")])
+def test_the_command_line_sets_the_openmp_wait_before_torch_loads(env, want):
+    """libgomp reads its wait settings once, when torch loads it: the command line sets them before anything imports
+    torch, and keeps the user's own."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    probe = ("import sys, os, vtp_fast.cli; loaded = 'torch' in sys.modules; import torch; "
+             "print(loaded, os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "False", "torch was loaded before the command line could set the OpenMP wait"
+    assert want.split("=")[1] in out[1:]
+    info = subprocess.run([sys.executable, "-m", "vtp_fast.cli", "info"], env={**clean, **env}, capture_output=True,
+                          text=True, check=True).stdout
+    assert f"OpenMP waiting: {want}" in info

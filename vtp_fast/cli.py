@@ -17,6 +17,11 @@ from pathlib import Path
 
 from vtp_fast.config import InputError
 from vtp_fast.io import atomic_path, temp_dir
+from vtp_fast.threads import prepare_openmp
+
+# before anything loads torch (libgomp reads its wait settings when it loads): the imports above do not
+# (tests/test_threads.py checks)
+prepare_openmp()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -737,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("VTP_FAST_DEBUG"):
             raise
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:  # process groups left on every exit path (loaded only by the commands that use them)
+        if (distributed := sys.modules.get("vtp_fast.distributed")) is not None:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

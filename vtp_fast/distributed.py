@@ -46,6 +46,14 @@ def init_from_env() -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown() -> None:
+    """Leave every process group (the default one and those made from it, like the background checkpoints' gloo
+    group): a process that exits with live groups can abort in their C++ threads after a finished run. Called by
+    the command line on every exit path; a no-op on one process."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """(n, ...) per rank -> (world * n, ...) in rank order; the backward sums each rank's gradient slice
     across ranks (so a local loss against gathered features gets the global loss's gradient)."""

@@ -6,12 +6,16 @@ place from the CPUs the process may use, so that jobs, loader workers and decode
     loader workers  data.num_workers, else 0 up to 2 CPUs (the main process decodes), else cpus // 4, at most 8
     DALI threads    data.dali_threads, else cpus // 4, between 2 and 4 (they decode while the step waits for data)
     torch threads   run.threads, else $OMP_NUM_THREADS when set (torchrun sets 1 per rank when it launches several),
-                    else the cpus the workers leave (at least 1), and then fewer while other processes keep some
-                    of these CPUs busy (`CpuShare`, checked by the training loop at every logged step)
-Why the last rule: an OpenMP team waits at every barrier for its slowest thread, so more threads than free cores
-make each parallel region wait for a descheduled thread. Two tiny pretraining jobs with 2 threads each on 2 cores
-ran 3.9x slower per step than one alone; with one thread each, 1.5x (bench/contention.py). Letting idle threads
-sleep instead (OMP_WAIT_POLICY=PASSIVE) helped the pair but cost a lone job 40%, so it is not set here.
+                    else the cpus the workers leave (at least 1); fixed for the whole run and restored on resume
+                    (`resume_threads`): how reductions are split follows the thread count, so a count that followed
+                    the machine's load would make the numbers follow it too
+    OpenMP waiting  an idle OpenMP thread spins GOMP_SPINCOUNT times before it sleeps (`prepare_openmp`, called by
+                    the command line before torch loads; an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept)
+Why the last rule: an OpenMP team waits at every barrier for its slowest thread, and libgomp's default spin
+(300,000 iterations) keeps a waiting thread on its core long after its work is done, taking it from any other job
+on the same cores. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) frees the core but makes every parallel region of a
+lone job pay a wake-up. A short spin keeps both: measured in bench/contention.py (rows in
+bench/results/cpu/contention.jsonl). None of this changes a result: only the thread count does, and it is fixed.
 `vtp-fast info` prints the budget.
 
 Imports nothing from the rest of vtp_fast (every layer may ask for the budget).
@@ -51,7 +55,7 @@ class ThreadBudget:
     def describe(self) -> str:
         return (f"{self.cpus} CPU(s) for this process: torch {self.torch_threads} thread(s) ({self.source}), "
                 f"{self.loader_workers} loader worker(s), {self.dali_threads} DALI thread(s); "
-                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+                f"OpenMP waiting: {openmp_waiting()}")
 
 
 def budget(threads: int = 0, workers: int | None = None, dali_threads: int | None = None) -> ThreadBudget:
@@ -71,69 +75,48 @@ def budget(threads: int = 0, workers: int | None = None, dali_threads: int | Non
     return ThreadBudget(cpus, torch_threads, workers, dali_threads, source)
 
 
-class CpuShare:
-    """The CPUs of this process's affinity kept busy by other processes between two calls of `others`: the busy
-    time of those CPUs in /proc/stat less this process's own CPU time (its threads; its loader workers, being other
-    processes, count as others: they need cores too)."""
-
-    def __init__(self):
-        try:
-            self.cpus = sorted(os.sched_getaffinity(0))
-        except AttributeError:
-            self.cpus = []
-        self._last = self._sample()
-
-    def _sample(self) -> tuple[float, float, float] | None:
-        """(machine busy CPU-seconds on our CPUs, own CPU-seconds, wall seconds), None without /proc/stat."""
-        import time
-
-        try:
-            with open("/proc/stat") as f:
-                lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
-        except OSError:
-            return None
-        mine = {f"cpu{c}" for c in self.cpus}
-        tick = os.sysconf("SC_CLK_TCK")
-        # user, nice, system, idle, iowait, irq, softirq, steal (guest time is inside user and nice)
-        busy = sum(sum(map(int, x[1:9])) - int(x[4]) - int(x[5]) for x in lines if x[0] in mine) / tick
-        t = os.times()
-        return busy, t.user + t.system, time.monotonic()
-
-    def others(self) -> float | None:
-        """CPUs (on average) busy with other processes since the last call; None where it cannot be told."""
-        now = self._sample()
-        last, self._last = self._last, now
-        if now is None or last is None or now[2] - last[2] < 0.5:
-            return None
-        return max(0.0, (now[0] - last[0]) - (now[1] - last[1])) / (now[2] - last[2])
+# Iterations an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT; its default is 300,000).
+SPIN_COUNT = 10_000
 
 
-def rebalance(share: CpuShare) -> tuple[int, float] | None:
-    """When the budget in force (`apply_budget`) chose torch's threads itself, fit them to the CPUs other processes
-    leave free (at least 1, at most the budget's); returns (the new thread count, CPUs busy elsewhere) when it
-    changed, else None. Not with several local ranks, which share the CPUs by design (torchrun also sets
-    OMP_NUM_THREADS then)."""
-    b = _applied
-    if b is None or b.source != SOURCE_CPUS or local_ranks() > 1 or (others := share.others()) is None:
-        return None
-    import torch
+def prepare_openmp() -> None:
+    """Set the OpenMP wait (SPIN_COUNT) for this process and its children unless the user chose one. Effective only
+    before torch is first imported (libgomp reads it when it loads): the command line calls it first thing."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 
-    want = max(1, min(b.torch_threads, b.cpus - round(others)))
-    if want == torch.get_num_threads():
-        return None
-    torch.set_num_threads(want)
-    return want, others
+
+def openmp_waiting() -> str:
+    """The OpenMP wait settings in this process's environment, for the logs."""
+    chosen = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+    return ", ".join(chosen) or "libgomp's default"
 
 
 _applied: ThreadBudget | None = None
 
 
 def apply_budget(b: ThreadBudget) -> ThreadBudget:
-    """Set torch's intra-op threads to the budget's (the loader workers and DALI threads are passed on by their
-    callers); `rebalance` adjusts them from then on."""
+    """Set torch's intra-op threads to the budget's, for the whole run (the loader workers and DALI threads are
+    passed on by their callers)."""
     import torch
 
     global _applied
     torch.set_num_threads(b.torch_threads)
     _applied = b
     return b
+
+
+def resume_threads(saved: int | None) -> str | None:
+    """Continue a checkpoint's run with the torch thread count it was saved with (`saved`; None for a checkpoint
+    that did not record it), so that it continues bit for bit. When the user chose the count (run.threads,
+    OMP_NUM_THREADS) and it differs, theirs is kept and the returned warning says the bits will differ."""
+    import torch
+
+    current = torch.get_num_threads()
+    if saved is None or saved == current:
+        return None
+    if _applied is not None and _applied.source != SOURCE_CPUS:
+        return (f"resuming with {current} torch thread(s) ({_applied.source}) where the checkpoint's run used "
+                f"{saved}: the numbers will differ from an uninterrupted run in the last bits")
+    torch.set_num_threads(saved)
+    return None

@@ -83,6 +83,27 @@ def test_time_left_follows_what_each_kind_of_stage_measured(tmp_path, monkeypatc
     assert "study [3/4] second | 0.5 min elapsed, about 2 min left" in out
 
 
+def test_stage_times_add_up_over_invocations_an_interrupted_stage_included(tmp_path, monkeypatch):
+    clock = iter([0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 7.0, 20.0, 20.0, 20.0, 23.0])  # init; per stage: line, start, end
+    monkeypatch.setattr("vtp_fast.study.run.time.perf_counter", lambda: next(clock))
+    times = tmp_path / "stage_seconds.json"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    first = Progress([Stage("a", "k", 1.0, tmp_path / "a", lambda: (tmp_path / "a").write_text("{}")),
+                      Stage("b", "k", 1.0, tmp_path / "b", interrupted)], times)
+    first.run(first.todo[0])
+    with pytest.raises(KeyboardInterrupt):
+        first.run(first.todo[0])
+    assert json.loads(times.read_text()) == {"a": 5.0, "b": 2.0}  # b's 2 s before the interrupt are kept
+    again = Progress([Stage("a", "k", 1.0, tmp_path / "a", lambda: None),
+                      Stage("b", "k", 1.0, tmp_path / "b", lambda: None)], times)
+    assert [s.name for s in again.todo] == ["b"]
+    again.run(again.todo[0])
+    assert json.loads(times.read_text()) == {"a": 5.0, "b": 5.0}
+
+
 def test_dry_run_runs_every_stage_and_resumes_without_redoing_any(emoji_env, tmp_path, monkeypatch):
     cfg = dry_run(StudyConfig())
     out = run_study(cfg, tmp_path / "study")
@@ -98,6 +119,12 @@ def test_dry_run_runs_every_stage_and_resumes_without_redoing_any(emoji_env, tmp
     assert report["floor"]["n_real"] == 12 and np.isfinite(report["floor"]["gkid"])
     assert any(c["claim"].startswith("(instrument)") for c in report["claims"])
     assert report["compute_span"]["rec"] == pytest.approx(3.0, rel=1e-6)
+    times = json.loads((out / "stage_seconds.json").read_text())
+    # 7 pretrainings, the floor, 3 scoring stages per tokenizer, DiT seeds: 2 curve points for the 2 largest-budget
+    # tokenizers, 1 for the other 5
+    assert len(times) == 7 + 1 + 7 * 3 + 2 * 2 * 2 + 5 * 2 * 1
+    assert report["seconds"] == pytest.approx(sum(times.values()))
+    assert report["stage_seconds"] == times
     md = (out / "study.md").read_text()
     assert "Floor (real vs 12 other real images)" in md and "the paper's claims" in md
     for f in ("gkid_vs_compute.png", "gkid_vs_dit_steps.png", "channels.png", "reconstructions.png", "study.yaml"):
@@ -117,7 +144,9 @@ def test_dry_run_runs_every_stage_and_resumes_without_redoing_any(emoji_env, tmp
                          (vtp_fast.eval.evaluate, "reconstruction_scores")):
         monkeypatch.setattr(module, name, redone)
     run_study(cfg, tmp_path / "study")
-    assert json.loads((out / "study.json").read_text())["rows"] == report["rows"]
+    again = json.loads((out / "study.json").read_text())
+    assert again["rows"] == report["rows"]
+    assert again["seconds"] == report["seconds"]  # the study's time, not this invocation's (which ran no stage)
 
 
 def test_gpu_study_dry_run_from_the_command_line(emoji_env, tmp_path, capsys):

@@ -134,7 +134,9 @@ def markdown(cfg: StudyConfig, rows: list[dict], floor: dict, found: list[dict],
             f"the two means over DiT seeds (PSNR: one tokenizer run each, no band).\n\n{claims_table}\n")
 
 
-def report(cfg: StudyConfig, out: Path, seconds: float, note: str = "") -> None:
+def report(cfg: StudyConfig, out: Path, stage_seconds: dict[str, float], invocation: float, note: str = "") -> None:
+    """study.json, study.md and the plots of the study in `out`; `stage_seconds`: each stage's measured seconds over
+    every invocation (their sum is the study's time), `invocation`: this invocation's seconds."""
     from vtp_fast.benchmark import env_info
     from vtp_fast.config import to_dict
 
@@ -144,9 +146,12 @@ def report(cfg: StudyConfig, out: Path, seconds: float, note: str = "") -> None:
     spans = {m: max(r["tokenizer_gflops"] for r in rows if r["mix"] == m and r["channels"] == cfg.channels)
              / min(r["tokenizer_gflops"] for r in rows if r["mix"] == m and r["channels"] == cfg.channels)
              for m in cfg.mixes}
-    note = f"This invocation took {seconds / 60:.1f} min (stages already done are skipped). {note}".strip()
+    seconds = sum(stage_seconds.values())
+    note = (f"The study's stages took {seconds / 60:.1f} min in all, over every invocation (this one: "
+            f"{invocation / 60:.1f} min; stages already done are skipped). {note}").strip()
     (out / "study.json").write_text(json.dumps({"rows": rows, "floor": floor, "claims": found, "compute_span": spans,
-                                                "config": to_dict(cfg), "seconds": seconds, "env": env_info()},
+                                                "config": to_dict(cfg), "seconds": seconds,
+                                                "stage_seconds": stage_seconds, "env": env_info()},
                                                indent=1))
     md = markdown(cfg, rows, floor, found, note)
     (out / "study.md").write_text(md)

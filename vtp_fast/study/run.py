@@ -45,12 +45,18 @@ class Stage:
 
 class Progress:
     """`study [k/n] <stage> | 12.3 min elapsed, about 45 min left`: the time left is the estimate of every stage
-    still to run, each scaled by the ratio measured / estimated of the stages of its kind that have run."""
+    still to run, each scaled by the ratio measured / estimated of the stages of its kind that have run.
 
-    def __init__(self, stages: list[Stage]):
+    Each stage's measured seconds are added up in `times` (stage name -> seconds, over every invocation, an
+    interrupted stage's part included) and kept in `times_file` (on the main rank) when one is given."""
+
+    def __init__(self, stages: list[Stage], times_file: Path | None = None):
         self.todo = [s for s in stages if not s.result.is_file()]
         self.total, self.done = len(stages), len(stages) - len(self.todo)
         self.spent: dict[str, list[float]] = {}  # kind -> [measured seconds, estimated seconds]
+        self.times_file = times_file
+        self.times: dict[str, float] = (json.loads(times_file.read_text())
+                                        if times_file is not None and times_file.is_file() else {})
         self.t0 = time.perf_counter()
 
     def left(self) -> float:
@@ -66,11 +72,17 @@ class Progress:
             print(f"study [{self.done}/{self.total}] {stage.name} | {(time.perf_counter() - self.t0) / 60:.1f} min "
                   f"elapsed, about {self.left() / 60:.0f} min left", flush=True)
         t = time.perf_counter()
-        if stage.everywhere or dist.rank() == 0:
-            stage.run()
-        dist.barrier()
+        try:
+            if stage.everywhere or dist.rank() == 0:
+                stage.run()
+            dist.barrier()
+        finally:  # an interrupted stage's time counts too: the next invocation continues its work
+            elapsed = time.perf_counter() - t
+            self.times[stage.name] = self.times.get(stage.name, 0.0) + elapsed
+            if self.times_file is not None and dist.rank() == 0:
+                atomic_write_text(self.times_file, json.dumps(self.times, indent=1))
         s = self.spent.setdefault(stage.kind, [0.0, 0.0])
-        s[0] += time.perf_counter() - t
+        s[0] += elapsed
         s[1] += stage.estimate
         self.todo.remove(stage)
 
@@ -276,10 +288,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, note: str = "") -> Path:
     size = pretrain_config(cfg, out, cfg.mixes[0], cfg.budgets[0], cfg.channels).data.image_size
     train_set, held_out = load_sets(cfg, size)
     plan = stages(cfg, out, train_set, held_out)
-    progress = Progress(plan)
+    progress = Progress(plan, out / "stage_seconds.json")
     for stage in plan:
         if not stage.result.is_file():
             progress.run(stage)
     if dist.rank() == 0:
-        report(cfg, out, time.perf_counter() - progress.t0, note=note)
+        report(cfg, out, progress.times, time.perf_counter() - progress.t0, note=note)
     return out

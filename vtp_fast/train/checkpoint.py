@@ -22,6 +22,7 @@ start. The newest `keep` checkpoints are kept. `export` turns either format into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -165,6 +166,14 @@ class Checkpointer:
         self._publish(tmp, final)
         dist.barrier()
         return final
+
+    def close(self) -> None:
+        """Wait for a background save that an error or interrupt left unpublished (its temp dir is swept at the next
+        start), so that no writer thread outlives the process groups it uses."""
+        if self._pending is not None:
+            future, self._pending = self._pending[0], None
+            with contextlib.suppress(Exception):  # the error being handled is the one to report
+                getattr(future, "upload_completion", future).result()
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if dist.rank() == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast import optional
 from vtp_fast.config import ConfigError, UserError, save_config, to_dict
-from vtp_fast.threads import CpuShare, ThreadBudget, apply_budget, budget, rebalance
+from vtp_fast.threads import ThreadBudget, apply_budget, budget, resume_threads
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, pick_device, rng_state, seed_everything, set_rng_state
 from vtp_fast.train.config import RunConfig
@@ -113,8 +114,8 @@ class Job:
 def start_process(run: RunConfig, loader_workers: int | None = 0,
                   dali_threads: int | None = None) -> tuple[torch.device, torch.Generator, ThreadBudget]:
     """The job's device (the local GPU under torchrun), its thread budget (vtp_fast.threads: torch threads set
-    here; loader workers and DALI threads for the caller; None: from the budget), and every RNG seeded from
-    run.seed (the returned CPU generator is the job's own)."""
+    here for the whole run; loader workers and DALI threads for the caller; None: from the budget), and every RNG
+    seeded from run.seed (the returned CPU generator is the job's own)."""
     device = dist.init_from_env() if dist.launched_distributed() else pick_device(run.device)
     threads = apply_budget(budget(run.threads, loader_workers, dali_threads))
     return device, seed_everything(run.seed), threads
@@ -165,10 +166,25 @@ def run(job: Job) -> dict[str, Path]:
     evaluations = job.evaluations()
     _evaluate(log, None, [ev for ev in evaluations if ev.at_start and start == 0], 0)
     bar = tqdm(total=end, initial=start, desc=job.name, unit="step", disable=not main, dynamic_ncols=True)
-    bad_streak, window, stalls, share = 0, Window(), Stalls(job, bar if main else None), CpuShare()
     if saved_rng is not None:  # last, after everything above that may draw: the run continues the saved streams
         set_rng_state(saved_rng)
-    for step in range(start, end):
+    try:
+        _steps(job, ckpt, log, bar, range(start, end), evaluations)
+        ckpt.finish_pending()
+    finally:
+        ckpt.close()
+    bar.close()
+    if log is not None:
+        log.close()
+    return job.finish(log.metrics if log is not None else None)
+
+
+def _steps(job: Job, ckpt: Checkpointer, log: _Log | None, bar, steps: range, evaluations: list[Evaluation]) -> None:
+    """The steps of `steps` (range(start, end)): data, step, skipped-step accounting, logged rows, evaluations and
+    the checkpoint schedule."""
+    r, main, end = job.run, log is not None, steps.stop
+    bad_streak, window, stalls = 0, Window(), Stalls(job, bar if main else None)
+    for step in steps:
         t0 = time.perf_counter()
         batch = job.next_batch(step)
         t1 = time.perf_counter()
@@ -188,9 +204,6 @@ def run(job: Job) -> dict[str, Path]:
             continue
         bad_streak = 0
         if done % r.log_every == 0 or done == end:
-            if (changed := rebalance(share)) is not None and main:
-                bar.write(f"step {done}: {changed[1]:.1f} of this process's CPUs busy with other processes: torch "
-                          f"threads now {changed[0]} (vtp_fast.threads)")
             row = {**_step_row(job, result), **stalls.row(window), "torch_threads": torch.get_num_threads()}
             _write(log, done, row)
             bar.set_postfix({"loss": f"{row['loss/total']:.4g}", f"{job.unit}/s": f"{row[f'{job.unit}_per_s']:.0f}"})
@@ -200,11 +213,6 @@ def run(job: Job) -> dict[str, Path]:
         if done % r.checkpoint_every == 0 or done == end:
             _save(job, ckpt, done)
         bar.update(1)
-    ckpt.finish_pending()
-    bar.close()
-    if log is not None:
-        log.close()
-    return job.finish(log.metrics if log is not None else None)
 
 
 class _Log:
@@ -247,6 +255,8 @@ def _resume(job: Job, path: Path) -> tuple[int, dict | None]:
     """Load the checkpoint at `path` into the job; -> (its step, the RNG streams to restore before the loop)."""
     state = Checkpointer.load(path, job.checkpoint_model, job.modules(), job.optimizers())
     job.load_state_dict(state)
+    if (warning := resume_threads(state.get("torch_threads"))) is not None and dist.rank() == 0:
+        warnings.warn(warning, stacklevel=1)
     saved_rng = state.get("rng") or ({"torch_cpu": state["rng_cpu"]} if "rng_cpu" in state else None)
     return int(state["step"]), saved_rng
 
@@ -261,5 +271,6 @@ def _step_row(job: Job, result: StepOutput) -> dict[str, Any]:
 
 def _save(job: Job, ckpt: Checkpointer, step: int) -> None:
     """A checkpoint of every rank's state (collective), in run.checkpoint_format."""
-    state = {"step": step, **job.state_dict(), "rng": rng_state(), "config": to_dict(job.cfg)}
+    state = {"step": step, **job.state_dict(), "rng": rng_state(), "config": to_dict(job.cfg),
+             "torch_threads": torch.get_num_threads()}
     ckpt.save(step, job.checkpoint_model, job.modules(), job.optimizers(), state)

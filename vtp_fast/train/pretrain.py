@@ -41,8 +41,6 @@ GenerativeProbe = Callable[..., dict]
 
 class PretrainJob(Job):
     name = "pretrain"
-    data_hint = ("raise data.num_workers or data.dali_threads, or decode on the GPU (data.decoder=dali or nvjpeg); "
-                 "see vtp-fast bench data")
 
     def __init__(self, cfg: PretrainConfig, held_out_eval: HeldOutEval | None = None,
                  generative_probe: GenerativeProbe | None = None):
@@ -52,6 +50,8 @@ class PretrainJob(Job):
         self.cfg, self.run = cfg, cfg.run
         self.held_out_eval, self.generative_probe = held_out_eval, generative_probe
         self.device, _, self.threads = start_process(cfg.run, cfg.data.num_workers, cfg.data.dali_threads)
+        gpu = "decode on the GPU (data.decoder=dali or nvjpeg), " if self.device.type == "cuda" else ""
+        self.data_hint = f"raise data.num_workers or data.dali_threads, {gpu}see vtp-fast bench data"
         self.t = build_trainer(cfg, self.device)
         self.checkpoint_model, self.samples_per_step = self.t.model, cfg.batch.size
         context = self.t.model.config.text_context_length
