@@ -6,7 +6,9 @@ Everything here is a no-op on one process, so losses and steps call these helper
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -61,7 +63,9 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
         return x
     from torch.distributed import _functional_collectives as funcol
 
-    return funcol.wait_tensor(funcol.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD))
+    # torch >= 2.13 names it all_gather_single_autograd (the older name warns there); torch 2.11 has only the older
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return funcol.wait_tensor(gather(x.contiguous(), 0, dist.group.WORLD))
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:
@@ -121,7 +125,11 @@ def apply_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # no buffer broadcast at each forward (every rank's buffers are equal: built from one seed, or loaded);
+    # torch >= 2.13 says so with forward_sync_buffers (broadcast_buffers warns there), torch 2.11 only with the older
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return DistributedDataParallel(module, device_ids=ids, **{"forward_sync_buffers" if new else "broadcast_buffers":
+                                                              False})
 
 
 def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: bool,
@@ -135,6 +143,9 @@ def apply_fsdp(module: nn.Module, blocks: list[nn.Module], mixed_precision: bool
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 warns of every block that returns a view (an in-place op on it would skip the all-gather): the multi-view
+    # blocks return views of one packed tensor, and nothing here modifies a block's output in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
     for block in blocks:
