@@ -1,12 +1,17 @@
-"""Two pretraining jobs on the same cores: seconds per step alone and side by side, with the thread budget's
-rebalancing (vtp_fast.threads: torch threads fitted to the CPUs other processes leave free, checked at every logged
-step) and with torch's threads fixed at the CPU count (what a job did before the budget).
+"""Two pretraining jobs on the same cores: seconds per step alone and side by side, under each OpenMP wait setting.
 
-    python bench/contention.py [--steps 80] [--out bench/results/cpu/contention.jsonl]
+    python bench/contention.py [--steps 40] [--out bench/results/cpu/contention.jsonl]
 
-Each job is `vtp-fast pretrain` of the tiny config on synthetic data (the step `make train` runs), logging every 5
-steps; the figure is the median logged seconds per step after the first 20 steps (the rebalancing needs a logged
-window to see the other job). Run it on an otherwise idle machine.
+Each job is `vtp-fast pretrain` of the tiny config on synthetic data (the step `make train` runs) with the thread
+budget's torch threads, fixed for the run (vtp_fast.threads: every CPU of the process), logging every 2 steps; the
+figure is the median logged seconds per step after the first 6 steps. The settings differ only in how an idle
+OpenMP thread waits, which changes no result:
+    the budget          what the command line sets (GOMP_SPINCOUNT=vtp_fast.threads.SPIN_COUNT)
+    libgomp's default   GOMP_SPINCOUNT=300000, libgomp's own value (about 3 ms of spinning), what a job did before
+    passive             OMP_WAIT_POLICY=PASSIVE: sleep at once
+Alone and side by side are interleaved per setting (alone, pair, alone, pair, ...: `--rounds`), so a drift in the
+machine's speed touches every setting alike; the row keeps every measurement and reports medians. The load average
+at the start is recorded: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -21,16 +26,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--config", "configs/tokenizer/tiny.yaml", "data.synthetic=true", "run.log_every=5", "run.eval_every=100000",
+ARGS = ["--config", "configs/tokenizer/tiny.yaml", "data.synthetic=true", "run.log_every=2", "run.eval_every=100000",
         "run.checkpoint_every=100000", "run.tensorboard=false"]
+WAIT_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def jobs(n: int, steps: int, *extra: str) -> list[float]:
-    """Median seconds per step (after step 20) of each of `n` simultaneous pretraining runs."""
+def jobs(n: int, steps: int, env_extra: dict[str, str]) -> list[float]:
+    """Median seconds per step (after step 6) of each of `n` simultaneous pretraining runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+        env = {**{k: v for k, v in os.environ.items() if k not in WAIT_VARS}, **env_extra}
         procs = [subprocess.Popen([sys.executable, "-m", "vtp_fast.cli", "pretrain", *ARGS, f"run.steps={steps}",
-                                   f"run.out_dir={tmp}/{i}", *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   f"run.out_dir={tmp}/{i}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for i in range(n)]
         for p in procs:
             _, err = p.communicate()
@@ -39,29 +45,38 @@ def jobs(n: int, steps: int, *extra: str) -> list[float]:
         medians = []
         for i in range(n):
             rows = [json.loads(line) for line in Path(f"{tmp}/{i}/metrics.jsonl").read_text().splitlines()]
-            medians.append(statistics.median(r["step_s"] for r in rows if "step_s" in r and r["step"] > 20))
+            medians.append(statistics.median(r["step_s"] for r in rows if "step_s" in r and r["step"] > 6))
         return medians
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=80, help="steps per job")
+    parser.add_argument("--steps", type=int, default=40, help="steps per job")
+    parser.add_argument("--rounds", type=int, default=2, help="alone + pair measurements per setting, interleaved")
     parser.add_argument("--out", help="append the JSON row to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from vtp_fast.benchmark import env_info
-    from vtp_fast.threads import budget, process_cpus
+    from vtp_fast.threads import SPIN_COUNT, budget
 
+    settings = {f"the budget (GOMP_SPINCOUNT={SPIN_COUNT})": {"GOMP_SPINCOUNT": str(SPIN_COUNT)},
+                "libgomp's default": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
     row = {"bench": "contention", "config": " ".join(ARGS), "steps": args.steps, "budget": budget().describe(),
-           **env_info("cpu")}
-    alone = jobs(1, args.steps)[0]
-    row["alone_s"] = alone
-    print(f"one job alone: {alone:.3f} s/step", flush=True)
-    for name, extra in (("rebalanced (the budget)", ()), ("fixed threads", (f"run.threads={process_cpus()}",))):
-        pair = jobs(2, args.steps, *extra)
-        row[name] = {"side_by_side_s": pair, "slowdown": statistics.mean(pair) / alone}
-        print(f"two at once, {name}: {pair[0]:.3f} and {pair[1]:.3f} s/step ({row[name]['slowdown']:.2f}x one job "
-              "alone)", flush=True)
+           "load_average_at_start": os.getloadavg()[0], **env_info("cpu")}
+    runs = {name: {"alone_s": [], "side_by_side_s": []} for name in settings}
+    for _ in range(args.rounds):
+        for name, env in settings.items():
+            runs[name]["alone_s"] += jobs(1, args.steps, env)
+            runs[name]["side_by_side_s"] += jobs(2, args.steps, env)
+            print(f"{name}: alone {runs[name]['alone_s'][-1]:.3f} s/step, two at once "
+                  f"{runs[name]['side_by_side_s'][-2]:.3f} and {runs[name]['side_by_side_s'][-1]:.3f}", flush=True)
+    base = statistics.median(runs["libgomp's default"]["alone_s"])
+    for name, r in runs.items():
+        alone, pair = statistics.median(r["alone_s"]), statistics.median(r["side_by_side_s"])
+        row[name] = {**r, "alone_median_s": alone, "side_by_side_median_s": pair, "slowdown": pair / alone,
+                     "alone_vs_libgomp_default": alone / base}
+        print(f"{name}: alone {alone:.3f} s/step ({alone / base:.2f}x libgomp's default alone); two at once "
+              f"{pair:.3f} s/step each ({pair / alone:.2f}x alone)", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:

@@ -357,3 +357,11 @@ def test_resampled_sampling_trains_and_resumes_exactly(emoji_root, tmp_path):
     epochs = tmp_path / "epochs"  # the option reaches the batches: the epoch-shuffled run sees other samples
     pretrain(small_config(emoji_root, epochs, "run.steps=4", "run.stop_at=1", "run.eval_every=100"))
     assert loss_rows(epochs)[0]["loss/total"] != loss_rows(straight)[0]["loss/total"]
+
+
+def test_the_data_wait_advice_fits_the_machine(emoji_root, tmp_path):
+    """On a machine without a GPU, a data-bound run is not told to decode on one."""
+    from vtp_fast.train.pretrain import PretrainJob
+
+    hint = PretrainJob(small_config(emoji_root, tmp_path / "run")).data_hint
+    assert "data.num_workers" in hint and "GPU" not in hint
