@@ -15,13 +15,16 @@ from PIL import Image  # noqa: E402
 
 from vtp_fast.data.images import to_uint8  # noqa: E402
 
+MARKED_POINTS = 30
+
 
 def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *,
                 title: str, xlabel: str = "step", ylabel: str = "loss", log_y: bool = True) -> Path:
-    """One line per name: series[name] = (x values, y values)."""
+    """One line per name: series[name] = (x values, y values); each point marked when a line has at most
+    MARKED_POINTS (a run shorter than run.log_every logs one row, which a bare line does not show)."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=name, linewidth=1.4)
+        ax.plot(xs, ys, label=name, linewidth=1.4, marker="o" if len(xs) <= MARKED_POINTS else None, markersize=4)
     if log_y and all(min(ys, default=1) > 0 for _, ys in series.values()):
         ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)

@@ -1,6 +1,8 @@
 """Issue 13, item 5: activation checkpointing changes memory, not gradients; `vtp-fast plan`'s traced memory matches
-real CPU steps at tiny shapes; the plan recommends what fits and refuses what cannot."""
+real CPU steps at tiny shapes; the plan recommends what fits and refuses what cannot. Issue 20, item 1: the trace
+allocates nothing of batch size on the host, and says what it traces."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ from vtp_fast.data.pairs import StepBatches, synthetic_pairs
 from vtp_fast.ops.registry import building_for
 from vtp_fast.train import planner
 from vtp_fast.train.config import PretrainConfig
-from vtp_fast.train.profile import _deterministic_masks
+from vtp_fast.train.profile import _deterministic_masks, meta_step
 from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
 TINY = ["objective.perceptual=0", "data.synthetic=true", "run.precision=fp32", "batch.size=32", "batch.ssl=8",
@@ -26,14 +28,21 @@ def tiny(*extra) -> PretrainConfig:
     return load_config(PretrainConfig, ["configs/tokenizer/tiny.yaml"], [*TINY, *extra])
 
 
+def real_batch(cfg: PretrainConfig, t):
+    """StepBatches' first batch of synthetic pairs for the trainer `t`, iBOT masks at their expected count (what the
+    planner traces)."""
+    pairs = synthetic_pairs(max(2 * cfg.batch.size, 8), cfg.data.image_size, t.model.config.text_context_length)
+    batch = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=False)[0]
+    _deterministic_masks(batch, cfg.ssl.views)
+    return batch
+
+
 def real_step(cfg: PretrainConfig, autocast: bool = False):
     """One forward + backward of `cfg` on the CPU, on the batch the planner traces: (live-bytes peak, gradients)."""
     torch.manual_seed(0)
     with building_for("cpu"):
         t = _build_trainer(cfg, torch.device("cpu"), local=True)
-    pairs = synthetic_pairs(max(2 * cfg.batch.size, 8), cfg.data.image_size, t.model.config.text_context_length)
-    batch = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=False)[0]
-    _deterministic_masks(batch, cfg.ssl.views)
+    batch = real_batch(cfg, t)
     for p in t.student.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -79,7 +88,7 @@ import json, sys, torch
 from tests.train.test_planner import tiny
 from vtp_fast.data.pairs import StepBatches, synthetic_pairs
 from vtp_fast.ops.registry import building_for
-from vtp_fast.train.profile import _deterministic_masks
+from vtp_fast.train.profile import _deterministic_masks, meta_step
 from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 torch.set_num_threads(1)
 cfg = tiny()
@@ -111,6 +120,39 @@ def test_traced_activations_match_the_resident_memory_of_a_real_step():
     assert traced == pytest.approx(measured, rel=0.20), (traced / 2**20, measured / 2**20)
 
 
+_TRACE_PEAK = """
+import json, resource
+from tests.train.test_planner import tiny
+from vtp_fast.train import planner
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
+planner.trace_micro_step(tiny(), bf16=False)  # imports and every lazy allocation
+before = peak()
+planner.trace_micro_step(tiny("batch.size=8192", "batch.ssl=2048", "batch.rec=4096"), bf16=True)
+print(json.dumps({"rise": peak() - before}))
+"""
+
+
+def test_trace_allocates_nothing_of_batch_size():
+    """The plan's trace at 256 times the tiny batch raises the process's peak resident memory by less than 64 MiB:
+    the batch and the model live on the meta device. Building real CPU images and views first (the old meta_step)
+    raises it by over 1 GiB (8192 images of 3 x 64 x 64 float32 alone are 384 MiB)."""
+    r = subprocess.run([sys.executable, "-c", _TRACE_PEAK], capture_output=True, text=True, timeout=600,
+                       cwd=os.getcwd(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rise = json.loads(r.stdout.strip().splitlines()[-1])["rise"]
+    assert rise < 64 * 2**20, rise / 2**20
+
+
+def test_meta_batch_is_the_batch_the_pipeline_builds():
+    """Shapes, dtypes and layouts of the meta batch against StepBatches' batch of synthetic pairs."""
+    cfg = tiny()
+    t, meta = meta_step(cfg)
+    real = real_batch(cfg, t)
+    for f in dataclasses.fields(real):
+        a, b = getattr(real, f.name), getattr(meta, f.name)
+        assert b.device.type == "meta" and (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), f.name
+
+
 def test_static_memory_is_the_real_tensors():
     """Parameters and AdamW state as planned for one GPU are the bytes of the real tensors after a step."""
     cfg = tiny()
@@ -132,8 +174,11 @@ def test_static_memory_is_the_real_tensors():
 
 def test_plan_recommends_what_fits_and_refuses_what_cannot(monkeypatch):
     cfg = tiny()
-    p = planner.plan(cfg, 2)
+    lines = []
+    p = planner.plan(cfg, 2, progress=lines.append)
     assert {o.strategy for o in p.options} == {"ddp", "fsdp"} and p.best is not None
+    assert len(lines) == len(p.options) // 2 + 1, lines  # one line per traced micro-batch, then the total
+    assert "tracing 1 micro-step(s) x 16 pairs per GPU, activation checkpointing none" in lines[0]
     assert "recommended:" in planner.report(p)
     small = planner.GPU("small", 0.05, 1e12, 1e9, 1e9, "a test GPU")  # 51 MiB: nothing fits
     monkeypatch.setitem(planner.GPUS, "small", small)
@@ -149,3 +194,4 @@ def test_plan_command_prints_the_table(tmp_path):
                         "--gpus", "2", "--out", str(out), *TINY], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| DDP **(recommended)**" in r.stdout and out.read_text() in r.stdout + "\n"
+    assert "plan: [  0.0 s] tracing 1 micro-step(s) x 16 pairs per GPU" in r.stderr, r.stderr

@@ -9,7 +9,8 @@ Memory per GPU, for each option (DDP or FSDP2 x run.activation_checkpointing x m
                whole gradient before its reduce-scatter
   optimizer    AdamW: two fp32 moments per trainable parameter (1/N under FSDP2)
   activations  the peak of the tensors alive during one micro-batch's forward and backward (gradients excluded),
-               traced on the meta device at the per-rank micro-batch (nothing runs: a VTP-L step traces in seconds);
+               traced on the meta device at the per-rank micro-batch (the model and the batch are built there:
+               nothing runs and host memory does not grow with either; a VTP-L step traces in seconds);
                bf16 runs are traced with autocast's casts emulated (matmul and attention inputs in bf16, norms,
                softmax and losses in fp32). The reference ops are traced: the fused kernels keep no (n, N) logits,
                so this errs high where they are used
@@ -28,22 +29,24 @@ bandwidths are stated assumptions until a GPU run measures them.
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import flop_registry
 
 from vtp_fast.compile import transformer_blocks
 from vtp_fast.config import ConfigError, UserError
 from vtp_fast.perf_model import PEAK_FLOPS
 from vtp_fast.train.config import PretrainConfig
-from vtp_fast.train.profile import flops_of, meta_step, micro_config
+from vtp_fast.train.profile import meta_step, micro_config
 from vtp_fast.train.trainer import forward_backward, schedules
 
 GIB = 2**30
@@ -76,15 +79,20 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensor storages that ops inside it create, while they live; `peak` is the most alive at
     once. Storages are followed through weak references, so views and tensors autograd saves count once, as long
     as they exist. The storages of `existing` (parameters, gradients, the batch: tensors that outlive the block)
-    are not counted when ops view or update them."""
+    are not counted when ops view or update them. `flops`: the model FLOPs of the ops (torch.utils.flop_counter's
+    formulas: matmuls, convolutions, attention), counted on the way at no cost in memory (FlopCounterMode keeps
+    recomputed activations alive)."""
 
     def __init__(self, existing: Iterable[torch.Tensor] = ()):
         super().__init__()
-        self.live = self.peak = 0
+        self.live = self.peak = self.flops = 0
         self._sizes: dict[int, int] = {id(t.untyped_storage()): 0 for t in existing}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (formula := flop_registry.get(func._overloadpacket)) is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -145,9 +153,6 @@ def trace_micro_step(cfg: PretrainConfig, bf16: bool) -> MicroStep:
     run.activation_checkpointing, with bf16 autocast emulated when `bf16`."""
     autocast = EmulatedAutocast if bf16 else contextlib.nullcontext
     t, batch = meta_step(cfg)
-    sched = schedules(cfg, 0)
-    with autocast():  # FLOPs in their own pass: FlopCounterMode keeps recomputed activations alive
-        flops = flops_of(lambda: forward_backward(t, [batch], sched))
     for p in t.student.parameters():  # gradients allocated, as after a first step, and counted apart
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -155,11 +160,11 @@ def trace_micro_step(cfg: PretrainConfig, bf16: bool) -> MicroStep:
     existing = [x for x in (*LiveBytes.state_of(*modules), *tree_leaves(vars(batch))) if isinstance(x, torch.Tensor)]
     live = LiveBytes(existing)
     with live, autocast():
-        forward_backward(t, [batch], sched)
+        forward_backward(t, [batch], schedules(cfg, 0))
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
     blocks = transformer_blocks(t.model)
     return MicroStep(
-        activation_bytes=live.peak, flops=flops,
+        activation_bytes=live.peak, flops=live.flops,
         student_params=count(t.student.parameters()),
         trainable_params=count(p for p in t.student.parameters() if p.requires_grad),
         teacher_params=count(t.teacher.parameters()) if t.teacher is not None else 0,
@@ -229,9 +234,15 @@ class Plan:
                                        order[o.checkpointing]), default=None)
 
 
-def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: int = 16) -> Plan:
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: int = 16,
+         progress: Callable[[str], None] | None = _to_stderr) -> Plan:
     """Every option up to the first micro-step count at which one fits without activation checkpointing (more
-    micro-steps only add overhead), each micro-batch traced once per activation checkpointing mode."""
+    micro-steps only add overhead), each micro-batch traced once per activation checkpointing mode; `progress` is
+    told what is traced, as it starts (None: silent)."""
     if gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)}")
     if gpus < 1:
@@ -239,8 +250,15 @@ def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: in
     g = GPUS[gpu]
     strategies = ("ddp", "fsdp") if gpus > 1 else ("ddp",)
     options: list[Option] = []
-    traced = cache(lambda acc, ac: trace_micro_step(_with_checkpointing(micro_config(cfg, gpus, acc), ac),
-                                                    gpu_bf16(cfg)))
+    start = time.perf_counter()
+
+    def traced(accumulation: int, checkpointing: str) -> MicroStep:
+        c = _with_checkpointing(micro_config(cfg, gpus, accumulation), checkpointing)
+        if progress is not None:
+            progress(f"plan: [{time.perf_counter() - start:5.1f} s] tracing {accumulation} micro-step(s) x "
+                     f"{c.batch.size} pairs per GPU, activation checkpointing {checkpointing}, on the meta device")
+        return trace_micro_step(c, gpu_bf16(cfg))
+
     accumulation, tried = 1, False
     while accumulation <= max_accumulation:
         try:
@@ -251,11 +269,14 @@ def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: in
             break  # the batch does not split further
         tried = True
         for ac in ("none", "selective", "per_block"):
-            options += [option(cfg, g, gpus, s, ac, accumulation, traced(accumulation, ac)) for s in strategies]
+            micro = traced(accumulation, ac)
+            options += [option(cfg, g, gpus, s, ac, accumulation, micro) for s in strategies]
         if any(o.total_gib <= USABLE * g.memory_gib and o.checkpointing == "none" and o.accumulation == accumulation
                for o in options):
             break
         accumulation *= 2
+    if progress is not None:
+        progress(f"plan: {len(options) // len(strategies)} micro-batches traced in {time.perf_counter() - start:.1f} s")
     return Plan(cfg, g, gpus, options)
 
 

@@ -192,11 +192,13 @@ def forward_backward(t: Trainer, micro_batches: list[Batch], sched: dict[str, fl
                     targets, out.centers = t.teacher(batch, t.student, sched["teacher_temp"], out.centers)
             terms, recon = t.wrapped(batch, targets)
             if t.disc is not None:
-                weight = adversarial_term(t, terms, recon, sched["step"] >= t.cfg.gan.start_step)
+                with probe.region("gan"):
+                    weight = adversarial_term(t, terms, recon, sched["step"] >= t.cfg.gan.start_step)
                 if weight is not None:
                     out.aux["gan_weight"] = weight.detach().float()
                 out.fake, out.real = recon.detach(), batch.images[: recon.shape[0]]
-            total, logs = t.objective(terms)
+            with probe.region("objective"):
+                total, logs = t.objective(terms)
         with probe.region("backward"):
             (total / n_micro).backward()
         for k, v in logs.items():
@@ -224,7 +226,9 @@ def train_step(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) 
     set_group(t.optimizer, "decay", weight_decay=sched["weight_decay"])
     g = forward_backward(t, micro_batches, sched)
     scalars = {k: v for k, v in sched.items() if k != "step"}
-    if (skip := skipped(g.terms, g.aux, scalars)) is not None:
+    with t.student.probe.region("checks"):  # the finite check waits for the device
+        skip = skipped(g.terms, g.aux, scalars)
+    if skip is not None:
         t.optimizer.zero_grad(set_to_none=True)
         return skip
     with t.student.probe.region("optimizer"):
@@ -238,7 +242,9 @@ def train_step(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) 
         with t.student.probe.region("ema"):
             t.teacher.update(t.student, sched["momentum"])
     if g.fake is not None and sched["step"] >= t.cfg.gan.start_step:
-        g.terms["disc"] = discriminator_step(t, g.fake, g.real)
+        with t.student.probe.region("discriminator"):
+            g.terms["disc"] = discriminator_step(t, g.fake, g.real)
     g.aux["grad_norm"] = dist.full_tensor(grad_norm).detach()  # a DTensor under FSDP
-    t.optimizer.zero_grad(set_to_none=True)
+    with t.student.probe.region("zero_grad"):
+        t.optimizer.zero_grad(set_to_none=True)
     return StepOutput(g.terms, g.aux, scalars)
