@@ -28,8 +28,8 @@ def test_extract_train_sample_eval_from_the_command_line(emoji_env, tokenizer_di
     assert main(["extract-latents", "--checkpoint", str(tokenizer_dir), "--data", "emoji:google,twitter",
                  "--out", str(lat)]) == 0
     latents = load_latents(lat)
-    assert latents.latents.shape == (2 * 24, 64, 4, 4)  # 24 images and their mirror images
-    z = latents.latents
+    assert latents.shape == (2 * 24, 64, 4, 4)  # 24 images and their mirror images
+    z, _ = latents.batch(torch.arange(len(latents)))  # normalised per batch with meta.json's statistics
     assert z.mean((0, 2, 3)).abs().max() < 1e-4 and (z.std((0, 2, 3)) - 1).abs().max() < 1e-2  # normalised
     assert latents.meta["class_names"] == ["circle", "square", "triangle"]
 
@@ -41,11 +41,11 @@ def test_extract_train_sample_eval_from_the_command_line(emoji_env, tokenizer_di
 
     samples = tmp_path / "samples"
     assert main(["sample", "--dit", str(out / "dit"), "--checkpoint", str(tokenizer_dir), "--out", str(samples),
-                 "--per-class", "2", "--steps", "3", "--solver", "heun", "--cfg", "2.0"]) == 0
-    npz = np.load(samples / "samples.npz")
-    assert npz["images"].shape == (6, 3, 64, 64) and npz["images"].dtype == np.uint8
-    assert npz["labels"].tolist() == [0, 0, 1, 1, 2, 2]
-    assert (samples / "grid.png").exists()
+                 "--per-class", "2", "--steps", "3", "--solver", "heun", "--cfg-scale", "2.0", "--png"]) == 0
+    npz = np.load(samples / "samples.npz")  # ADM's format: arr_0 uint8 NHWC images, arr_1 labels
+    assert npz["arr_0"].shape == (6, 64, 64, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert (samples / "grid.png").exists() and len(list((samples / "png").glob("*.png"))) == 6
 
     capsys.readouterr()
     assert main(["eval", "gfid", "--samples", str(samples / "samples.npz"), "--data", "emoji:google", "--n",

@@ -96,6 +96,46 @@ def test_atomic_path_names_and_modes(tmp_path, umask_022):
     assert mode(path) == 0o640
 
 
+@pytest.mark.parametrize("where", ["file", "folder"])
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_writer_that_makes_its_file_anew_does_not_decide_its_mode(where, umask, tmp_path):
+    """safetensors' save_file writes a new 0o600 file over the temporary (`vtp-fast encode` and `export` made
+    0o600 files): what is published has the mode open() gives under the umask, in atomic_path and in atomic_dir."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        if where == "file":
+            with atomic_path(tmp_path / "z.safetensors") as tmp:
+                save_file({"a": torch.zeros(2)}, str(tmp))
+            published = tmp_path / "z.safetensors"
+        else:
+            with atomic_dir(tmp_path / "model") as tmp:
+                save_file({"a": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            published = tmp_path / "model" / "model.safetensors"
+            assert mode(published.parent) == 0o777 & ~umask
+    finally:
+        os.umask(old)
+    assert mode(published) == 0o666 & ~umask
+
+
+def test_write_problem_says_what_would_stop_a_write(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    assert vio.write_problem(tmp_path / "new.bin") is None and vio.write_problem(tmp_path / "file") is None
+    assert vio.write_problem(tmp_path / "a" / "b", folder=True) is None  # parents are made
+    assert vio.write_problem(tmp_path / "dir", folder=True) is None
+    assert vio.write_problem(tmp_path / "file", folder=True) == "exists and is not a folder"
+    assert vio.write_problem(tmp_path / "dir") == "is a folder (name a file in it)"
+    assert vio.write_problem(tmp_path / "file" / "a" / "b") == f"{tmp_path / 'file'} is a file, not a folder"
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "dir").chmod(0o500)
+        assert vio.write_problem(tmp_path / "dir" / "x") == f"cannot write in {tmp_path / 'dir'} (permission denied)"
+        (tmp_path / "dir").chmod(0o700)
+    assert not list((tmp_path / "dir").iterdir())  # nothing written
+
+
 def test_atomic_file_yields_a_binary_file_by_default(tmp_path):
     with atomic_file(tmp_path / "a") as f:
         f.write(b"\x00\x01")

@@ -7,16 +7,18 @@ with their defaults. Errors about your input print one line (VTP_FAST_DEBUG=1 sh
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from vtp_fast.config import InputError
-from vtp_fast.io import atomic_path, temp_dir
+from vtp_fast.io import atomic_path, temp_dir, write_problem
 from vtp_fast.threads import prepare_openmp
 
 # before anything loads torch (libgomp reads its wait settings when it loads): the imports above do not
@@ -95,12 +97,10 @@ def _model(args: argparse.Namespace):
     return model.requires_grad_(False)
 
 
-def _inputs(args: argparse.Namespace, patch: int) -> list[tuple[Path, tuple[int, int]]]:
+def _inputs(args: argparse.Namespace, patch: int, skipped: list[Path]) -> list[tuple[Path, tuple[int, int]]]:
     """The images named (files, folders searched recursively) with their (W, H), read from the headers only and
-    ordered by size (so that equal sizes batch together); every header is checked before any work starts."""
-    from PIL import Image
-
-    from vtp_fast.data.images import ImageError, find_images, open_rgb
+    ordered by size (`read_sizes`: unreadable ones warned about and skipped), before any work starts."""
+    from vtp_fast.data.images import ImageError, find_images, read_sizes
 
     if args.size is not None and (args.size < patch or args.size % patch):
         lo = max(patch, args.size // patch * patch)
@@ -109,82 +109,99 @@ def _inputs(args: argparse.Namespace, patch: int) -> list[tuple[Path, tuple[int,
     paths = find_images(args.images)
     if len(paths) != len(args.images):
         print(f"{len(paths)} images found in {len(args.images)} path(s)")
-    sized = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                sized.append((p, img.size))
-        except Exception:  # noqa: BLE001 - open_rgb says what is wrong with it, naming the file
-            open_rgb(p)
-            raise ImageError(f"{p}: unreadable image") from None
-    return sorted(sized, key=lambda ps: (ps[1][1], ps[1][0]))
+    sized = read_sizes(paths, skipped)
+    if not sized:
+        raise ImageError(f"none of the {len(paths)} images could be read")
+    return sized
 
 
-def _warn_large(model, sized, args: argparse.Namespace, patch: int) -> None:
-    """Say, before starting, which images are above PIXEL_BUDGET and about how long they will take (from two
-    timed calibration runs: time = a * tokens + b * tokens^2, attention being quadratic)."""
-    import time
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
-    import torch
 
+def _warn_large(model, sized, args: argparse.Namespace, patch: int, decode: bool = True) -> None:
+    """Say, before starting, which images are above PIXEL_BUDGET and about how long they will take (see
+    vtp_fast.eval.timing: modelled attention and per-token work, calibrated on the device)."""
     from vtp_fast.data.images import fitted_size
+    from vtp_fast.eval.timing import ERROR, ForwardTime
 
     large = [(p, fitted_size(wh, patch, args.resize, args.size, args.max_side)) for p, wh in sized]
     large = [(p, wh) for p, wh in large if wh[0] * wh[1] > PIXEL_BUDGET]
     if not large:
         return
-    times = []
-    for side in (8 * patch, 16 * patch):
-        x = torch.zeros(1, 3, side, side, device=model.pixel_mean.device)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model.decode(model.encode(x))
-            times.append(time.perf_counter() - start)
-    n1, n2 = 64, 256  # tokens of the two runs
-    b = max(0.0, (times[1] / n2 - times[0] / n1) / (n2 - n1))
-    a = max(0.0, times[0] / n1 - b * n1)
-    total = 0.0
-    for _, (w, h) in large:
-        n = (w // patch) * (h // patch)
-        total += a * n + b * n * n
+    timing = ForwardTime(model, decode)
+    total = sum(timing.seconds((w // patch) * (h // patch)) for _, (w, h) in large)
     names = ", ".join(f"{p.name} ({w}x{h})" for p, (w, h) in large[:3]) + (" ..." if len(large) > 3 else "")
-    print(f"warning: {len(large)} image(s) above {PIXEL_BUDGET / 1e6:.0f} MP as the model sees them: {names}; "
-          f"about {total / 60:.1f} min on {model.pixel_mean.device.type} for those "
-          f"(--resize fit --max-side 1024 downscales them first)", file=sys.stderr, flush=True)
-
-
-def _batches(sized, args: argparse.Namespace, patch: int, batch: int):
-    """Yield lists of (path, Fitted) of one fitted size, at most `batch` images each, decoding as they come."""
-    from vtp_fast.data.images import Fitted, fitted_size, open_rgb
-
-    group: list = []
-    for p, wh in sized:
-        shape = fitted_size(wh, patch, args.resize, args.size, args.max_side)
-        if group and (len(group) == batch or shape != group[0][2]):
-            yield [(q, f) for q, f, _ in group]
-            group = []
-        group.append((p, Fitted(open_rgb(p), patch, args.resize, args.size, args.max_side), shape))
-    if group:
-        yield [(q, f) for q, f, _ in group]
+    warnings.warn(f"{len(large)} image(s) above {PIXEL_BUDGET / 1e6:.0f} MP as the model sees them: {names}; about "
+                  f"{_duration(total)} on {model.pixel_mean.device.type} (expected within a factor of {ERROR:g}: "
+                  f"{_duration(total / ERROR)} to {_duration(total * ERROR)}, with the machine to itself) for those "
+                  f"(--resize fit --max-side 1024 downscales them first)", stacklevel=2)
 
 
 def _fitted_batches(model, args: argparse.Namespace, desc: str):
-    """The named images made fit for `model` (`_batches`), each batch stacked on its device: (group, pixels), with
-    a progress bar. Every header is read, and large images announced, before this returns."""
+    """The named images made fit for `model` (`vtp_fast.data.images.fitted_batches`), each batch stacked on its
+    device: (group, pixels), with a progress bar; and the list of the images skipped (unreadable), filled as they
+    are met. Every header is read, and large images announced, before this returns."""
     import torch
     from tqdm import tqdm
 
+    from vtp_fast.data.images import ImageError, fitted_batches
+
     patch = model.config.vision_patch_size
-    sized = _inputs(args, patch)
-    _warn_large(model, sized, args, patch)
+    skipped: list[Path] = []
+    sized = _inputs(args, patch, skipped)
+    _warn_large(model, sized, args, patch, decode=desc == "reconstruct")
 
     def batches():
+        done = 0
         with tqdm(total=len(sized), desc=desc, unit="img", disable=len(sized) < 2) as bar:
-            for group in _batches(sized, args, patch, args.batch):
+            for group in fitted_batches(sized, patch, args.resize, args.size, args.max_side, args.batch, skipped):
                 yield group, torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
+                done += len(group)
                 bar.update(len(group))
+        if not done:
+            raise ImageError(f"none of the {len(skipped)} images could be read")
 
-    return batches()
+    return batches(), skipped
+
+
+def _skipped(skipped: list[Path], done: int) -> None:
+    if skipped:
+        print(f"{len(skipped)} of {len(skipped) + done} images skipped (unreadable, named above)", file=sys.stderr)
+
+
+FORWARD = "vtp-fast forward"  # the worker thread's name
+
+
+def _forward(fn):
+    """fn() under inference mode in a worker thread while this one waits in short steps, so that Ctrl-C or
+    SIGTERM stop the command at once, even inside one long native operation (attention over a large image runs
+    for minutes on a CPU): `main` then ends the process without waiting for that operation."""
+    import torch
+
+    result: dict = {}
+
+    def run():
+        try:
+            with torch.inference_mode():
+                result["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            result["error"] = e
+        finally:
+            worker.done.set()
+
+    worker = threading.Thread(target=run, name=FORWARD, daemon=True)
+    worker.done = threading.Event()  # not is_alive(): a join() interrupted by Ctrl-C marks the thread stopped
+    worker.start()
+    while not worker.done.wait(0.1):
+        pass
+    if "error" in result:
+        raise result["error"]
+    return result["out"]
+
+
+def _forward_running() -> bool:
+    return any(t.name == FORWARD and not t.done.is_set() for t in threading.enumerate())
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -195,14 +212,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from vtp_fast.plots import image_grid
 
     model = _model(args)
-    batches = _fitted_batches(model, args, "reconstruct")
+    batches, skipped = _fitted_batches(model, args, "reconstruct")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows, shown = [], []
     with temp_dir(out, prefix=".reconstruct-", perms=0o700) as staging:  # each file is moved into `out` whole
         for group, x in batches:
-            with torch.inference_mode():
-                rec = model.denormalize(model.decode(model.encode(model.normalize(x)))).clamp(0, 1).cpu()
+            rec = _forward(lambda x=x: model.denormalize(model.decode(model.encode(model.normalize(x)))).clamp(0, 1)
+                           .cpu())
             for (path, fitted), r, original in zip(group, rec, x.cpu(), strict=True):
                 r, original = fitted.restore(r), fitted.restore(original)
                 name = f"{path.stem}_recon.png"
@@ -222,6 +238,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     else:
         print("no grid: " + ("the images differ in size (--size N gives them one)" if not same else
                              f"{len(shown)} images (a grid shows at most 64)"))
+    _skipped(skipped, len(rows))
     return 0
 
 
@@ -234,9 +251,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model = _model(args)
     groups: dict[str, list] = {}  # "HxW" of the latents -> their tensors
     index = []  # per input file: (key, row, original W x H)
-    for group, x in _fitted_batches(model, args, "encode"):
-        with torch.inference_mode():
-            z = model.encode(model.normalize(x)).cpu()
+    batches, skipped = _fitted_batches(model, args, "encode")
+    for group, x in batches:
+        z = _forward(lambda x=x: model.encode(model.normalize(x)).cpu())
         key = f"{z.shape[2]}x{z.shape[3]}"
         for (path, fitted), latent in zip(group, z, strict=True):
             index.append({"file": str(path), "key": key, "row": len(groups.setdefault(key, [])),
@@ -253,15 +270,22 @@ def cmd_encode(args: argparse.Namespace) -> int:
     print(", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + f" -> {out}"
           + (" (one tensor per latent size; metadata 'files' maps each image to its key and row)"
              if len(tensors) > 1 else ""))
+    _skipped(skipped, len(index))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- training
 def cmd_export(args: argparse.Namespace) -> int:
-    from vtp_fast.train.checkpoint import export
+    from vtp_fast.train.checkpoint import export, export_source, step_of
 
-    out = export(args.checkpoint, args.out)
-    print(f"tokenizer of {args.checkpoint} -> {out} (the published layout: load_pretrained reads it)")
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise InputError(f"--out {out}: a folder that is not empty; --force replaces it")
+    source = export_source(args.checkpoint)
+    step = step_of(source)
+    export(source, out)
+    print(f"tokenizer of {source} ({'step unknown: not a step_N folder' if step is None else f'step {step}'}) -> "
+          f"{out} (the published layout: load_pretrained reads it)")
     return 0
 
 
@@ -308,13 +332,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_extract_latents(args: argparse.Namespace) -> int:
-    from vtp_fast.data.labelled import load_images
+    from vtp_fast import distributed
+    from vtp_fast.data.labelled import open_images
     from vtp_fast.eval.latents import extract_latents
+    from vtp_fast.threads import apply_budget, budget
 
+    if distributed.launched_distributed():  # under torchrun: every rank encodes its shards on its own GPU
+        distributed.init_from_env()
+    workers = apply_budget(budget(0, args.workers)).loader_workers
     model = _model(args)
-    data = load_images(args.data, size=args.size or model.config.image_size)
-    meta = extract_latents(model, data, args.out, flip=not args.no_flip, batch=args.batch,
-                           tokenizer=str(args.checkpoint))
+    data = open_images(args.data, size=args.size or model.config.image_size)
+    meta = extract_latents(model, data, args.out, flip=not args.no_flip, batch=args.batch, per_shard=args.per_shard,
+                           dtype=args.dtype, workers=workers, tokenizer=str(args.checkpoint),
+                           progress=distributed.rank() == 0)
     print(f"{meta['count']} latents {meta['channels']}x{meta['grid'][0]}x{meta['grid'][1]} of {data.name} "
           f"({len(meta['class_names'])} classes) -> {args.out}")
     return 0
@@ -331,33 +361,38 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    from vtp_fast import distributed
+    from vtp_fast.downstream.sample import SampleSpec, class_ids, sample_images
+    from vtp_fast.train.dit import load_dit
 
-    from vtp_fast.plots import image_grid
-    from vtp_fast.train.dit import generate, load_dit
-
+    if args.n is not None and args.per_class is not None:
+        raise InputError(f"--n {args.n} and --per-class {args.per_class}: give one")
+    distributed.init_from_env()  # under torchrun: join the group (this rank's GPU becomes the current device)
     tokenizer = _model(args)
     dit, meta = load_dit(args.dit, device=next(tokenizer.parameters()).device)
-    classes = meta["class_names"]
-    if args.classes:
-        unknown = [c for c in args.classes if c not in classes]
-        if unknown:
-            raise InputError(f"unknown classes {unknown}; this DiT knows: {', '.join(classes)}")
-        chosen = [classes.index(c) for c in args.classes]
-    else:
-        chosen = list(range(max(1, len(classes))))
-    labels = torch.tensor(chosen).repeat_interleave(args.per_class)
-    images = generate(dit, meta, tokenizer, labels, steps=args.steps, solver=args.solver, shift=args.shift,
-                      cfg_scale=args.cfg, cfg_interval=tuple(args.cfg_interval), seed=args.seed, progress=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [images[i * args.per_class:(i + 1) * args.per_class] for i in range(len(chosen))]
-    image_grid(rows, out / "grid.png")
-    np.savez_compressed(out / "samples.npz", images=(images.mul(255).round().to(torch.uint8)).numpy(),
-                        labels=labels.numpy(), class_names=np.array(classes))
-    print(f"{len(images)} samples ({args.solver}, {args.steps} steps, shift {args.shift}, cfg {args.cfg}) -> "
-          f"{out / 'grid.png'} (one row per class), {out / 'samples.npz'}")
+    classes = class_ids(meta["class_names"], args.classes)
+    spec = SampleSpec(n=args.n or (args.per_class or 8) * len(classes), classes=tuple(classes), steps=args.steps,
+                      solver=args.solver, shift=args.shift, cfg_scale=args.cfg, cfg_interval=tuple(args.cfg_interval),
+                      seed=args.seed, batch=args.batch, chunk=args.chunk, precision=args.precision)
+    sample_images(dit, meta, tokenizer, args.out, spec, png=args.png)
+    return 0
+
+
+def _eval_adm(args: argparse.Namespace) -> int:
+    """ADM's suite (vtp_fast.eval.adm): one JSON object on stdout (rank 0 under torchrun), progress on stderr."""
+    import json
+
+    from vtp_fast.distributed import init_from_env
+    from vtp_fast.eval.adm import evaluate_adm
+
+    for option in ("samples", "ref"):
+        if getattr(args, option) is None:
+            raise InputError(f"eval adm needs --{option}")
+    device = init_from_env()  # joins the process group under torchrun
+    result = evaluate_adm(args.samples, args.ref, inception_weights=args.inception_weights,
+                          precision=args.precision, device=args.device or device)
+    if result is not None:
+        print(json.dumps({"eval": "adm", **result}, indent=1, allow_nan=False))
     return 0
 
 
@@ -367,16 +402,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from vtp_fast.data.labelled import load_images
+    from vtp_fast.data.labelled import open_images
     from vtp_fast.eval import evaluate
 
+    if args.what == "adm":
+        return _eval_adm(args)
     needed = "--samples" if args.what == "gfid" else "--checkpoint"
     if getattr(args, needed.lstrip("-")) is None:
         raise InputError(f"eval {args.what} needs {needed}")
-    data = load_images(args.data, size=args.size)
+    data = open_images(args.data, size=args.size)  # folders and shards: read a chunk at a time
     if args.what == "gfid":
-        npz = np.load(args.samples)
-        samples = torch.from_numpy(npz["images"])
+        npz = np.load(args.samples)  # ADM format (arr_0: uint8 NHWC), or the (N, 3, H, W) "images" of old files
+        samples = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2) if "arr_0" in npz else torch.from_numpy(
+            npz["images"])
         result = evaluate.generation_scores(samples, data, args.n)
     else:
         model = _model(args)
@@ -385,7 +423,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         elif args.what == "zeroshot":
             result = evaluate.zero_shot_scores(model, data)
         else:
-            test = load_images(args.test_data, size=args.size)
+            test = open_images(args.test_data, size=args.size)
             result = evaluate.linear_probe_scores(model, data, test)
     print(json.dumps({"eval": args.what, "data": data.name, **result}, indent=1))
     return 0
@@ -466,10 +504,13 @@ def cmd_data_shards(args: argparse.Namespace) -> int:
     if not photos and (args.short_side or args.max_side or args.quality):
         raise InputError(f"--short-side, --max-side and --quality apply to photos (a folder or a table), not to "
                          f"{source} (use --size for the emoji set)")
+    if source != "emoji" and (args.size or args.styles):
+        raise InputError(f"--size and --styles apply to the emoji set, not to {source}"
+                         + (" (--short-side and --max-side resize photos)" if photos else ""))
     if source == "emoji":
         from vtp_fast.data.emoji import STYLES, default_cache_dir, prepare_emoji
 
-        samples, total = shards.emoji_samples(prepare_emoji(default_cache_dir(), size=args.size),
+        samples, total = shards.emoji_samples(prepare_emoji(default_cache_dir(), size=args.size or 64),
                                               args.styles or STYLES)
     elif source == "fashion-mnist":
         samples, total = shards.fashion_mnist_samples(args.split)
@@ -527,6 +568,25 @@ OUT/skipped.txt; nothing else is changed unless --short-side, --max-side or --qu
 TOKENIZER = "a directory (config.json + model.safetensors) or a Hugging Face Hub id (VTP-Large-f16d64[@REVISION])"
 
 
+def _ints(low: int = 1, high: int | None = None):
+    """An argparse type: an integer from `low` to `high` (sizes and counts that would otherwise be ignored or
+    misread silently, such as --max-side 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer "
+                                             + (f"of at least {low}" if high is None else f"from {low} to {high}"))
+        return value
+
+    return parse
+
+
+POSITIVE = _ints(1)
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every option's default in its help line (unless it has none, is a flag, or the help states it);
     descriptions keep their line breaks."""
@@ -565,14 +625,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help=f"the tokenizer: {TOKENIZER}")
         p.add_argument("--out", required=True,
                        help="output directory" if name == "reconstruct" else "output .safetensors file")
-        p.add_argument("--resize", choices=("pad", "crop", "fit"), default="pad",
-                       help="sizes that are not multiples of the patch size: pad (reflect-pad, cropped back after "
-                            "decoding), crop (centre-crop to the multiple below), fit (downscale to --max-side, "
-                            "then pad)")
-        p.add_argument("--max-side", type=int, default=1024, help="--resize fit: the longest side, in pixels")
+        pad = ("reflect-pad, cropped back after decoding" if name == "reconstruct" else
+               "reflect-pad; the metadata 'files' gives each image's content box in the padded grid")
+        p.add_argument("--resize", choices=("pad", "crop", "fit"),
+                       help=f"sizes that are not multiples of the patch size: pad ({pad}), crop (centre-crop to the "
+                            "multiple below), fit (downscale to --max-side, then pad) (default: pad)")
+        p.add_argument("--max-side", type=POSITIVE, help="--resize fit: the longest side, in pixels (default 1024)")
         p.add_argument("--size", type=int, help="instead of --resize: shorter side to SIZE, centre-cropped to SIZE x "
                                                 "SIZE (a multiple of the patch size)")
-        p.add_argument("--batch", type=int, default=16, help="images of one size encoded at once")
+        p.add_argument("--batch", type=POSITIVE, default=16, help="images of one size encoded at once")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.set_defaults(func=func)
 
@@ -587,12 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint directory (<run>/checkpoints/step_N), or a run directory (its "
                                       "newest checkpoint)")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace --out when it is a folder that is not empty (all "
+                                                         "it holds is removed)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="per-GPU memory and step time of a pretraining config on N GPUs, before any GPU "
                                     "runs it; recommends DDP or FSDP2, activation checkpointing and micro-batch")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (all nodes)")
+    p.add_argument("--gpus", type=POSITIVE, required=True, help="number of GPUs (all nodes)")
     p.add_argument("--gpu", default="h200", choices=("h200", "h100", "a100"), help="GPU kind (default: h200)")
     p.add_argument("--out", help="also write the report (markdown) to this file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.size=4096")
@@ -600,20 +663,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="per-objective step-time profile of a pretraining config")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=_ints(0), default=3, help="untimed steps first")
     p.add_argument("--out", help="output directory (default: <run.out_dir>/profile)")
     p.add_argument("--trace", action="store_true", help="also write a torch.profiler chrome trace")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("extract-latents", help="encode a labelled image set (+ flipped copies) into latent shards")
+    p = sub.add_parser("extract-latents", help="encode a labelled image set (+ flipped copies) into latent shards; "
+                                               "under torchrun each rank encodes its share; a killed run resumes")
     p.add_argument("--checkpoint", required=True, help=f"the tokenizer: {TOKENIZER}")
-    p.add_argument("--data", default="emoji", help="emoji[:styles], fashion-mnist[:test], or a shards directory")
-    p.add_argument("--out", required=True, help="output directory (latent shards + meta.json)")
-    p.add_argument("--size", type=int, help="image size: every image resized (shorter side) and centre-cropped to "
-                                            "SIZE x SIZE, one size for the latent set (default: the tokenizer's)")
-    p.add_argument("--batch", type=int, default=128, help="images encoded at once")
+    p.add_argument("--data", default="emoji", help="emoji[:styles], fashion-mnist[:test], a folder tree (one folder "
+                                                   "per class, as ImageNet's train/val) or a directory of WebDataset "
+                                                   "shards with .cls labels")
+    p.add_argument("--out", required=True, help="output directory (latent shards + meta.json); an unfinished one "
+                                                "made with the same options is resumed")
+    p.add_argument("--size", type=POSITIVE, help="image size: folders and shards cut by ADM's centre crop to SIZE x "
+                                                 "SIZE, one size for the latent set (default: the tokenizer's)")
+    p.add_argument("--batch", type=POSITIVE, default=128, help="images encoded at once")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="stored latents (bf16: half the disk)")
+    p.add_argument("--per-shard", type=POSITIVE, default=4096, help="images per latent shard (the unit of resume)")
+    p.add_argument("--workers", type=_ints(0), help="decoding processes per rank (default: the thread budget's)")
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped copies")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_extract_latents)
@@ -627,29 +697,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a DiT, decoded with the tokenizer")
     p.add_argument("--dit", required=True, help="an exported DiT (<train-dit out_dir>/dit)")
     p.add_argument("--checkpoint", required=True, help=f"the tokenizer the latents came from: {TOKENIZER}")
-    p.add_argument("--out", required=True, help="output directory (samples.npz, a grid per class)")
+    p.add_argument("--out", required=True, help="output directory: samples.npz (ADM format: arr_0 uint8 NHWC images, "
+                                                "arr_1 labels), samples.json, grid.png; a second run resumes")
     p.add_argument("--classes", nargs="+", help="class names (default: every class)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class")
-    p.add_argument("--steps", type=int, default=50, help="ODE solver steps")
+    p.add_argument("--n", "--num-samples", dest="n", type=POSITIVE,
+                   help="images in all, class-balanced (sample i has class i mod K); under torchrun spell it "
+                        "--num-samples (torchrun takes --n for an abbreviation of its own options)")
+    p.add_argument("--per-class", type=POSITIVE, help="instead of --n: images per class (default 8)")
+    p.add_argument("--steps", type=POSITIVE, default=50, help="ODE solver steps")
     p.add_argument("--solver", choices=("euler", "heun"), default="euler", help="ODE solver")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, default=1.0,
+                   help="classifier-free guidance scale (1: none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
                    help="apply guidance only for t in [T_LO, T_HI]")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i's noise is seeded by seed and i)")
+    p.add_argument("--batch", type=POSITIVE, default=64, help="images per batch (per rank)")
+    p.add_argument("--chunk", type=POSITIVE, default=1000, help="images per resumable chunk file")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="auto: bf16 on CUDA")
+    p.add_argument("--png", action="store_true", help="also write one PNG per image to OUT/png")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="rfid | gfid | zeroshot | probe")
-    p.add_argument("what", choices=("rfid", "gfid", "zeroshot", "probe"),
+    p = sub.add_parser("eval", help="rfid | gfid | zeroshot | probe | adm")
+    p.add_argument("what", choices=("rfid", "gfid", "zeroshot", "probe", "adm"),
                    help="rfid: reconstruction FID (+ PSNR, SSIM); gfid: FID of DiT samples; zeroshot: CLIP "
-                        "accuracy on class names; probe: linear probe on frozen features")
+                        "accuracy on class names; probe: linear probe on frozen features; adm: ADM's suite (FID, "
+                        "sFID, IS, precision, recall) of --samples against --ref")
     p.add_argument("--checkpoint", help=f"the tokenizer (rfid, zeroshot, probe): {TOKENIZER}")
     p.add_argument("--data", default="emoji", help="the evaluation / reference set")
     p.add_argument("--test-data", default="emoji:openmoji", help="probe: the test set")
-    p.add_argument("--samples", help="gfid: samples.npz from vtp-fast sample")
-    p.add_argument("--n", type=int, default=1000, help="images for FID (CPU: a few per second)")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--samples", help="gfid, adm: samples.npz from vtp-fast sample (ADM format)")
+    p.add_argument("--ref", help="adm: the reference batch (ADM's .npz, its precomputed statistics used), an image "
+                                 "folder or a samples file")
+    p.add_argument("--inception-weights", help="adm: torch-fidelity's Inception weights file (with the head the "
+                                               "Inception Score needs; default: torch hub's copy, else the offline "
+                                               "conversion, which has none)")
+    p.add_argument("--precision", choices=("fp32", "fp32-fused", "bf16"), default="fp32",
+                   help="adm: the Inception's arithmetic (fp32: the exact network, for numbers to publish)")
+    p.add_argument("--n", type=POSITIVE, default=1000, help="images for FID (CPU: a few per second)")
+    p.add_argument("--size", type=POSITIVE, default=64, help="image size in pixels")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
 
@@ -685,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cuda", action="store_true", help="also compile csrc/*.cu with nvcc -Xptxas -v")
     q.add_argument("--markdown", help="write the table here")
     q.add_argument("--json", help="write one JSON row per kernel configuration here")
-    q.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
+    q.add_argument("--jobs", type=POSITIVE, default=os.cpu_count() or 1, help="compile in this many processes")
     q.add_argument("-v", "--verbose", action="store_true", help="name each case as it compiles")
     q.set_defaults(func=cmd_kernels_check)
 
@@ -693,24 +780,24 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = _Commands(p.add_subparsers(dest="dataset", required=True, metavar="DATASET", title="data sets"))
     q = data_sub.add_parser("emoji", help="fetch (npm) and render the multi-style emoji set")
     q.add_argument("--cache", help="cache directory (default $VTP_FAST_CACHE or ~/.cache/vtp_fast)")
-    q.add_argument("--size", type=int, default=64, help="image size in pixels")
+    q.add_argument("--size", type=POSITIVE, default=64, help="image size in pixels")
     q.set_defaults(func=cmd_data_emoji)
     q = data_sub.add_parser("shards", help="write WebDataset shards (img2dataset layout) with DALI index files")
     q.description += SHARD_RULES
     q.add_argument("source", help="'emoji', 'fashion-mnist', an image folder, or a .csv/.parquet of paths + captions")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--prefix", default="shard", help="shard file names: PREFIX-00000.tar, ...")
-    q.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    q.add_argument("--per-shard", type=POSITIVE, default=1000, help="samples per shard")
     q.add_argument("--styles", nargs="+", help="emoji styles (default: all four)")
-    q.add_argument("--size", type=int, default=64, help="emoji image size")
+    q.add_argument("--size", type=POSITIVE, help="emoji image size (default 64)")
     q.add_argument("--split", default="train", choices=("train", "test"), help="Fashion-MNIST split")
     q.add_argument("--path-column", default="path", help="table column of image paths (relative to the table)")
     q.add_argument("--caption-column", default="caption", help="table column of captions")
     q.add_argument("--label-column", help="table column of integer class labels (written as KEY.cls)")
-    q.add_argument("--short-side", type=int, help="photos: downscale so the shorter side is at most this")
-    q.add_argument("--max-side", type=int, help="photos: downscale so the longer side is at most this")
-    q.add_argument("--quality", type=int, help="photos: re-encode every image as JPEG at this quality (resized "
-                                               "ones always are, at 90)")
+    q.add_argument("--short-side", type=POSITIVE, help="photos: downscale so the shorter side is at most this")
+    q.add_argument("--max-side", type=POSITIVE, help="photos: downscale so the longer side is at most this")
+    q.add_argument("--quality", type=_ints(1, 100), help="photos: re-encode every image as JPEG at this quality "
+                                                         "(resized ones always are, at 90)")
     q.set_defaults(func=cmd_data_shards)
     return parser
 
@@ -730,19 +817,57 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # unwinds like Ctrl-C: temp folders removed, partial outputs never published
 
 
+def _check(args: argparse.Namespace) -> None:
+    """What parsing cannot see, said before any work: what stops writing --out (a folder, except for the
+    commands that write one file), and image options that would be ignored; fills in the image defaults."""
+    out = getattr(args, "out", None)
+    problem = out and write_problem(out, folder=args.command not in ("encode", "plan", "bench"))
+    if problem:
+        raise InputError(f"--out {out}: {problem}")
+    if args.command in ("reconstruct", "encode"):
+        if args.size is not None and args.resize is not None:
+            raise InputError(f"--size replaces --resize (shorter side to {args.size}, then a centre crop): give one")
+        if args.max_side is not None and args.resize != "fit":
+            raise InputError(f"--max-side {args.max_side}: applies to --resize fit only")
+        args.resize, args.max_side = args.resize or "pad", args.max_side or 1024
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning in `main`: one line, without Python's file and line, above any progress bar."""
+    text = f"vtp-fast: warning: {message}"
+    if (tqdm := sys.modules.get("tqdm")) is not None:
+        tqdm.tqdm.write(text, file=file or sys.stderr)
+    else:
+        print(text, file=file or sys.stderr, flush=True)
+
+
+# torch.compile on a CPU (vtp-fast bench) imports torch.utils.cpp_extension, which logs this on a machine without
+# a GPU whenever a CUDA toolkit is installed: it concerns building CUDA extensions, which no command here does
+logging.getLogger("torch.utils.cpp_extension").addFilter(
+    lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+    shown, warnings.showwarning = warnings.showwarning, _one_line
     try:
+        _check(args)
         return args.func(args)
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        code = _fail("interrupted")
+        if _forward_running():
+            sys.stdout.flush()  # a forward still inside a native operation: the interpreter cannot shut down
+            sys.stderr.flush()  # around it (C++ terminates), and waiting for it is what the user stopped
+            os._exit(code)
+        return code
     except user_errors() as e:
         if os.environ.get("VTP_FAST_DEBUG"):
             raise
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     finally:  # process groups left on every exit path (loaded only by the commands that use them)
+        warnings.showwarning = shown
         if (distributed := sys.modules.get("vtp_fast.distributed")) is not None:
             distributed.shutdown()
 

@@ -13,6 +13,7 @@ content is left as it was.
         (tmp / "config.json").write_text(...)
     atomic_write_bytes(path, data); atomic_write_text(path, text)
     with temp_dir(parent, prefix=".x-") as tmp: ...   # a scratch directory, always removed
+    write_problem(path, folder=True)    # what would stop a write there (checked before any work), or None
 
 Temporary names start with "." so that listings which skip hidden names (`vtp_fast.data.shards.expand`) never pick
 them up, and they are part of this API: callers sweep what a killed process left behind by globbing for them
@@ -21,8 +22,9 @@ them up, and they are part of this API: callers sweep what a killed process left
     directory   `.NAME.tmp-XXXXXXXX`  (`prefix` replaces `.NAME.tmp-`)
     set aside   `.NAME.old-PID`       (the previous directory while `replace_dir` swaps it)
 The parent folder is created when missing. Files and directories get the mode a plain open() / mkdir() would give
-them (0o666 / 0o777 less the umask) unless `perms` is given, which sets it exactly. By default every file is
-fsynced before the rename, so a power loss cannot leave a renamed but empty file.
+them (0o666 / 0o777 less the umask) unless `perms` is given, which sets it exactly; so do the files written inside
+`atomic_dir`. Whatever mode a writer gives the files (safetensors' save_file makes them 0o600) is replaced. By
+default every file is fsynced before the rename, so a power loss cannot leave a renamed but empty file.
 
 This module imports nothing from the rest of vtp_fast: it sits below every layer.
 """
@@ -30,6 +32,7 @@ This module imports nothing from the rest of vtp_fast: it sits below every layer
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -37,8 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_tree",
-           "replace_dir", "temp_dir"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "file_mode",
+           "fsync_tree", "replace_dir", "temp_dir", "write_problem"]
 
 _ATTEMPTS = 100
 
@@ -59,6 +62,34 @@ def _fresh(parent: Path, prefix: str, suffix: str, make: Callable[[Path], None])
 def _new_file(path: Path, perms: int | None) -> None:
     # Private until `perms` is applied; without `perms` the umask decides, as for open().
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if perms is None else 0o600))
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the umask (read from /proc where it says it, since reading it
+    through os.umask changes it for every thread for a moment)."""
+    try:
+        mask = int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_problem(path: str | Path, folder: bool = False) -> str | None:
+    """What would stop writing `path` as a file (or, with `folder`, a folder that is filled or replaced whole),
+    found without writing anything: a folder where a file goes or the reverse, a file where a parent folder goes,
+    a folder this process cannot write in. None when nothing does."""
+    path = Path(path)
+    if path.is_dir() != folder and path.exists():
+        return "is a folder (name a file in it)" if path.is_dir() else "exists and is not a folder"
+    where = path if path.is_dir() else path.parent  # where the new names are made
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        return f"{where} is a file, not a folder"
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"cannot write in {where} (permission denied)"
+    return None
 
 
 def _fsync_file(path: Path) -> None:
@@ -87,8 +118,7 @@ def atomic_path(path: str | Path, *, prefix: str | None = None, suffix: str = ".
         yield tmp
         if fsync:
             _fsync_file(tmp)
-        if perms is not None:
-            tmp.chmod(perms)
+        tmp.chmod(file_mode() if perms is None else perms)  # also when the writer made the file anew
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -143,14 +173,19 @@ def temp_dir(parent: str | Path, *, prefix: str, perms: int | None = None) -> It
 def atomic_dir(path: str | Path, *, prefix: str | None = None, perms: int | None = None,
                fsync: bool = True) -> Iterator[Path]:
     """Yield a new empty directory beside `path` (`.NAME.tmp-XXXXXXXX`); fill it in the block. When the block
-    ends normally, every file in it is fsynced (unless `fsync` is false) and it replaces `path` whole
+    ends normally, every file in it gets the mode open() gives (`file_mode`) and is fsynced (unless `fsync` is
+    false), and it replaces `path` whole
     (`replace_dir`: an existing `path` is set aside and restored if the rename fails). On any exception, or if
     the replacement fails, the temporary directory is removed and `path` keeps its previous content."""
     path = Path(path)
     with temp_dir(path.parent, prefix=f".{path.name}.tmp-" if prefix is None else prefix, perms=perms) as tmp:
         yield tmp
-        if fsync:
-            fsync_tree(tmp)
+        mode = file_mode()
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                f.chmod(mode)
+                if fsync:
+                    _fsync_file(f)
         replace_dir(tmp, path)
 
 

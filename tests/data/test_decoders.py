@@ -1,5 +1,7 @@
-"""The DALI (CPU operators) and PIL decoding paths build the same batches: shapes, ids, tokens, masks, and
-pixels that agree in geometry and statistics (DALI's resampling and colour operators differ in detail)."""
+"""The DALI (CPU operators) and PIL decoding paths build the same batches: shapes, ids, tokens, masks, plain
+images that differ only as the decoded pixels do (every decoder, the nvJPEG path's code included, on small, tall
+and wide images), and views that agree in geometry and statistics (DALI's resampling and colour operators differ
+in detail)."""
 
 import io
 import warnings
@@ -122,11 +124,13 @@ def test_a_decoder_failure_on_an_image_pil_reads_marks_that_sample_only(source, 
 
     victim = source.shards[5].image
     real = dali_mod.DaliDecoder.decode
+    done: list[torch.Tensor] = []  # what DALI decoded, in order
 
     def picky(self, encoded, size):
         if any(e == victim for e in encoded):
             raise RuntimeError("[png_parser] simulated failure")
-        return real(self, encoded, size)
+        done.append(real(self, encoded, size))
+        return done[-1]
 
     monkeypatch.setattr(dali_mod.DaliDecoder, "decode", picky)
     shape = BatchShape(size=24, ssl=2, rec=2, patch=16)
@@ -136,8 +140,7 @@ def test_a_decoder_failure_on_an_image_pil_reads_marks_that_sample_only(source, 
         batch = StepBatches(source, shape, views, seed=3, decoder="dali")[0]
     assert batch.bad_ids.tolist() == [5] and BAD_KINDS[int(batch.bad_kinds[0])] == "decoder_error"
     assert 5 not in batch.ids.tolist() and batch.images.shape == (24, 3, 64, 64)
-    pil = StepBatches(source, shape, views, seed=3)[0]
-    assert not torch.equal(pil.images, batch.images)  # decoded by DALI, not the PIL fallback
+    assert done[-1] is batch.images  # the batch rebuilt by DALI, not by the PIL fallback (same plain pixels)
     assert len([w for w in caught if "000000005: bad sample (decoder_error" in str(w.message)]) == 1
 
 
@@ -213,8 +216,101 @@ def test_dali_outputs_are_zero_copy_and_survive_later_batches(source):
 
     dec = DaliDecoder(4, threads=1)
     encoded = [source.shards[i].image for i in range(12)]
-    first = dec.decode(encoded[:4], 32)
-    kept = first.clone()
+    first = dec.decoded(encoded[:4])  # views of DALI's buffers (the plain images are cut from these)
+    kept = [x.clone() for x in first]
     for k in (4, 8):
-        dec.decode(encoded[k:k + 4], 32)
-    assert torch.equal(first, kept)
+        dec.decoded(encoded[k:k + 4])
+    assert all(torch.equal(a, b) for a, b in zip(first, kept, strict=True))
+
+
+# ---------------------------------------------------------------- plain images of odd shapes, every decoder
+PLAIN = 32  # the plain images' side: the small, tall and wide images are upscaled, the ordinary one shrunk
+SHAPES = ((7, 5), (3, 3), (20, 2000), (2000, 20), (320, 240))  # (W, H): small, tall, wide, ordinary
+OTHER_DECODERS = ["dali", "nvjpeg-cpu", pytest.param("nvjpeg", marks=pytest.mark.cuda)]
+
+
+def _waves(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8: waves plus noise, so a different filter, scale or crop position shows."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    waves = np.stack([128 + 90 * np.sin(x / 3 + c) * np.cos(y / 4 - c) for c in range(3)], -1)
+    return np.clip(waves + np.random.default_rng(seed).normal(0, 20, waves.shape), 0, 255).astype(np.uint8)
+
+
+def _encode(img: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format={"png": "PNG", "jpg": "JPEG"}[fmt], quality=90)
+    return buf.getvalue()
+
+
+def _plain(tmp_path, encoded: list[bytes], fmt: str, decoder: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(plain images (B, 3, PLAIN, PLAIN) as `decoder`'s batches carry them (normalised, on the CPU), the
+    (3, H, W) uint8 pixels it decoded). "nvjpeg-cpu": the nvJPEG path's code with torchvision's CPU decoder."""
+    from vtp_fast.data.images import as_uint8, open_rgb
+
+    if decoder == "nvjpeg-cpu":
+        from vtp_fast.data.nvjpeg import NvjpegDecoder
+
+        dec = NvjpegDecoder("cpu")
+        return dec.decode(encoded, PLAIN), dec.decoded(encoded)
+    root = tmp_path / "shards"
+    if not root.exists():
+        write_shards([Sample(e, fmt, f"image {i}") for i, e in enumerate(encoded)], root, progress=False)
+    n = len(encoded)
+    shape = BatchShape(size=n, ssl=0, rec=0, patch=16)
+    data = StepBatches(ShardSource(ShardSet(str(root)), PLAIN, 16), shape, ViewConfig(), seed=0, decoder=decoder)
+    images = data.assemble(torch.arange(n), torch.zeros(n, dtype=torch.long)).images.cpu()
+    if decoder == "torchvision":
+        return images, [as_uint8(open_rgb(e)) for e in encoded]
+    return images, [x.cpu() for x in data._decoder().decoded(encoded)]
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Normalised (3, S, S) images -> max |a - b| in uint8 levels."""
+    return ((a - b) * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255).abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+@pytest.mark.parametrize("decoder", OTHER_DECODERS)
+def test_plain_images_of_small_tall_and_wide_images_agree_with_pil(tmp_path, fmt, decoder):
+    """Every decoder's plain image is PIL's to decoder rounding. The bound, in uint8 levels, comes from the decoded
+    pixels themselves: the shared resize (antialiased bilinear) averages with non-negative weights that sum to 1,
+    so exactly filtered images differ by at most max |decoded difference|; each side is within 1 level of its exact
+    value (the CPU's uint8 kernel rounds after each of its two passes, a GPU's float kernel once), hence + 2 where
+    anything differs before the rounding (the pixels, or the device). PNG decodes exactly everywhere, and
+    libjpeg-turbo (PIL, DALI's CPU decoder, torchvision's CPU decoder) decodes these JPEGs identically: the plain
+    images must then be identical. (While each decoder resized in its own way: up to 98 levels, 1.7 normalised
+    units, on the 320 x 240 image; 11 to 21 levels on the small, tall and wide ones.)"""
+    if decoder == "dali":
+        require_dali()
+    encoded = [_encode(_waves(w, h), fmt) for w, h in SHAPES]
+    ref, ref_px = _plain(tmp_path, encoded, fmt, "torchvision")
+    got, px = _plain(tmp_path, encoded, fmt, decoder)
+    assert got.shape == ref.shape == (len(SHAPES), 3, PLAIN, PLAIN)
+    for k, (w, h) in enumerate(SHAPES):
+        assert px[k].shape == ref_px[k].shape == (3, h, w), (w, h)
+        raw = float((px[k].int() - ref_px[k].int()).abs().max())
+        limit = raw + 2 if raw or decoder == "nvjpeg" else 0
+        assert _levels(got[k], ref[k]) <= limit + 1e-3, ((w, h), float(_levels(got[k], ref[k])), raw)
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", *OTHER_DECODERS])
+def test_the_plain_image_is_the_centred_square(tmp_path, decoder):
+    """Images red but for a green centred square (side min(W, H), offsets rounded down), as PNGs: every decoder's
+    plain image is green to its edges (a resize that reaches past the square, or a crop off centre, shows red),
+    exactly on the CPU (the resize of a flat area is flat), to 1 level on a GPU."""
+    if decoder == "dali":
+        require_dali()
+    encoded = []
+    for w, h in (*SHAPES, (6, 9)):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[...] = (200, 30, 30)
+        side = min(w, h)
+        top, left = (h - side) // 2, (w - side) // 2
+        img[top:top + side, left:left + side] = (30, 200, 30)
+        encoded.append(_encode(img, "png"))
+    green = torch.tensor([30, 200, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, PLAIN, PLAIN)
+    from vtp_fast.data.images import normalize
+
+    got, _ = _plain(tmp_path, encoded, "png", decoder)
+    for k in range(len(encoded)):
+        assert _levels(got[k], normalize(green)) <= (1 if decoder == "nvjpeg" else 0) + 1e-3, k

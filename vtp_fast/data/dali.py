@@ -3,9 +3,9 @@
 One pipeline definition serves both devices. Random choices are not DALI's: every crop box, flip and colour
 factor comes from `vtp_fast.data.views.sample_views` (seeded per sample in Python) and is fed to DALI as
 per-sample arguments, so the DALI path and the PIL fallback cut the same views and a resumed run sees the same
-data. Two pipelines run per batch: the plain image of every sample (resize the shorter side, center crop) and
-the SSL views of the first `ssl` samples. Outputs are normalised CHW float tensors handed to PyTorch through
-DLPack.
+data. Two pipelines run per batch: decoding every sample, whose plain image is then cut by the function every
+decoder shares (`vtp_fast.data.images.plain_image`, in PyTorch on the decoded pixels, handed over through DLPack),
+and the SSL views of the first `ssl` samples (normalised CHW float tensors, through DLPack without a copy).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from vtp_fast import optional
 from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.data.images import normalize, plain_image
 from vtp_fast.data.views import Crop
 
 MEAN_255 = [m * 255 for m in IMAGENET_MEAN]
@@ -34,13 +35,14 @@ def _to_torch(out) -> torch.Tensor:
 
 
 class DaliDecoder:
-    """decode(encoded, image_size) -> (B, 3, S, S); views(encoded, crops) -> list of per-view (B, 3, s, s)."""
+    """decoded(encoded) -> list of (3, H, W) uint8; decode(encoded, image_size) -> (B, 3, S, S); views(encoded,
+    crops) -> list of per-view (B, 3, s, s)."""
 
     def __init__(self, max_batch: int, threads: int = 2, device: str | None = None, seed: int = 0):
         self.dali = optional.module("dali")
         self.device = device or dali_device()
         self.max_batch, self.threads, self.seed = max_batch, threads, seed
-        self._plain: dict[int, object] = {}
+        self._decode: object | None = None
         self._views: dict[tuple[int, ...], object] = {}
 
     def _pipeline(self, builder):
@@ -54,23 +56,24 @@ class DaliDecoder:
         fn, types = self.dali.fn, self.dali.types
         return fn.decoders.image(enc, device="mixed" if self.device == "gpu" else "cpu", output_type=types.RGB)
 
-    def decode(self, encoded: Sequence[bytes], size: int) -> torch.Tensor:
-        """Encoded images -> (B, 3, size, size) float, shorter side resized to `size`, center crop, normalised."""
-        if size not in self._plain:
+    def decoded(self, encoded: Sequence[bytes]) -> list[torch.Tensor]:
+        """Encoded images -> list of (3, H, W) uint8 RGB (on the GPU with `mixed` decoding), views of DALI's
+        buffers."""
+        if self._decode is None:
             fn, types = self.dali.fn, self.dali.types
 
             @self.dali.pipeline_def
-            def plain():
-                img = self._decoded(fn.external_source(name="enc", dtype=types.UINT8))
-                img = fn.resize(img, resize_shorter=size, antialias=True)
-                return fn.crop_mirror_normalize(img, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
-                                                mean=MEAN_255, std=STD_255)
+            def decode_only():
+                return self._decoded(fn.external_source(name="enc", dtype=types.UINT8))
 
-            self._plain[size] = self._pipeline(plain)
-        pipe = self._plain[size]
-        pipe.feed_input("enc", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
-        (out,) = pipe.run()
-        return _to_torch(out)
+            self._decode = self._pipeline(decode_only)
+        self._decode.feed_input("enc", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
+        (out,) = self._decode.run()
+        return [torch.from_dlpack(out[i]).permute(2, 0, 1) for i in range(len(encoded))]  # (H, W, 3) -> (3, H, W)
+
+    def decode(self, encoded: Sequence[bytes], size: int) -> torch.Tensor:
+        """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
+        return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
     def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> list[torch.Tensor]:
         """crops[i][v]: view v of sample i (same count and sizes for every sample) -> one (B, 3, s_v, s_v) tensor
@@ -110,7 +113,7 @@ class DaliDecoder:
 
     def __getstate__(self):  # pipelines stay in the process that built them
         state = dict(self.__dict__)
-        state["_plain"], state["_views"], state["dali"] = {}, {}, None
+        state["_decode"], state["_views"], state["dali"] = None, {}, None
         return state
 
     def __setstate__(self, state):

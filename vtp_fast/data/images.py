@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from vtp_fast.config import UserError
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ImageError(UserError, ValueError):
@@ -41,15 +44,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """An image file or encoded image bytes -> an RGB PIL image (see `to_rgb`); ImageError naming the file."""
+@contextmanager
+def _opened(source: str | Path | bytes, name: str | None = None) -> Iterator[Image.Image]:
+    """PIL's Image.open of an image file or encoded bytes; what fails in the block is an ImageError naming it."""
     name = name or str(source if not isinstance(source, bytes) else "<bytes>")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as img:
-                img.load()
-                return to_rgb(img)
+                yield img
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
@@ -57,16 +60,78 @@ def open_rgb(source: str | Path | bytes, name: str | None = None) -> Image.Image
         raise ImageError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
 
 
+def open_rgb(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """An image file or encoded image bytes -> an RGB PIL image (see `to_rgb`); ImageError naming the file."""
+    with _opened(source, name) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(W, H) of an image file, from its header (nothing decoded); ImageError naming the file."""
+    with _opened(path) as img:
+        return img.size
+
+
+def as_uint8(img: Image.Image) -> Tensor:
+    """RGB PIL image -> (3, H, W) uint8."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
 def to_tensor(img: Image.Image) -> Tensor:
     """RGB PIL image -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return as_uint8(img).float() / 255.0
+
+
+def plain_image(img: Tensor, size: int) -> Tensor:
+    """The plain image of every decoder (PIL, DALI, nvJPEG: they differ only in the pixels they hand in here):
+    (3, H, W) uint8 on any device -> (3, size, size) uint8, the centred square of side min(H, W) (offsets rounded
+    down) resized with the antialiased bilinear filter (PIL's BILINEAR: a triangle widened when shrinking).
+
+    Cropping before resizing scales both axes by the same factor, needs no rounding of a resized long side, and
+    keeps work and memory at the square's size whatever the aspect (a 20 x 2000 strip is not upscaled whole).
+    On the CPU the filter runs on the uint8 pixels (PIL's fixed point, the fast kernel); CUDA has no uint8 kernel,
+    so a GPU resizes in float32 and rounds. The filter's weights are non-negative (no overshoot to clamp), so the
+    two agree to 1 level."""
+    h, w = img.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = img[None, :, top:top + side, left:left + side]  # (1, 3, side, side)
+    if side == size:
+        return x[0].contiguous()
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout the uint8 kernel is fast on
+        return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0]
+    try:
+        y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+    except RuntimeError:  # CUDA's antialiased kernel runs out of shared memory when shrinking ~90x or more
+        return plain_image(img.cpu(), size).to(img.device)
+    return y[0].round().clamp(0, 255).to(torch.uint8)  # (3, size, size)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """(..., 3, H, W) uint8 -> float32 in the ImageNet-normalised space, on the images' device (converted once,
+    then in place: a third of the time of fresh tensors per step)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255
+    return images.float().sub_(mean).div_(std)
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bicubic), then center-crop to size x size."""
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    """RGB PIL image -> its size x size plain image (`plain_image`), as a PIL image."""
+    return Image.fromarray(plain_image(as_uint8(img), size).permute(1, 2, 0).numpy())  # (3, S, S) -> (S, S, 3)
+
+
+def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop (guided-diffusion's `center_crop_arr`, the protocol of the ImageNet generation benchmarks
+    and of the reference batches gFID is measured against): RGB PIL image -> size x size RGB PIL image.
+    While the shorter side is at least 2 * size, both sides are halved (floored) with the BOX filter; then the image
+    is resized with BICUBIC so the shorter side is `size` (the longer one rounded); then the centred square is cut
+    (offsets rounded down)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
@@ -172,3 +237,40 @@ class Fitted:
             return out
         top, left, h, w = self.box
         return out[..., top:top + h, left:left + w]
+
+
+def _skip(path: Path, error: ImageError, skipped: list[Path]) -> None:
+    warnings.warn(f"{path}: {str(error).removeprefix(f'{path}: ')}; skipped", stacklevel=3)
+    skipped.append(path)
+
+
+def read_sizes(paths: list[Path], skipped: list[Path]) -> list[tuple[Path, tuple[int, int]]]:
+    """(path, (W, H)) of every image, read from the headers only and ordered by size (so that equal sizes batch
+    together). A missing file is an ImageError; an unreadable one warns, naming it, and joins `skipped`."""
+    sized = []
+    for p in paths:
+        if not p.is_file():
+            raise ImageError(f"{p}: no such file")
+        try:
+            sized.append((p, image_size(p)))
+        except ImageError as e:
+            _skip(p, e, skipped)
+    return sorted(sized, key=lambda ps: (ps[1][1], ps[1][0]))
+
+
+def fitted_batches(sized: list[tuple[Path, tuple[int, int]]], patch: int, resize: str, size: int | None,
+                   max_side: int, batch: int, skipped: list[Path]) -> Iterator[list[tuple[Path, Fitted]]]:
+    """Lists of (path, Fitted) of one fitted size, at most `batch` images each, from `read_sizes`' list, decoded as
+    they come. An image that does not decode (or fit) warns, naming it, and joins `skipped`."""
+    group: list = []
+    for p, wh in sized:
+        shape = fitted_size(wh, patch, resize, size, max_side)
+        if group and (len(group) == batch or shape != group[0][2]):
+            yield [(q, f) for q, f, _ in group]
+            group = []
+        try:
+            group.append((p, Fitted(open_rgb(p), patch, resize, size, max_side), shape))
+        except ImageError as e:
+            _skip(p, e, skipped)
+    if group:
+        yield [(q, f) for q, f, _ in group]

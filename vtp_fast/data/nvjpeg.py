@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-from vtp_fast.data.images import open_rgb, to_tensor
+from vtp_fast.data.images import as_uint8, normalize, open_rgb, plain_image
 from vtp_fast.data.views import Crop, apply_crop
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -24,26 +23,22 @@ class NvjpegDecoder:
         self.device = torch.device(device)
         self.mean, self.std = MEAN.to(self.device), STD.to(self.device)
 
-    def _images(self, encoded: Sequence[bytes]) -> list[torch.Tensor]:
-        """Encoded images -> list of (3, H, W) float in [0, 1] on the device (RGB)."""
+    def decoded(self, encoded: Sequence[bytes]) -> list[torch.Tensor]:
+        """Encoded images -> list of (3, H, W) uint8 RGB on the device: JPEGs by nvJPEG (by torchvision's CPU
+        decoder on a CPU device), others by PIL (`open_rgb`), uploaded."""
         jpeg = [i for i, e in enumerate(encoded) if e[:2] == b"\xff\xd8"]
         out: list[torch.Tensor | None] = [None] * len(encoded)
         if jpeg:
             data = [torch.frombuffer(bytearray(encoded[i]), dtype=torch.uint8) for i in jpeg]
-            decoded = decode_jpeg(data, device=self.device, mode=ImageReadMode.RGB)
-            for i, img in zip(jpeg, decoded, strict=True):
-                out[i] = img.float() / 255
-        for i, e in enumerate(encoded):
-            if out[i] is None:
-                out[i] = to_tensor(open_rgb(e)).to(self.device)
-        return out
+            for i, img in zip(jpeg, decode_jpeg(data, device=self.device, mode=ImageReadMode.RGB), strict=True):
+                out[i] = img
+        return [as_uint8(open_rgb(e)).to(self.device) if x is None else x for x, e in zip(out, encoded, strict=True)]
 
     def decode(self, encoded: Sequence[bytes], size: int) -> torch.Tensor:
-        """(B, 3, size, size) normalised: shorter side resized, center crop."""
-        imgs = [TF.center_crop(TF.resize(img, size, antialias=True), [size, size]) for img in self._images(encoded)]
-        return (torch.stack(imgs) - self.mean) / self.std
+        """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
+        return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
     def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> list[torch.Tensor]:
-        imgs = self._images(encoded)
+        imgs = [x.float() / 255 for x in self.decoded(encoded)]  # (3, H, W) in [0, 1]
         return [(torch.stack([apply_crop(img, c[v]) for img, c in zip(imgs, crops, strict=True)]) - self.mean)
                 / self.std for v in range(len(crops[0]))]

@@ -106,10 +106,37 @@ class PairSet:
         return [0, len(self)]
 
 
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_pixels_inflate(data: bytes) -> bool:
+    """Whether a PNG's pixel stream (its IDAT chunks, joined) inflates: chunks can all pass their CRCs around
+    compressed garbage, which only a decoder notices (DALI's libpng then prints an error line of its own)."""
+    import zlib
+
+    pos, idat = len(_PNG), []
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            idat.append(data[pos + 8:pos + 8 + length])
+        pos += 12 + length  # length, type, data, CRC
+    try:
+        inflater = zlib.decompressobj()
+        while idat:  # in pieces: never the whole image inflated at once
+            chunk = idat.pop(0)
+            while chunk:
+                inflater.decompress(chunk, 1 << 20)
+                chunk = inflater.unconsumed_tail
+        return inflater.eof
+    except zlib.error:
+        return False
+
+
 class ShardSource:
-    """Samples of WebDataset shards, decoded on demand (PIL): the plain image is the full image resized (shorter
-    side) and center-cropped to `image_size`; the views are cut from the full image. Captions: UTF-8, truncated to
-    the context with the end-of-text token kept; missing, empty or not UTF-8 -> BadSample."""
+    """Samples of WebDataset shards, decoded on demand (PIL): the plain image is the full image's centred square
+    resized to `image_size` (`vtp_fast.data.images.plain_image`, as every decoder cuts it); the views are cut from
+    the full image. Captions: UTF-8, truncated to the context with the end-of-text token kept; missing, empty or
+    not UTF-8 -> BadSample."""
 
     def __init__(self, shards, image_size: int, context_length: int):
         self.shards, self.image_size, self.context_length = shards, image_size, context_length
@@ -184,21 +211,21 @@ class ShardSource:
                     img.verify()  # every chunk's CRC, without inflating the pixels
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
             raise BadSample("corrupt_image") from None
+        if raw.image.startswith(_PNG) and not _png_pixels_inflate(raw.image):
+            raise BadSample("corrupt_image")  # found here, it is skipped before a decoder prints libpng's complaint
         return raw, (h, w), caption, alpha
 
     def sample(self, i: int) -> tuple[Tensor, Tensor, str]:
         """(plain (S, S, 3) uint8, full image (3, H, W) float in [0, 1] for the views, caption)."""
-        import numpy as np
-
-        from vtp_fast.data.images import ImageError, center_crop_resize, open_rgb, to_tensor
+        from vtp_fast.data.images import ImageError, as_uint8, open_rgb, plain_image
 
         raw, _, caption, _ = self._checked(i)
         try:
-            img = open_rgb(raw.image, name=f"sample {i}")
+            img = as_uint8(open_rgb(raw.image, name=f"sample {i}"))  # (3, H, W)
         except ImageError:
             raise BadSample("corrupt_image") from None
-        plain = torch.from_numpy(np.asarray(center_crop_resize(img, self.image_size)).copy())  # (S, S, 3)
-        return plain, to_tensor(img), caption
+        plain = plain_image(img, self.image_size).permute(1, 2, 0)  # (3, S, S) -> (S, S, 3)
+        return plain, img.float() / 255, caption
 
 
 USABLE_SCAN_MAX = 50_000  # shard sets up to this size are checked sample by sample at start (`describe_pairs`)
@@ -247,7 +274,9 @@ def synthetic_pairs(n: int, size: int, context: int, seed: int = 0) -> PairSet:
 
 def normalize_u8(images: Tensor) -> Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in the ImageNet-normalised space."""
-    return (images.permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+    from vtp_fast.data.images import normalize
+
+    return normalize(images.permute(0, 3, 1, 2))  # (B, S, S, 3) -> (B, 3, S, S)
 
 
 def trim_tokens(tokens: Tensor, multiple: int = 8) -> Tensor:

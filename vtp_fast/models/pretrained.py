@@ -167,7 +167,7 @@ def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor]
     path = Path(path)
     if state is None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(path, perms=0o700) as tmp:  # 0o700: the mode tempfile.mkdtemp gave it before vtp_fast.io
+    with atomic_dir(path) as tmp:  # a published model: the umask decides who reads it
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json(model.config), indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return path

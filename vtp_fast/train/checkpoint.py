@@ -259,9 +259,8 @@ def _load_sharded(path: Path, model, modules, optimizers) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the tokenizer of a training checkpoint (either format; or a run directory: its newest checkpoint)
-    in the published layout that load_pretrained reads. Runs in one process: sharded weights are consolidated."""
+def export_source(checkpoint: str | Path) -> Path:
+    """The checkpoint `export` reads: `checkpoint`, or the newest finished checkpoint of a run directory."""
     path = Path(checkpoint)
     if (path / "checkpoints").is_dir():
         newest = Checkpointer(path / "checkpoints").latest()
@@ -270,6 +269,19 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         path = newest
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
+    return path
+
+
+def step_of(path: str | Path) -> int | None:
+    """The step of a checkpoint directory (its name, step_N); None for another name."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the tokenizer of a training checkpoint (either format; or a run directory: its newest checkpoint)
+    in the published layout that load_pretrained reads. Runs in one process: sharded weights are consolidated."""
+    path = export_source(checkpoint)
     if not is_sharded(path):
         if not (path / "model" / CONFIG_NAME).is_file():
             raise CheckpointError(f"{path}: holds no tokenizer (a DiT run's checkpoint, or not a checkpoint)")

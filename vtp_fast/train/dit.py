@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError, InputError, from_dict
-from vtp_fast.data.latents import LatentSet, load_latents
+from vtp_fast.data.latents import LatentBatches, LatentSet, load_latents
 from vtp_fast.data.views import sample_seed
 from vtp_fast.io import atomic_dir
 from vtp_fast.models.dit import DiT, DiTConfig, dit_config
@@ -58,7 +59,7 @@ def export_dit(ema: DiT, meta: dict, path: Path) -> Path:
     config = {"dit": dataclasses.asdict(ema.config),
               "latents": {k: meta[k] for k in ("channels", "grid", "mean", "std", "class_names", "data", "tokenizer",
                                                "tokenizer_fingerprint", "image_size")}}
-    with atomic_dir(path, perms=0o700) as tmp:  # 0o700: the mode tempfile.mkdtemp gave it before vtp_fast.io
+    with atomic_dir(path) as tmp:  # a published model: the umask decides who reads it
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                   str(tmp / "model.safetensors"))
@@ -80,11 +81,13 @@ class DiTJob(Job):
     """Rectified flow on a latent set: the raw weights train, the EMA (warmed up) is what is exported."""
 
     name, unit = "train-dit", "latents"
-    data_hint = "the latents are in memory: the host is slow to index them (threads, other jobs on its cores)"
+    data_hint = ("the latents are read from memory-mapped shards: slow storage or a cold page cache (the loader "
+                 "workers come from the thread budget: vtp-fast info)")
 
     def __init__(self, cfg: DiTTrainConfig):
         self.cfg, self.run = cfg, cfg.run
-        self.device, self.gen, _ = start_process(cfg.run)  # model init: the same on every rank
+        # model init: the same on every rank; loader workers from the thread budget (0 on 2 CPUs)
+        self.device, self.gen, self.threads = start_process(cfg.run, None)
         world = dist.world_size()
         if cfg.batch % world:
             raise ConfigError(f"batch: {cfg.batch} is not divisible by the {world} ranks")
@@ -106,22 +109,28 @@ class DiTJob(Job):
         return {"optimizer": self.opt}
 
     def begin(self, start: int, resumed_from: Path | None) -> dict:
+        data = LatentBatches(self.latents, self.cfg.batch, self.cfg.run.seed, dist.rank(), dist.world_size())
+        loader = DataLoader(data, batch_size=None, sampler=range(start, self.run.end),
+                            num_workers=self.threads.loader_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.run.seed))  # not from the global RNG
+        self.batches = iter(loader)  # steps start, start + 1, ...: the loop asks for them in order
         if dist.rank() == 0:
             lat, cfg = self.latents, self.cfg
             print(f"vtp-fast train-dit: {cfg.preset} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
-                  f"params) on {lat.latents.shape[0]} latents {tuple(lat.latents.shape[1:])} of {lat.meta['data']}, "
+                  f"params) on {len(lat)} latents {lat.shape[1:]} of {lat.meta['data']}, "
                   f"{len(lat.meta['class_names'])} classes, {self.device} x{dist.world_size()}; "
                   f"{'resuming at ' + str(start) if start else 'from scratch'} -> {self.run.out_dir}")
         return {}
 
     def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # every random draw of a step (batch, noise, t, label dropout) is seeded by (seed, rank, step): a resumed
-        # run continues exactly
+        # the batch is the rank's share of the step's global batch, drawn from (seed, step) (LatentBatches: the
+        # same global batch on any number of ranks); the step's other draws (noise, t, label dropout) are seeded by
+        # (seed, rank, step): a resumed run continues exactly
+        z, y = next(self.batches)  # (per_rank, C, h, w) normalised, (per_rank,)
         step_seed = sample_seed(self.cfg.run.seed, dist.rank(), step)
         self.gen.manual_seed(step_seed)
         torch.manual_seed(step_seed)
-        idx = torch.randint(self.latents.latents.shape[0], (self.per_rank,), generator=self.gen)
-        return self.latents.latents[idx].to(self.device), self.latents.labels[idx].to(self.device)
+        return z.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
         cfg, gen, (x0, y) = self.cfg, self.gen, batch
@@ -163,8 +172,10 @@ def train_dit(cfg: DiTTrainConfig) -> dict[str, Path]:
 @torch.no_grad()
 def generate(dit: DiT, meta: dict, tokenizer, labels: torch.Tensor, *, steps: int = 50, solver: str = "euler",
              shift: float = 1.0, cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
-             batch: int = 64, seed: int = 0, progress: bool = False) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for `labels` (N,): DiT samples (latent space) decoded by the tokenizer."""
+             batch: int = 64, seed: int = 0, progress: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for `labels` (N,): DiT samples (latent space) decoded by the tokenizer.
+
+    noise: the starting latents (N, C, h, w) (default: drawn in batches from one generator seeded by `seed`)."""
     device = next(dit.parameters()).device
     c = dit.config
     h, w = meta["grid"]
@@ -183,7 +194,8 @@ def generate(dit: DiT, meta: dict, tokenizer, labels: torch.Tensor, *, steps: in
     for i in tqdm(chunks, desc="sample", unit="batch", disable=not progress):
         y = labels[i:i + batch].to(device)
         z = sample(dit, (y.shape[0], c.in_channels, h, w), y, steps=steps, solver=solver, shift=shift,
-                   cfg_scale=cfg_scale, cfg_interval=cfg_interval, generator=gen)
+                   cfg_scale=cfg_scale, cfg_interval=cfg_interval, generator=gen,
+                   noise=None if noise is None else noise[i:i + batch].to(device))
         x = tokenizer.decode((z * std + mean).to(next(tokenizer.parameters()).dtype))
         images.append(tokenizer.denormalize(x).clamp(0, 1).float().cpu())
     return torch.cat(images)
