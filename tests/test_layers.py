@@ -66,8 +66,9 @@ RANKS = {
     "compile": {"models", "nn", "ops", "base"},
     "plots": {"data", "base"},
     # eval and train are siblings: eval uses models and data, never train; train uses models, losses and data, never
-    # eval (pretraining's held-out evaluation and generative probe are passed in by the layers above).
-    "eval": {"models", "nn", "ops", "data", "plots", "base"},
+    # eval (pretraining's held-out evaluation and generative probe are passed in by the layers above). Collectives
+    # (no-ops on one process) let evaluations spread over torchrun's ranks: latent extraction, ADM's suite.
+    "eval": {"models", "nn", "ops", "data", "distributed", "plots", "base"},
     "measure": {"kernels", "ops", "plots", "base"},  # kernel_check compiles kernels; benchmark draws its plots
     "train": {"models", "nn", "ops", "losses", "data", "distributed", "compile", "measure", "plots", "base"},
     # Above both train and eval: the generative probe (trains a DiT, scores it with gFID).

@@ -334,7 +334,7 @@ def _default_device() -> torch.device:
 
 def feature_extractor(device: torch.device | str | None = None, cache_dir: Path | str | None = None,
                       features: tuple[str, ...] = ("2048",), progress: bool = True,
-                      precision: str = DEFAULT_PRECISION) -> torch.nn.Module:
+                      precision: str = DEFAULT_PRECISION, weights: Path | str | None = None) -> torch.nn.Module:
     """The offline FID Inception, in eval mode, on ``device`` (default: CUDA if available). Cached per process.
 
     ``precision="fp32"``: torch-fidelity's ``FeatureExtractorInceptionV3`` (subclass) itself, the exact reference;
@@ -342,10 +342,12 @@ def feature_extractor(device: torch.device | str | None = None, cache_dir: Path 
     (B, 3, H, W) and return a tuple of float32 features.
 
     ``features`` from ('64', '192', '768', '2048'); 'logits' / 'logits_unbiased' raise ValueError (no IS).
+    ``weights``: a weights file in torch-fidelity's layout (e.g. its own ``WEIGHTS_FILENAME``) instead of the
+    converted offline one (:func:`inception_weights`).
     """
     check_precision(precision)
     device = torch.device(device) if device is not None else _default_device()
-    path = inception_weights(cache_dir, progress)
+    path = Path(weights) if weights is not None else inception_weights(cache_dir, progress)
     key = (str(path), str(device), tuple(features), precision)
     if key not in _EXTRACTORS:
         if precision == "fp32":
@@ -354,7 +356,7 @@ def feature_extractor(device: torch.device | str | None = None, cache_dir: Path 
             model = cls(EXTRACTOR_NAME, list(features), feature_extractor_weights_path=str(path))
             _EXTRACTORS[key] = model.to(device).eval().requires_grad_(False)
         else:
-            source = feature_extractor(device, cache_dir, features, progress, precision="fp32")
+            source = feature_extractor(device, cache_dir, features, progress, precision="fp32", weights=path)
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             _EXTRACTORS[key] = FusedInceptionV3(source, dtype)
     return _EXTRACTORS[key]
