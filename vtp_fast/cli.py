@@ -290,14 +290,32 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from vtp_fast.config import load_config
+    from vtp_fast.config import ConfigError, load_config
     from vtp_fast.io import atomic_write_text
-    from vtp_fast.train import planner
+    from vtp_fast.train import plan_dit, planner
     from vtp_fast.train.config import PretrainConfig
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    plan = planner.plan(cfg, args.gpus, args.gpu)
-    text = planner.report(plan)
+    given = {flag: (key, value) for flag, key, value in (
+        ("--sample-steps", "steps", args.sample_steps), ("--solver", "solver", args.solver),
+        ("--shift", "shift", args.shift), ("--cfg-scale", "cfg_scale", args.cfg_scale),
+        ("--cfg-interval", "cfg_interval", args.cfg_interval and tuple(args.cfg_interval)),
+        ("--tokenizer", "tokenizer", args.tokenizer)) if value is not None}
+    sampling = dict(given.values())
+    job = args.job or plan_dit.job_of(args.config, args.overrides)
+    if args.samples and job != "dit":
+        raise ConfigError("--samples: sampling is planned for a DiT config (configs/dit/, or --job dit)")
+    if given and not args.samples:
+        raise ConfigError(f"{', '.join(given)}: options of the sampling plan, which needs --samples")
+    if job == "dit":
+        cfg = plan_dit.load_dit_config(args.config, args.overrides)
+        plan = plan_dit.plan_dit(cfg, args.gpus, args.gpu)
+        text = plan_dit.report_dit(plan)
+        if args.samples:
+            text += "\n" + plan_dit.report_sampling(plan_dit.plan_sampling(cfg, args.samples, args.gpus, args.gpu,
+                                                                           **sampling))
+    else:
+        plan = planner.plan(load_config(PretrainConfig, args.config, args.overrides), args.gpus, args.gpu)
+        text = planner.report(plan)
     print(text)
     if args.out:
         atomic_write_text(Path(args.out), text)
@@ -417,15 +435,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
             npz["images"])
         result = evaluate.generation_scores(samples, data, args.n)
     else:
-        model = _model(args)
-        if args.what == "rfid":
-            result = evaluate.reconstruction_scores(model, data, args.n)
-        elif args.what == "zeroshot":
-            result = evaluate.zero_shot_scores(model, data)
-        else:
-            test = open_images(args.test_data, size=args.size)
-            result = evaluate.linear_probe_scores(model, data, test)
+        if args.what in ("zeroshot", "probe"):
+            return _eval_classify(args, data)
+        result = evaluate.reconstruction_scores(_model(args), data, args.n)
     print(json.dumps({"eval": args.what, "data": data.name, **result}, indent=1))
+    return 0
+
+
+def _eval_classify(args: argparse.Namespace, data) -> int:
+    """Zero-shot or a linear probe on stored features (vtp_fast.eval.classify), extracted over torchrun's ranks; one
+    JSON object on stdout from rank 0."""
+    import json
+
+    from vtp_fast.data.labelled import open_images
+    from vtp_fast.distributed import init_from_env
+    from vtp_fast.eval import classify
+    from vtp_fast.threads import apply_budget, budget
+
+    init_from_env()  # under torchrun: join the group (this rank's GPU becomes the current device)
+    workers = apply_budget(budget(0, args.workers)).loader_workers
+    model = _model(args)
+    extract = {"workers": workers, "precision": "bf16" if args.precision == "bf16" else "fp32"}
+    if args.what == "zeroshot":
+        result = classify.zero_shot_eval(model, data, args.features, classes=args.classes, **extract)
+    else:
+        test = open_images(args.test_data, size=args.size)
+        probe = {"select": args.select} if args.protocol == "dino" else {}
+        result = classify.probe_eval(model, data, test, args.features, protocol=args.protocol, probe=probe,
+                                     **extract)
+    if result is not None:
+        print(json.dumps({"eval": args.what, "data": data.name, **result}, indent=1))
     return 0
 
 
@@ -652,12 +691,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "it holds is removed)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("plan", help="per-GPU memory and step time of a pretraining config on N GPUs, before any GPU "
-                                    "runs it; recommends DDP or FSDP2, activation checkpointing and micro-batch")
+    p = sub.add_parser("plan", help="per-GPU memory and step time of a pretraining or DiT config on N GPUs, before "
+                                    "any GPU runs it; recommends DDP or FSDP2, activation checkpointing and "
+                                    "micro-batch; for a DiT, with --samples, the time to draw them")
     p.add_argument("--config", action="append", default=[], help="YAML file(s) of differences, in order")
+    p.add_argument("--job", choices=("tokenizer", "dit"), help="what the config trains (default: dit when it sets "
+                                                               "a DiT key such as preset or latents)")
     p.add_argument("--gpus", type=POSITIVE, required=True, help="number of GPUs (all nodes)")
     p.add_argument("--gpu", default="h200", choices=("h200", "h100", "a100"), help="GPU kind (default: h200)")
     p.add_argument("--out", help="also write the report (markdown) to this file")
+    p.add_argument("--samples", type=POSITIVE, help="DiT: also the time of vtp-fast sample drawing this many images")
+    p.add_argument("--sample-steps", type=POSITIVE, help="with --samples: ODE solver steps (default 50)")
+    p.add_argument("--solver", choices=("euler", "heun"), help="with --samples: ODE solver (default euler)")
+    p.add_argument("--shift", type=float, help="with --samples: timestep shift (default 1)")
+    p.add_argument("--cfg-scale", type=float, help="with --samples: classifier-free guidance scale (default 1: none)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"),
+                   help="with --samples: guidance only for t in [T_LO, T_HI] (default 0 1)")
+    p.add_argument("--tokenizer", help="with --samples: the decoder, a preset (vtp-l), checkpoint directory or "
+                                       "VTP-*-f16d64 id (default: the latent set's, else vtp-l)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch.size=4096")
     p.set_defaults(func=cmd_plan)
 
@@ -734,7 +785,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                "Inception Score needs; default: torch hub's copy, else the offline "
                                                "conversion, which has none)")
     p.add_argument("--precision", choices=("fp32", "fp32-fused", "bf16"), default="fp32",
-                   help="adm: the Inception's arithmetic (fp32: the exact network, for numbers to publish)")
+                   help="adm: the Inception's arithmetic (fp32: the exact network, for numbers to publish); zeroshot, "
+                        "probe: the tokenizer's (bf16: autocast)")
+    p.add_argument("--features", help="zeroshot, probe: keep the image features in FEATURES/<set> (memory-mapped, "
+                                      "resumable; under torchrun each rank embeds its chunks; storage every rank "
+                                      "sees); default: a temporary folder")
+    p.add_argument("--classes", choices=("auto", "imagenet", "set"), default="auto",
+                   help="zeroshot: imagenet: open_clip's ImageNet class names and CLIP's 80 templates (labels in "
+                        "the standard class order); set: the set's class names and general templates; auto: "
+                        "imagenet for a set of 1000 classes, else set")
+    p.add_argument("--protocol", choices=("last-layer", "dino"), default="last-layer",
+                   help="probe: last-layer: the last block's class + mean patch token, and the latent; dino: DINOv2's "
+                        "grid (class tokens of the last 1 and 4 blocks, with/without the mean patch token, 13 "
+                        "learning rates; the paper's Table 2)")
+    p.add_argument("--select", choices=("held-out", "test"), default="held-out",
+                   help="probe --protocol dino: choose among the grid on held-out train features, or report the "
+                        "best on the test set as DINOv2 does")
+    p.add_argument("--workers", type=_ints(0), help="zeroshot, probe: decoding processes per rank (default: the "
+                                                    "thread budget's)")
     p.add_argument("--n", type=POSITIVE, default=1000, help="images for FID (CPU: a few per second)")
     p.add_argument("--size", type=POSITIVE, default=64, help="image size in pixels")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -1,6 +1,7 @@
 """Issue 13, item 5: activation checkpointing changes memory, not gradients; `vtp-fast plan`'s traced memory matches
 real CPU steps at tiny shapes; the plan recommends what fits and refuses what cannot. Issue 20, item 1: the trace
-allocates nothing of batch size on the host, and says what it traces."""
+allocates nothing of batch size on the host, and says what it traces. Issue 21, item 7: the same for the DiT's
+training step, and the sampling model's FLOPs are the flop counter's over what `vtp-fast sample` runs."""
 
 import dataclasses
 import json
@@ -10,14 +11,24 @@ import sys
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
-from vtp_fast.config import load_config
+from vtp_fast import cli
+from vtp_fast.compile import transform_blocks
+from vtp_fast.config import ConfigError, load_config
 from vtp_fast.data.pairs import StepBatches, synthetic_pairs
+from vtp_fast.downstream.sample import SampleSpec
+from vtp_fast.models.dit import DiT
+from vtp_fast.models.presets import vtp_config
+from vtp_fast.models.vtp import VTP
 from vtp_fast.ops.registry import building_for
-from vtp_fast.train import planner
-from vtp_fast.train.config import PretrainConfig
-from vtp_fast.train.profile import _deterministic_masks, meta_step
+from vtp_fast.train import plan_dit, planner
+from vtp_fast.train.config import DiTTrainConfig, PretrainConfig
+from vtp_fast.train.dit import dit_loss, dit_model_config, generate
+from vtp_fast.train.flow import time_grid
+from vtp_fast.train.optim import make_adamw, param_groups
+from vtp_fast.train.profile import _deterministic_masks, flops_of, meta_step
 from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
 TINY = ["objective.perceptual=0", "data.synthetic=true", "run.precision=fp32", "batch.size=32", "batch.ssl=8",
@@ -195,3 +206,183 @@ def test_plan_command_prints_the_table(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| DDP **(recommended)**" in r.stdout and out.read_text() in r.stdout + "\n"
     assert "plan: [  0.0 s] tracing 1 micro-step(s) x 16 pairs per GPU" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the DiT (issue 21, 7)
+DIT_CONFIG = "configs/dit/study_tiny.yaml"  # dit-tiny: 64 x 8 x 8 latents, 1000 classes without a latent set
+
+
+def tiny_dit(*extra) -> DiTTrainConfig:
+    return plan_dit.load_dit_config([DIT_CONFIG], ["batch=16", "run.precision=fp32", *extra])
+
+
+def real_dit_step(cfg: DiTTrainConfig, checkpointing: str, autocast: bool = False) -> tuple[int, DiT]:
+    """One forward + backward of DiTJob's loss on the CPU at cfg.batch: (live-bytes peak, the model)."""
+    config = dit_model_config(cfg, None)
+    torch.manual_seed(0)
+    with building_for("cpu"):
+        model = transform_blocks(DiT(config), checkpointing).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    s = config.input_size
+    x0, y = torch.randn(cfg.batch, config.in_channels, s, s), torch.randint(0, config.num_classes, (cfg.batch,))
+    live = planner.LiveBytes([*planner.LiveBytes.state_of(model), x0, y])
+    with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        dit_loss(cfg, model, x0, y, torch.Generator().manual_seed(0))["total"].backward()
+    return live.peak, model
+
+
+@pytest.mark.parametrize("mode", plan_dit.MODES)
+def test_dit_traced_activations_match_a_real_cpu_step(mode):
+    cfg = tiny_dit()
+    traced = plan_dit.trace_dit_step(cfg, dit_model_config(cfg, None), cfg.batch, mode, bf16=False)
+    real, model = real_dit_step(cfg, mode)
+    assert traced.activation_bytes == pytest.approx(real, rel=0.10), (traced.activation_bytes / 2**20, real / 2**20)
+    assert traced.student_params == sum(p.numel() for p in model.parameters())
+    assert not traced.teacher_runs and traced.teacher_params == traced.student_params  # the EMA: held, not run
+
+
+def test_dit_emulated_autocast_matches_cpu_autocast():
+    cfg = tiny_dit()
+    traced = plan_dit.trace_dit_step(cfg, dit_model_config(cfg, None), cfg.batch, "none", bf16=True)
+    real, _ = real_dit_step(cfg, "none", autocast=True)
+    assert traced.activation_bytes == pytest.approx(real, rel=0.15), (traced.activation_bytes / 2**20, real / 2**20)
+
+
+def test_dit_static_memory_is_the_real_tensors():
+    """Parameters (the DiT and its EMA), gradients and AdamW state as planned for one GPU are the bytes of DiTJob's
+    tensors after a step."""
+    cfg = tiny_dit()
+    o = next(o for o in plan_dit.plan_dit(cfg, 1, progress=None).options if o.checkpointing == "none")
+    _, model = real_dit_step(cfg, "none")
+    with building_for("cpu"):
+        ema = DiT(dit_model_config(cfg, None))
+    opt = make_adamw(param_groups({"dit": model}, cfg.weight_decay), cfg.lr, cfg.betas)
+    opt.step()
+    nbytes = lambda ts: sum(x.numel() * x.element_size() for x in ts)  # noqa: E731
+    state = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    for part, tensors in (("optimizer", state), ("parameters", [*model.parameters(), *ema.parameters()]),
+                          ("gradients", [p.grad for p in model.parameters()])):
+        assert o.memory[part] * planner.GIB == pytest.approx(nbytes(tensors), rel=1e-12), part
+    assert "clip gather" not in o.memory
+
+
+def test_dit_trace_allocates_nothing_of_batch_size():
+    """Host memory does not grow with the batch: the DiT and its batch live on the meta device."""
+    r = subprocess.run([sys.executable, "-c", _DIT_TRACE_PEAK], capture_output=True, text=True, timeout=600,
+                       cwd=os.getcwd(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rise = json.loads(r.stdout.strip().splitlines()[-1])["rise"]
+    assert rise < 64 * 2**20, rise / 2**20
+
+
+_DIT_TRACE_PEAK = """
+import json, resource
+from tests.train.test_planner import tiny_dit
+from vtp_fast.train import plan_dit
+from vtp_fast.train.dit import dit_model_config
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
+cfg = tiny_dit()
+plan_dit.trace_dit_step(cfg, dit_model_config(cfg, None), 16, "none", True)  # imports and every lazy allocation
+before = peak()
+plan_dit.trace_dit_step(cfg, dit_model_config(cfg, None), 16 * 256, "none", True)
+print(json.dumps({"rise": peak() - before}))
+"""
+
+
+def test_sampling_flops_are_the_flop_counters_count_of_the_sampler():
+    """The model's FLOPs per sample against torch.utils.flop_counter over what `vtp-fast sample` runs (generate:
+    the Euler steps, CFG doubling the batch inside the interval only, the tokenizer's decode) at a batch of 3, and
+    one DiT forward's count times the steps, the guided ones twice. Attention runs PyTorch's math backend here:
+    the flop counter has no formula for the CPU's fused kernel (it counts its FLOPs as 0; the meta device, like a
+    GPU's flash and memory-efficient kernels, is counted at the math backend's 4 b h n^2 d)."""
+    cfg, steps, interval = tiny_dit(), 7, (0.25, 0.6)
+    s = plan_dit.plan_sampling(cfg, 12, 1, steps=steps, shift=1.5, cfg_scale=2.0, cfg_interval=interval,
+                               tokenizer="vtp-nano")
+    assert s.calls == steps and 0 < s.guided < steps
+    grid = time_grid(steps, 1.5, dtype=torch.float64).tolist()[:-1]  # the times of the model calls
+    assert s.guided == sum(interval[0] <= t <= interval[1] for t in grid)
+    torch.manual_seed(0)
+    with building_for("cpu"):
+        dit, vtp = DiT(s.model).eval(), VTP(vtp_config("vtp-nano")).eval()
+    c, g, b = s.model.in_channels, s.model.input_size, 3
+    meta = {"grid": [g, g], "channels": c, "mean": [0.0] * c, "std": [1.0] * c}
+    with sdpa_kernel(SDPBackend.MATH):
+        forward = flops_of(lambda: dit(torch.randn(b, c, g, g), torch.rand(b), torch.arange(b), drop_labels=False))
+        run = flops_of(lambda: generate(dit, meta, vtp, torch.arange(b), steps=steps, shift=1.5, cfg_scale=2.0,
+                                        cfg_interval=interval, batch=b))
+        decode = flops_of(lambda: vtp.decode(torch.randn(b, c, g, g)))
+    assert forward == b * s.forward_flops
+    assert run == forward * (steps + s.guided) + decode == b * s.flops_per_sample
+    without = plan_dit.plan_sampling(cfg, 12, 1, steps=steps, tokenizer="vtp-nano")
+    assert without.guided == 0 and without.flops_per_sample == s.forward_flops * steps + s.decode_flops
+
+
+def test_the_busiest_rank_is_the_samplers():
+    """vtp-fast sample deals chunks round-robin (rank r takes chunks r, r + world, ...); the time is the busiest's."""
+    assert plan_dit.SAMPLE_CHUNK == SampleSpec(n=1, classes=(0,)).chunk
+    for n, world, chunk in ((50_000, 8, 1000), (10, 3, 4), (7, 8, 1000), (9000, 4, 1000)):
+        spec = SampleSpec(n=n, classes=(0,), chunk=chunk)
+        dealt = [sum(spec.span(k)[1] - spec.span(k)[0] for k in list(range(spec.chunks))[r::world])
+                 for r in range(world)]
+        assert plan_dit.busiest_rank(n, world, chunk) == max(dealt), (n, world, chunk)
+    assert plan_dit.busiest_rank(50_000, 8, 1000) == 7000
+
+
+def test_dit_plan_refuses_what_cannot_fit_and_never_recommends_fsdp(monkeypatch):
+    cfg = tiny_dit()
+    p = plan_dit.plan_dit(cfg, 2, progress=None)
+    assert p.best is not None and p.best.strategy == "ddp"
+    ddp = min(o.total_gib for o in p.options if o.strategy == "ddp")
+    fsdp = min(o.total_gib for o in p.options if o.strategy == "fsdp")
+    assert fsdp < ddp
+    between = planner.GPU("between", (fsdp + ddp) / 2 / planner.USABLE, 1e12, 1e9, 1e9, "a test GPU")
+    monkeypatch.setitem(planner.GPUS, "between", between)  # only FSDP2, which train-dit cannot run, fits
+    p = plan_dit.plan_dit(cfg, 2, "between", progress=None)
+    assert p.best is None and "nothing fits" in plan_dit.report_dit(p)
+    assert any(o.strategy == "fsdp" and o.total_gib <= planner.USABLE * between.memory_gib for o in p.options)
+    with pytest.raises(planner.DoesNotFit, match=r"dit-tiny on 2 x between: .* \(ddp, .*needs .* GiB"):
+        planner.check(p)
+
+
+def test_plan_command_prints_the_dit_and_sampling_tables(tmp_path):
+    out = tmp_path / "plan.md"
+    r = subprocess.run([sys.executable, "-m", "vtp_fast.cli", "plan", "--config", DIT_CONFIG, "--gpus", "2",
+                        "--samples", "90", "--sample-steps", "10", "--cfg-scale", "1.5", "--cfg-interval", "0", "0.5",
+                        "--tokenizer", "vtp-nano", "--out", str(out), "batch=16"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = r.stdout
+    assert "# plan: dit-tiny" in text and "| DDP **(recommended)** | none | 1 x 8 |" in text, text
+    assert "| FSDP2 (not runnable) |" in text and "run.activation_checkpointing=none" in text
+    assert "# sampling: dit-tiny on 2 x H200" in text and "5 of 10 model calls per sample guided" in text, text
+    assert "decoded by vtp-nano (--tokenizer) to 128 x 128 images" in text
+    assert "the busiest rank draws 90" in text and text.count("Modelled, not measured") == 2
+    assert out.read_text() in text + "\n"
+    assert "plan: [  0.0 s] tracing 8 latents per GPU, activation checkpointing none" in r.stderr, r.stderr
+
+
+def test_plan_command_refuses_sampling_options_it_would_ignore(capsys):
+    assert cli.main(["plan", "--config", DIT_CONFIG, "--gpus", "1", "--sample-steps", "10"]) != 0
+    assert "--sample-steps: options of the sampling plan, which needs --samples" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", "configs/tokenizer/tiny.yaml", "--gpus", "1", "--samples", "10"]) != 0
+    assert "--samples: sampling is planned for a DiT config" in capsys.readouterr().err
+    assert plan_dit.job_of(["configs/dit/lightningdit_xl.yaml"]) == "dit"
+    assert plan_dit.job_of(["configs/tokenizer/tiny.yaml"], ["batch.size=8"]) == "tokenizer"
+    assert plan_dit.job_of([], ["preset=dit-b/1"]) == "dit"
+
+
+def test_a_named_latent_set_gives_the_shape_classes_and_tokenizer(tmp_path):
+    """The latent set the config names (its meta.json) decides the DiT's input and classes and, unless --tokenizer
+    names one, the decoder (a published Hub id here)."""
+    (tmp_path / "meta.json").write_text(json.dumps({"channels": 64, "grid": [4, 4], "class_names": list("abcdefghi"),
+                                                    "tokenizer": "MiniMaxAI/VTP-Base-f16d64@main"}))
+    cfg = tiny_dit(f"latents={tmp_path}")
+    p = plan_dit.plan_dit(cfg, 1, progress=None)
+    assert (p.model.input_size, p.model.num_classes) == (4, 9) and str(tmp_path) in plan_dit.report_dit(p)
+    s = plan_dit.plan_sampling(cfg, 10, 1, tokenizer=None)
+    assert s.tokenizer.startswith("MiniMaxAI/VTP-Base-f16d64@main (the latent set")
+    assert s.decode_flops == plan_dit.decode_flops(vtp_config("vtp-b"), 4)
+    assert plan_dit.plan_sampling(cfg, 10, 1, tokenizer="vtp-nano").tokenizer == "vtp-nano (--tokenizer)"
+    with pytest.raises(ConfigError, match="--tokenizer nope: not a preset"):
+        plan_dit.plan_sampling(cfg, 10, 1, tokenizer="nope")

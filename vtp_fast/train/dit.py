@@ -44,14 +44,27 @@ def ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def build_dit(cfg: DiTTrainConfig, latents: LatentSet) -> DiT:
-    meta = latents.meta
-    overrides = {"in_channels": meta["channels"], "input_size": meta["grid"][0],
-                 "num_classes": len(meta["class_names"]), **cfg.overrides}
-    config = dit_config(cfg.preset, **overrides)
-    if config.in_channels != meta["channels"]:
+def dit_model_config(cfg: DiTTrainConfig, meta: dict | None) -> DiTConfig:
+    """The DiT architecture of `cfg` on the latent set described by `meta` (its meta.json: channels, grid and
+    classes; None: the preset's own, e.g. 64 x 16 x 16 and 1000 classes for the ImageNet presets)."""
+    shape = ({} if meta is None else {"in_channels": meta["channels"], "input_size": meta["grid"][0],
+                                      "num_classes": len(meta["class_names"])})
+    config = dit_config(cfg.preset, **{**shape, **cfg.overrides})
+    if meta is not None and config.in_channels != meta["channels"]:
         raise ConfigError(f"overrides.in_channels: {config.in_channels} but the latents have {meta['channels']}")
-    return DiT(config)
+    return config
+
+
+def build_dit(cfg: DiTTrainConfig, latents: LatentSet) -> DiT:
+    return DiT(dit_model_config(cfg, latents.meta))
+
+
+def dit_loss(cfg: DiTTrainConfig, model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The training step's loss terms (flow_loss with cfg's timestep and cosine settings) of `model` on latents
+    x0 (B, C, h, w) with labels y (B,): what DiTJob.step backpropagates and `vtp-fast plan` traces."""
+    return flow_loss(model, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight, cos_over=cfg.cos_over,
+                     generator=generator)
 
 
 def export_dit(ema: DiT, meta: dict, path: Path) -> Path:
@@ -138,8 +151,7 @@ class DiTJob(Job):
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.amp:
-            losses = flow_loss(self.wrapped, x0, y, mu=cfg.mu, sigma=cfg.sigma, cos_weight=cfg.cos_weight,
-                               cos_over=cfg.cos_over, generator=gen)
+            losses = dit_loss(cfg, self.wrapped, x0, y, gen)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         terms = {k: v.detach() for k, v in losses.items()}
@@ -151,6 +163,7 @@ class DiTJob(Job):
         return StepOutput(terms, {"grad_norm": grad_norm}, {"lr": lr})
 
     def finish(self, log: MetricsLog | None) -> dict[str, Path]:
+        self.batches = None  # the loader's workers stop here, not when the job is collected
         if dist.rank() != 0:
             return {}
         out = Path(self.run.out_dir)

@@ -14,7 +14,7 @@ Memory per GPU, for each option (DDP or FSDP2 x run.activation_checkpointing x m
                bf16 runs are traced with autocast's casts emulated (matmul and attention inputs in bf16, norms,
                softmax and losses in fp32). The reference ops are traced: the fused kernels keep no (n, N) logits,
                so this errs high where they are used
-  CLIP gather  the global batch's image and text features gathered on every rank, and their gradients
+  CLIP gather  (with CLIP) the global batch's image and text features gathered on every rank, and their gradients
 Usable memory is USABLE of the GPU's (allocator fragmentation, the CUDA context, NCCL buffers). Checked against
 real peaks at tiny shapes on the CPU in tests/train/test_planner.py.
 
@@ -24,6 +24,9 @@ parameters for the forward, again for the backward, and for the teacher, reduce-
 micro-step) at the interconnect's bus bandwidth (NVLink within a node of 8, the network across nodes); the step
 takes the longer of the two (communication overlapped with compute). A model, not a measurement: the efficiency and
 bandwidths are stated assumptions until a GPU run measures them.
+
+The DiT (configs/dit/: training and sampling) is planned by vtp_fast.train.plan_dit with this module's trace, memory
+parts, step model and table.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class MicroStep:
     root_params: int  # student parameters outside the transformer blocks
     clip_width: int  # 0 without CLIP
     pairs: int  # the micro-batch
+    teacher_runs: bool = True  # the teacher's forward runs in the step (an EMA that is only updated does not)
 
 
 def trace_micro_step(cfg: PretrainConfig, bf16: bool) -> MicroStep:
@@ -192,10 +196,17 @@ class Option:
         return max(self.compute_s, self.comm_s)
 
 
-def option(cfg: PretrainConfig, gpu: GPU, gpus: int, strategy: str, checkpointing: str, accumulation: int,
+def compute_seconds(flops: float, gpu: GPU, gpus: int = 1) -> float:
+    """The step model's time for `flops` spread over `gpus` GPUs: STEP_EFFICIENCY of the measured ceiling."""
+    return flops / (gpus * gpu.peak_flops * STEP_EFFICIENCY)
+
+
+def option(bf16: bool, gpu: GPU, gpus: int, strategy: str, checkpointing: str, accumulation: int,
            micro: MicroStep) -> Option:
+    """Memory per GPU and step time of `micro` (one rank's micro-batch) under `strategy` at `accumulation`
+    micro-steps; `bf16`: the run computes in bf16 (FSDP2 gathers bf16 parameters)."""
     m, n = micro, gpus
-    compute = 2 if gpu_bf16(cfg) else 4  # bytes per parameter gathered by FSDP2
+    compute = 2 if bf16 else 4  # bytes per parameter gathered by FSDP2
     if strategy == "fsdp":
         memory = {"parameters": (m.student_params + m.teacher_params) * 4 / n
                   + (2 * m.block_params + m.root_params) * compute,
@@ -206,48 +217,48 @@ def option(cfg: PretrainConfig, gpu: GPU, gpus: int, strategy: str, checkpointin
                   "gradients": m.trainable_params * 4 * (2 if n > 1 else 1),
                   "optimizer": m.trainable_params * 8}
     memory["activations"] = m.activation_bytes
-    memory["clip gather"] = 2 * 2 * 4 * m.clip_width * m.pairs * (n - 1) if n > 1 else 0
+    if m.clip_width:
+        memory["clip gather"] = 2 * 2 * 4 * m.clip_width * m.pairs * (n - 1) if n > 1 else 0
     busbw = gpu.nvlink_busbw if n <= GPUS_PER_NODE else gpu.network_busbw
     share = (n - 1) / n
     if strategy == "fsdp":
-        traffic = accumulation * share * ((2 * m.student_params + m.teacher_params) * compute
-                                          + m.trainable_params * 4)
+        gathered = 2 * m.student_params + (m.teacher_params if m.teacher_runs else 0)
+        traffic = accumulation * share * (gathered * compute + m.trainable_params * 4)
     else:
         traffic = 2 * share * m.trainable_params * 4
     return Option(strategy, checkpointing, accumulation, micro, {k: v / GIB for k, v in memory.items()},
-                  compute_s=m.flops * accumulation / (gpu.peak_flops * STEP_EFFICIENCY), comm_s=traffic / busbw)
+                  compute_s=compute_seconds(m.flops * accumulation, gpu), comm_s=traffic / busbw)
 
 
 @dataclass
 class Plan:
-    cfg: PretrainConfig
+    cfg: object  # a PretrainConfig or a DiTTrainConfig (vtp_fast.train.plan_dit)
     gpu: GPU
     gpus: int
     options: list[Option]
+    name: str = ""  # the model, as the report names it
+    unit: str = "pairs"  # what the batch counts
+    runnable: tuple[str, ...] = ("ddp", "fsdp")  # the wrappers the job can run (the others are only modelled)
 
     @property
     def best(self) -> Option | None:
-        """The fastest option that fits; ties go to DDP, fewer micro-steps, less recomputation."""
-        fit = [o for o in self.options if o.total_gib <= USABLE * self.gpu.memory_gib]
+        """The fastest runnable option that fits; ties go to DDP, fewer micro-steps, less recomputation."""
+        fit = [o for o in self.options if o.total_gib <= USABLE * self.gpu.memory_gib and o.strategy in self.runnable]
         order = {"none": 0, "selective": 1, "per_block": 2}
         return min(fit, key=lambda o: (round(o.step_s, 4), o.strategy != "ddp", o.accumulation,
                                        order[o.checkpointing]), default=None)
 
 
-def _to_stderr(line: str) -> None:
+def to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: int = 16,
-         progress: Callable[[str], None] | None = _to_stderr) -> Plan:
+         progress: Callable[[str], None] | None = to_stderr) -> Plan:
     """Every option up to the first micro-step count at which one fits without activation checkpointing (more
     micro-steps only add overhead), each micro-batch traced once per activation checkpointing mode; `progress` is
     told what is traced, as it starts (None: silent)."""
-    if gpu not in GPUS:
-        raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)}")
-    if gpus < 1:
-        raise ConfigError(f"--gpus {gpus}: must be >= 1")
-    g = GPUS[gpu]
+    g = gpu_kind(gpu, gpus)
     strategies = ("ddp", "fsdp") if gpus > 1 else ("ddp",)
     options: list[Option] = []
     start = time.perf_counter()
@@ -270,14 +281,23 @@ def plan(cfg: PretrainConfig, gpus: int, gpu: str = "h200", max_accumulation: in
         tried = True
         for ac in ("none", "selective", "per_block"):
             micro = traced(accumulation, ac)
-            options += [option(cfg, g, gpus, s, ac, accumulation, micro) for s in strategies]
+            options += [option(gpu_bf16(cfg), g, gpus, s, ac, accumulation, micro) for s in strategies]
         if any(o.total_gib <= USABLE * g.memory_gib and o.checkpointing == "none" and o.accumulation == accumulation
                for o in options):
             break
         accumulation *= 2
     if progress is not None:
         progress(f"plan: {len(options) // len(strategies)} micro-batches traced in {time.perf_counter() - start:.1f} s")
-    return Plan(cfg, g, gpus, options)
+    return Plan(cfg, g, gpus, options, name=cfg.model.preset)
+
+
+def gpu_kind(gpu: str, gpus: int) -> GPU:
+    """The GPU named `gpu` (a key of GPUS); ConfigError for an unknown kind or a count below 1."""
+    if gpu not in GPUS:
+        raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)}")
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: must be >= 1")
+    return GPUS[gpu]
 
 
 def gpu_bf16(cfg: PretrainConfig) -> bool:
@@ -302,42 +322,54 @@ def report(p: Plan) -> str:
             f"{c.batch.ssl}, reconstruction {c.batch.rec}), {per_rank} per GPU, {c.data.image_size} px, "
             f"{c.ssl.prototypes} prototypes, precision {c.run.precision}; usable memory {usable:.0f} GiB of "
             f"{p.gpu.memory_gib:.0f}\n")
-    parts = list(p.options[0].memory)
-    cols = ["wrapper", "act. checkpointing", "micro-steps x pairs", *parts, "total GiB", "fits", "step s",
-            "images/s"]
-    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    best = p.best
-    for o in p.options:
-        mark = " **(recommended)**" if o is best else ""
-        rows.append("| " + " | ".join([
-            o.strategy.upper().replace("FSDP", "FSDP2") + mark, o.checkpointing, f"{o.accumulation} x {o.micro.pairs}",
-            *(f"{o.memory[k]:.1f}" for k in parts), f"{o.total_gib:.1f}",
-            "yes" if o.total_gib <= usable else "no", f"{o.step_s:.2f}",
-            f"{c.batch.size / o.step_s:,.0f}"]) + " |")
+    rows, best = options_table(p, c.batch.size, "images/s"), p.best
     if best is not None:
-        verdict = (f"recommended: {best.strategy.upper().replace('FSDP', 'FSDP2')}, activation checkpointing "
-                   f"{best.checkpointing}, {best.accumulation} micro-step(s) of {best.micro.pairs} pairs per GPU: "
-                   f"{best.total_gib:.1f} GiB, about {best.step_s:.2f} s per step ({c.batch.size / best.step_s:,.0f} "
-                   f"images/s; compute {best.compute_s:.2f} s, communication {best.comm_s:.2f} s)\n"
-                   f"  run.distributed={best.strategy} run.activation_checkpointing={best.checkpointing} "
-                   f"batch.accumulation={best.accumulation}")
+        verdict = (recommendation(p, c.batch.size, "images/s") + f"\n  run.distributed={best.strategy} "
+                   f"run.activation_checkpointing={best.checkpointing} batch.accumulation={best.accumulation}")
     else:
-        verdict = "nothing fits: " + _why(p, usable)
+        verdict = "nothing fits: " + why_nothing_fits(p, usable)
     notes = (f"Modelled, not measured: activations traced on the meta device with the reference ops; step time at "
              f"{STEP_EFFICIENCY:.0%} of {p.gpu.peak_flops / 1e12:.0f} TFLOP/s; {p.gpu.source}."
              + (" LPIPS (VGG16) is not counted." if c.objective.perceptual > 0 else ""))
     return "\n".join([head, *rows, "", verdict, "", notes]) + "\n"
 
 
-def _why(p: Plan, usable: float) -> str:
-    least = min(p.options, key=lambda o: o.total_gib)
+def _wrapper(o: Option) -> str:
+    return o.strategy.upper().replace("FSDP", "FSDP2")
+
+
+def options_table(p: Plan, batch: int, rate: str) -> list[str]:
+    """The options of `p` as markdown table rows; `batch` samples per optimizer step, counted in `rate` per s."""
+    usable, best = USABLE * p.gpu.memory_gib, p.best
+    parts = list(p.options[0].memory)
+    cols = ["wrapper", "act. checkpointing", f"micro-steps x {p.unit}", *parts, "total GiB", "fits", "step s", rate]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for o in p.options:
+        mark = " **(recommended)**" if o is best else "" if o.strategy in p.runnable else " (not runnable)"
+        rows.append("| " + " | ".join([
+            _wrapper(o) + mark, o.checkpointing, f"{o.accumulation} x {o.micro.pairs}",
+            *(f"{o.memory[k]:.1f}" for k in parts), f"{o.total_gib:.1f}",
+            "yes" if o.total_gib <= usable else "no", f"{o.step_s:.2f}", f"{batch / o.step_s:,.0f}"]) + " |")
+    return rows
+
+
+def recommendation(p: Plan, batch: int, rate: str) -> str:
+    """One line on the best option of `p` (which must exist)."""
+    b = p.best
+    return (f"recommended: {_wrapper(b)}, activation checkpointing {b.checkpointing}, {b.accumulation} micro-step(s) "
+            f"of {b.micro.pairs} {p.unit} per GPU: {b.total_gib:.1f} GiB, about {b.step_s:.2f} s per step "
+            f"({batch / b.step_s:,.0f} {rate}; compute {b.compute_s:.2f} s, communication {b.comm_s:.2f} s)")
+
+
+def why_nothing_fits(p: Plan, usable: float) -> str:
+    least = min((o for o in p.options if o.strategy in p.runnable), key=lambda o: o.total_gib)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in least.memory.items())
     return (f"the smallest option ({least.strategy}, activation checkpointing {least.checkpointing}, "
-            f"{least.accumulation} micro-step(s) of {least.micro.pairs} pairs) needs {least.total_gib:.1f} GiB "
+            f"{least.accumulation} micro-step(s) of {least.micro.pairs} {p.unit}) needs {least.total_gib:.1f} GiB "
             f"({parts}) of {usable:.0f} usable; use more GPUs, a smaller batch or a smaller model")
 
 
 def check(p: Plan) -> None:
     """Refuse a plan with no option that fits."""
     if p.best is None:
-        raise DoesNotFit(f"{p.cfg.model.preset} on {p.gpus} x {p.gpu.name}: " + _why(p, USABLE * p.gpu.memory_gib))
+        raise DoesNotFit(f"{p.name} on {p.gpus} x {p.gpu.name}: " + why_nothing_fits(p, USABLE * p.gpu.memory_gib))
