@@ -1,15 +1,20 @@
 """A tokenizer's scores: rFID / PSNR / SSIM of its reconstructions, gFID of a DiT's samples, zero-shot accuracy,
 linear probe. FID/KID use the offline Inception of `vtp_fast.eval.fid`; on a 2-core CPU it embeds a few images
 per second, so sample counts here are small (hundreds to a few thousand) and every figure carries its count.
+
+`data` is any image source of vtp_fast.data.labelled (a set in memory, an image folder tree, shards): images are
+read a chunk at a time (`stream`, decoded by `workers` processes), only the picked ones for FID.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from vtp_fast.config import InputError
-from vtp_fast.data.labelled import LabelledImages
+from vtp_fast.data.labelled import Fetched, LabelledImages, stream, take, warn_bad
 from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.ssim import ssim
@@ -19,6 +24,20 @@ from vtp_fast.models.vtp import VTP
 def to_uint8_nchw(images: Tensor) -> Tensor:
     """(N, 3, H, W) floats in [0, 1] -> uint8 (N, 3, H, W)."""
     return images.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _chunks(ids: Tensor, size: int) -> list[Tensor]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def _read(data: LabelledImages, ids: Tensor, size: int, workers: int) -> Iterator[Fetched]:
+    """The usable images of `ids`, `size` at a time (chunks with none left out); the skipped ones warned about."""
+    bad = []
+    for got in stream(data, _chunks(ids, size), workers):
+        bad += got.bad
+        if len(got.ids):
+            yield got
+    warn_bad(bad, data.name)
 
 
 def pick(data: LabelledImages, n: int, seed: int = 0, skip: int = 0) -> Tensor:
@@ -58,7 +77,8 @@ def held_out_scores(model: VTP, images_u8: Tensor, captions: list[str] | None) -
 
 @torch.no_grad()
 def reconstruction_scores(model: VTP, data: LabelledImages, n: int = 1000, *, batch: int = 64,
-                          kid_subset_size: int | None = None, kid_subsets: int = 100, progress: bool = True) -> dict:
+                          kid_subset_size: int | None = None, kid_subsets: int = 100, progress: bool = True,
+                          workers: int = 0) -> dict:
     """rFID, KID (mean and std over subsets), PSNR and SSIM of n reconstructions against their originals."""
     from vtp_fast.eval.fid import compute_fid_kid
 
@@ -67,8 +87,8 @@ def reconstruction_scores(model: VTP, data: LabelledImages, n: int = 1000, *, ba
     device = next(model.parameters()).device
     model.eval()
     originals, recons = [], []
-    for i in range(0, len(idx), batch):
-        x = normalize_u8(data.images[idx[i:i + batch]]).to(device)
+    for got in _read(data, idx, batch, workers):
+        x = normalize_u8(got.images).to(device)
         originals.append(model.denormalize(x).clamp(0, 1).cpu())
         recons.append(model.denormalize(model.decode(model.encode(x))).clamp(0, 1).float().cpu())
     a, b = torch.cat(originals), torch.cat(recons)
@@ -76,18 +96,19 @@ def reconstruction_scores(model: VTP, data: LabelledImages, n: int = 1000, *, ba
                              kid_subsets=kid_subsets, real_cache_key=f"{data.name}-n{n}", progress=progress)
     return {"rfid": scores["fid"], "rkid": scores["kid_mean"], "rkid_std": scores["kid_std"],
             "psnr": psnr(b, a).mean().item(),
-            "ssim": ssim(b, a).mean().item(), "n": len(idx)}
+            "ssim": ssim(b, a).mean().item(), "n": len(a)}
 
 
 def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = None, *,
-                      kid_subset_size: int | None = None, kid_subsets: int = 100, progress: bool = True) -> dict:
+                      kid_subset_size: int | None = None, kid_subsets: int = 100, progress: bool = True,
+                      workers: int = 0) -> dict:
     """gFID and KID (mean and std over subsets) of generated images (N, 3, H, W) in [0, 1] (or uint8) against the
     n reference images `pick(data, n)`."""
     from vtp_fast.eval.fid import compute_fid_kid
 
     n = n or len(samples)
     require(data, n, "gfid")
-    real = data.images[pick(data, n)].permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
+    real = take(data, pick(data, n), workers).images.permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
     fake = samples if samples.dtype == torch.uint8 else to_uint8_nchw(samples)
     scores = compute_fid_kid(real, fake, kid_subset_size=kid_subset_size or min(1000, n, len(fake)),
                              kid_subsets=kid_subsets, real_cache_key=f"{data.name}-n{n}", progress=progress)
@@ -96,21 +117,43 @@ def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = Non
 
 
 @torch.no_grad()
-def zero_shot_scores(model: VTP, data: LabelledImages, class_names: list[str] | None = None) -> dict:
-    """Zero-shot classification of the set into its classes, prompts through templates."""
+def zero_shot_scores(model: VTP, data: LabelledImages, class_names: list[str] | None = None, *,
+                     workers: int = 0, chunk: int = 1024) -> dict:
+    """Zero-shot classification of the set into its classes, prompts through templates (read `chunk` images at a
+    time: the accuracies are means over images, weighted by the chunks' sizes)."""
     from vtp_fast.eval.probe import zero_shot_accuracy, zero_shot_classifier
 
     if not model.config.train_clip:
         return {}
-    classifier = zero_shot_classifier(model, class_names or data.class_names)
-    return zero_shot_accuracy(model, normalize_u8(data.images), data.labels, classifier)
+    names = class_names or data.class_names
+    if not names:
+        raise InputError(f"zero-shot: {data.name} has no class names (only numeric labels); pass class_names")
+    classifier = zero_shot_classifier(model, names)
+    n, top1, top5 = 0, 0, 0
+    for got in _read(data, torch.arange(len(data)), chunk, workers):
+        r = zero_shot_accuracy(model, normalize_u8(got.images), got.labels, classifier)
+        k = len(got.ids)
+        n, top1, top5 = n + k, top1 + round(r["top1"] * k), top5 + round(r["top5"] * k)  # counts of right answers
+    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "chance": 1.0 / len(names)}
 
 
-def linear_probe_scores(model: VTP, train: LabelledImages, test: LabelledImages, **probe) -> dict:
+@torch.no_grad()
+def set_features(model: VTP, data: LabelledImages, workers: int = 0, chunk: int = 1024) -> tuple[dict, Tensor]:
+    """`vtp_fast.eval.probe.extract_features` of every usable image of the set ({name: (N, F)}), and their labels
+    (N,), read `chunk` images at a time."""
+    from vtp_fast.eval.probe import extract_features
+
+    feats, labels = [], []
+    for got in _read(data, torch.arange(len(data)), chunk, workers):
+        feats.append(extract_features(model, normalize_u8(got.images)))
+        labels.append(got.labels)
+    return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, torch.cat(labels)
+
+
+def linear_probe_scores(model: VTP, train: LabelledImages, test: LabelledImages, *, workers: int = 0,
+                        **probe) -> dict:
     """Top-1 of linear classifiers on frozen features: CLS + mean patch token, and the 64-d latent."""
-    from vtp_fast.eval.probe import extract_features, linear_probe
+    from vtp_fast.eval.probe import linear_probe
 
-    with torch.no_grad():
-        a = extract_features(model, normalize_u8(train.images))
-        b = extract_features(model, normalize_u8(test.images))
-    return {f"probe_{k}": linear_probe(a[k], train.labels, b[k], test.labels, **probe)["top1"] for k in a}
+    (a, ya), (b, yb) = set_features(model, train, workers), set_features(model, test, workers)
+    return {f"probe_{k}": linear_probe(a[k], ya, b[k], yb, **probe)["top1"] for k in a}
