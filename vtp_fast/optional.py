@@ -1,8 +1,8 @@
 """Optional dependencies, each probed in exactly one place and turned into a boolean.
 
-Nothing else in the package imports flash-attn, xformers, NVIDIA apex, DALI, the native extension, TensorBoard or
-resvg directly: it asks here. Probes run once (cached) and never raise; `reason(name)` says why something is
-missing. `package_dir` finds the files of a package (LPIPS heads, the FID weights) without importing it.
+Nothing else in the package imports flash-attn, xformers, NVIDIA apex, DALI, the native extension, TensorBoard,
+resvg or open_clip directly: it asks here. Probes run once (cached) and never raise; `reason(name)` says why
+something is missing. `package_dir` finds the files of a package (LPIPS heads, the FID weights) without importing it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ _PROBES: dict[str, tuple[str, str]] = {
     "dali": ("nvidia.dali", "pipeline_def"),
     "tensorboard": ("torch.utils.tensorboard", "SummaryWriter"),  # run metrics as TensorBoard scalars
     "resvg": ("resvg_py", "svg_to_bytes"),  # renders the OpenMoji style of the emoji set
+    # ImageNet class names and CLIP's 80 prompt templates for zero-shot (pip install open_clip_torch)
+    "open_clip": ("open_clip.zero_shot_metadata", "OPENAI_IMAGENET_TEMPLATES"),
 }
 
 

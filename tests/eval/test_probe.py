@@ -185,9 +185,9 @@ def test_linear_probe_selects_lr_on_the_train_split(monkeypatch):
     calls = []
     real_accuracy = probe._accuracy
 
-    def spy(head, x, y):
-        calls.append(x.shape[0])
-        return real_accuracy(head, x, y)
+    def spy(head, x, idx, y, mean, std):
+        calls.append(idx.numel())
+        return real_accuracy(head, x, idx, y, mean, std)
 
     monkeypatch.setattr(probe, "_accuracy", spy)
     kw = {"lrs": (1e-7, 1e-1, 1e-6), "epochs": 20, "batch": 64}

@@ -86,6 +86,22 @@ class VisionTrunk(nn.Module):
             cls = self.cls_token + 0 * self.mask_token  # keeps mask_token in the graph (DDP), value unchanged
         return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1), grid
 
+    def last_blocks(self, images: Tensor, n: int) -> list[TrunkOutput]:
+        """One view (B, 3, H, W) -> the outputs of its last n blocks, each through the final norm, the deepest last
+        (DINOv2's intermediate layers with norm, what its linear evaluation reads); the last equals `forward`."""
+        depth = len(self.blocks)
+        if not 1 <= n <= depth:
+            raise ValueError(f"last_blocks: n must be in [1, {depth}] (the trunk's depth), got {n}")
+        x, grid = self.tokens(images, None)  # (B, 1 + hw, D)
+        views = Views([self.rope_embed(*grid)], None)
+        xs, outs = [x], []
+        for i, block in enumerate(self.blocks):
+            xs = block(xs, views)
+            if i >= depth - n:
+                y = self.norm(xs[0])  # (B, 1 + hw, D)
+                outs.append(TrunkOutput(y[:, 0], y[:, 1:], grid))
+        return outs
+
     def forward(self, images: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None):
         """One view -> its TrunkOutput; a list of views -> a list of them."""
         single = isinstance(images, Tensor)

@@ -165,6 +165,12 @@ class VTP(nn.Module):
         out = self.trunk(images)
         return out.cls, out.patch
 
+    def block_features(self, images: Tensor, n: int) -> list[TrunkOutput]:
+        """Normed CLS (B, D) and patch tokens (B, h * w, D) of each of the last n trunk blocks, the deepest last
+        (the last one is `features`): the DINO-style linear probe's inputs."""
+        self.check_images(images)
+        return self.trunk.last_blocks(images, n)
+
     def encode_views(self, views: list[Tensor], masks: list[Tensor | None]) -> list[TrunkOutput]:
         """Training: several batches of views (multi-crop, different sizes) through the trunk in one pass, each with
         an optional (B, h * w) iBOT mask -> each view's normed tokens before the bottleneck."""
