@@ -15,8 +15,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from vtp_fast.data.latents import shard_name, write_shard
 from vtp_fast.models.dit import DiT
 from vtp_fast.train import dit as dit_train
 from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
@@ -41,9 +41,9 @@ def mixture_latent_set(path, data: torch.Tensor, copies: int = 8):
     data (K, C, S, S), one class, statistics mean 0 / std 1 so training sees the latents unchanged."""
     path.mkdir(parents=True)
     z = data.repeat(copies, 1, 1, 1).contiguous()  # (copies * K, C, S, S)
-    save_file({"latents": z, "labels": torch.zeros(z.shape[0], dtype=torch.long)},
-              str(path / "latents-00000.safetensors"))
-    meta = {"channels": C, "grid": [S, S], "mean": [0.0] * C, "std": [1.0] * C, "class_names": ["mixture"],
+    write_shard(path / shard_name(0), z, torch.zeros(z.shape[0], dtype=torch.long))
+    meta = {"channels": C, "grid": [S, S], "count": z.shape[0], "dtype": "fp32", "mean": [0.0] * C, "std": [1.0] * C,
+            "class_names": ["mixture"], "shards": [{"file": shard_name(0), "count": z.shape[0]}],
             "data": f"mixture of {K} fixed latents", "tokenizer": "none", "tokenizer_fingerprint": None,
             "image_size": 16 * S}
     (path / "meta.json").write_text(json.dumps(meta))
