@@ -202,6 +202,18 @@ def _as_is(x):
     return x
 
 
+def chunk_batches(n: int, chunks: Sequence[int], per_chunk: int, batch: int) -> list[tuple[int, bool, torch.Tensor]]:
+    """Of n images cut into chunks of `per_chunk` (chunk k: ids [k * per_chunk, (k + 1) * per_chunk)), the batches
+    of `chunks` in order, counted from each chunk's start (so a chunk's batches do not depend on which chunks a rank
+    has): (chunk, last batch of the chunk?, image ids (<= batch,))."""
+    out = []
+    for k in chunks:
+        lo, hi = k * per_chunk, min(n, (k + 1) * per_chunk)
+        starts = list(range(lo, hi, batch))
+        out += [(k, s == starts[-1], torch.arange(s, min(hi, s + batch))) for s in starts]
+    return out
+
+
 def stream(source, chunks: Sequence[Sequence[int] | torch.Tensor], workers: int = 0) -> Iterator[Fetched]:
     """`source.fetch(chunk)` for every chunk of ids, in order: decoded by `workers` DataLoader worker processes
     (each decodes whole chunks, two in flight per worker), or here with 0 workers or a set in memory."""

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
-from vtp_fast.data.labelled import class_names_of, stream, warn_bad
+from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
 from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.io import atomic_file, atomic_write_text
 from vtp_fast.models.pretrained import tokenizer_fingerprint
@@ -118,16 +118,6 @@ def begin(out: Path, plan: dict) -> set[int]:
     return set()
 
 
-def _batches(n: int, chunks: list[int], chunk: int, batch: int) -> list[tuple[int, bool, Tensor]]:
-    """(chunk, last batch of the chunk?, image ids (<= batch,)) for every batch of `chunks`, in order."""
-    out = []
-    for k in chunks:
-        lo, hi = k * chunk, min(n, (k + 1) * chunk)
-        starts = list(range(lo, hi, batch))
-        out += [(k, s == starts[-1], torch.arange(s, min(hi, s + batch))) for s in starts]
-    return out
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -139,7 +129,7 @@ def _embed_chunks(model, data, out: Path, todo: list[int], *, n_blocks: int, bat
     """Embed and write chunks `todo` of `data`."""
     device = next(model.parameters()).device
     width = max(end for _, end in layout(model, n_blocks).values())
-    plan = _batches(len(data), todo, chunk, batch)
+    plan = chunk_batches(len(data), todo, chunk, batch)
     bar = tqdm(total=sum(len(b[2]) for b in plan), desc=f"features (rank {dist.rank()})", unit="img",
                disable=not progress)
     rows, ids, labels, bad = [], [], [], []

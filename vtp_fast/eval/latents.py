@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
 from vtp_fast.data import latents as store
-from vtp_fast.data.labelled import class_names_of, stream, warn_bad
+from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
 from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 from vtp_fast.models.vtp import VTP
@@ -35,16 +35,6 @@ STATS = 3  # per shard in the all-reduced table: count, max label + 1, and the t
 def _plan(model: VTP, data, flip: bool, per_shard: int, dtype: str) -> dict:
     return {"data": data.name, "images": len(data), "image_size": int(data.size), "per_shard": per_shard,
             "flipped_copies": flip, "dtype": dtype, "tokenizer_fingerprint": tokenizer_fingerprint(model)}
-
-
-def _chunks(n: int, shards: list[int], per_shard: int, batch: int) -> list[tuple[int, bool, torch.Tensor]]:
-    """(shard, last chunk of the shard?, image ids (<= batch,)) for every chunk of `shards`, in order."""
-    out = []
-    for k in shards:
-        lo, hi = k * per_shard, min(n, (k + 1) * per_shard)
-        starts = list(range(lo, hi, batch))
-        out += [(k, s == starts[-1], torch.arange(s, min(hi, s + batch))) for s in starts]
-    return out
 
 
 def _encode(model: VTP, images: torch.Tensor, device: torch.device, flip: bool,
@@ -62,7 +52,7 @@ def _encode_shards(model: VTP, data, out: Path, todo: list[int], *, flip: bool, 
                    dtype: torch.dtype, workers: int, progress: bool) -> dict[int, store.ShardStats]:
     """Encode and write shards `todo`; their statistics."""
     device = next(model.parameters()).device
-    chunks = _chunks(len(data), todo, per_shard, batch)
+    chunks = chunk_batches(len(data), todo, per_shard, batch)
     shape = (model.config.vision_feature_bottleneck, *(2 * [data.size // model.config.vision_patch_size]))
     bar = tqdm(total=sum(len(c[2]) for c in chunks), desc=f"extract-latents (rank {dist.rank()})", unit="img",
                disable=not progress)
