@@ -112,13 +112,6 @@ def _stripes(n: int, seed: int, size: int = 64) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vtp_cache")
-    I.inception_weights(root, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
 def head_weights(cache, tmp_path_factory):
     """The offline weights in torch-fidelity's layout with a fixed random head (fc), as one file for both sides."""
     state = torch.load(I.inception_weights(cache, progress=False), map_location="cpu", weights_only=True)

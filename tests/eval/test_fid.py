@@ -20,14 +20,6 @@ from vtp_fast.eval.ssim import gaussian_window, ssim
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private cache root holding the converted weights (converted once for this module)."""
-    root = tmp_path_factory.mktemp("vtp_cache")
-    I.inception_weights(root, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
 def ts_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
