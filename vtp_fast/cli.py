@@ -604,6 +604,16 @@ beside it, else its file name (underscores and dashes as spaces; the count is re
 the index of its folder among the sorted folders. A table: one row per image, a path (relative to the table), a
 caption and optionally an integer label. Images that do not decode and empty captions are skipped and listed in
 OUT/skipped.txt; nothing else is changed unless --short-side, --max-side or --quality ask for it."""
+STUDY_STAGES = """
+
+Per objective mix and budget a tokenizer is pretrained and scored on the held-out set (rFID, PSNR, zero-shot,
+probe); its latents of the labelled set are extracted (sharded over torchrun's ranks, resumable); a DiT is trained
+per seed on the memory-mapped latents; `samples` images (class-balanced, or in the labelled set's class
+frequencies) are drawn by the distributed sampler and scored by FID, KID and ADM's suite (sFID, Inception Score,
+precision, recall) against adm_reference (ADM's reference batch) or, without one, real images of the labelled set,
+beside the floor (real images) and each tokenizer's ceiling (decoded Gaussian latents). Data sets are streamed,
+never held in memory. configs/study/vtp_s.yaml is the GPU protocol: all of ImageNet train, FID-50K (50 samples a
+class) against VIRTUAL_imagenet256_labeled.npz. Under torchrun every stage runs on every rank."""
 TOKENIZER = "a directory (config.json + model.safetensors) or a Hugging Face Hub id (VTP-Large-f16d64[@REVISION])"
 
 
@@ -810,12 +820,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="the paper's scaling study (default: the CPU study on the emoji set, about "
                                      "100 min on 2 cores)")
-    p.add_argument("--config", help="a study config (configs/study/*.yaml); default: the CPU study")
+    p.description += STUDY_STAGES
+    p.add_argument("--config", help="a study config (configs/study/*.yaml, e.g. configs/study/vtp_s.yaml: the GPU "
+                                    "study); default: the CPU study")
     p.add_argument("--out", help="results folder (default: runs/study, or runs/study-dry-run); a second run "
                                  "continues where the first stopped")
     p.add_argument("--dry-run", "--quick", dest="dry_run", action="store_true",
-                   help="every stage at tiny shapes on this machine (about a minute once the data is prepared), then "
-                        "the planned GPU-hours of the real run")
+                   help="every stage at tiny shapes on this machine, the same code (streamed sets, sharded latents, "
+                        "the sampler, ADM's suite; the config's data sets and adm_reference where they are on this "
+                        "machine, else the emoji set and no reference; about a minute once the data is prepared), "
+                        "then the planned GPU-hours of the real run")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study config, e.g. dit_seeds=5")
     p.set_defaults(func=cmd_study)
 

@@ -86,7 +86,9 @@ def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's `values` (the same length on all), in rank order; [values] on one process."""
     if not is_distributed():
         return [list(values)]
-    mine = torch.tensor(values, dtype=torch.float64)
+    # NCCL moves only GPU tensors: the values travel on this rank's GPU there, on the CPU under gloo
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
     parts = [torch.empty_like(mine) for _ in range(world_size())]
     dist.all_gather(parts, mine)
     return [p.tolist() for p in parts]

@@ -131,6 +131,14 @@ def test_gpu_hours_scale_exactly_with_budgets_seeds_and_samples():
     assert gpu_plan(cfg, mfu=0.4)["total"]["gpu_hours"] == pytest.approx(half["total"]["gpu_hours"] / 2)
 
 
+def test_the_reference_is_counted_once_adm_batch_or_labelled_images():
+    cfg = tiny_study(samples=100, kid_subset_size=50)
+    row = lambda p: next(r for r in p["stages"] if r["name"].startswith("the reference"))  # noqa: E731
+    assert row(gpu_plan(cfg))["count"] == 100 + 100  # 100 labelled images as the reference, 100 others: the floor
+    adm = gpu_plan(replace(cfg, adm_reference="/data/VIRTUAL_imagenet256_labeled.npz"))
+    assert row(adm)["count"] == plan_mod.ADM_REFERENCE_IMAGES + 100
+
+
 def test_images_come_from_max_images_else_the_argument_else_an_assumption():
     cfg = tiny_study(max_images=0)
     assumed = gpu_plan(cfg)

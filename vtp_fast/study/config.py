@@ -1,7 +1,8 @@
 """What a scaling study runs: the objective mixes, the tokenizer budgets, the DiT and the metrics' sample counts.
 
-The defaults are the CPU study on the emoji set; `configs/study/*.yaml` hold differences (the GPU-scale study).
-`dry_run` shrinks any study to tiny shapes that run on a CPU in a minute or two: every stage, the same code.
+The defaults are the CPU study on the emoji set; `configs/study/*.yaml` hold differences (the GPU-scale study: FID-50K
+and ADM's suite against ADM's reference batch). `dry_run` shrinks any study to tiny shapes that run on a CPU in a
+minute or two: every stage, the same code.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ class StudyConfig:
     channels: int = 64
     wide_channels: int = 256  # 0: no channel comparison
     wide_budget: int = 300  # the budget of the wide tokenizer; 0: the largest
-    # data: DiT latents, the FID/KID reference and the linear probe's training set (labelled images); the held-out
-    # set scores reconstruction (rFID, PSNR), zero-shot and the probe
+    # data (vtp_fast.data.labelled.open_images: a named set, a shards directory or an image folder tree, streamed):
+    # DiT latents, the real images of the floor (and the reference without adm_reference) and the linear probe's
+    # training set; the held-out set scores reconstruction (rFID, PSNR), zero-shot and the probe
     data: str = "emoji:google,twitter,fluent"
     held_out: str = "emoji:openmoji"
-    max_images: int = 0  # >0: at most this many images of `data` (the first ones)
+    max_images: int = 0  # >0: at most this many images of each set (the first ones); 0: every image
+    latent_shard: int = 4096  # images per latent shard (vtp_fast.eval.latents: resumable, dealt over the ranks)
     # the DiT trained on each tokenizer's latents: one run per seed, scored at each point of the curve (the largest
     # budget's tokenizers) or at its end (the others)
     dit: str = "configs/dit/study_tiny.yaml"  # a DiT training config (YAML); "": the DiTTrainConfig defaults
@@ -44,9 +47,24 @@ class StudyConfig:
     dit_curve: tuple[int, ...] = (150, 300, 600)  # ascending, ending at dit_steps
     dit_seeds: int = 3
     sample_steps: int = 50  # Euler steps
-    # metrics: FID/KID of `samples` images (generated, reconstructed, and each half of the real-vs-real floor); the
-    # CPU study's 500 fit its time; samples=1000 costs about 20 min more on 2 cores (bf16 Inception)
+    sample_batch: int = 64  # the sampler's batch and chunk (vtp_fast.downstream.sample: chunks dealt over the ranks)
+    sample_chunk: int = 1000
+    # the samples' classes: "balanced", every class equally (ADM's protocol, for a class-balanced set like ImageNet),
+    # or "data", the labelled set's class frequencies (sample i has the class of reference image i of the labelled
+    # set), so that on an imbalanced set (the emoji categories) the samples compare with the floor's real images
+    sample_classes: str = "data"
+    keep_samples: bool = True  # false: each samples.npz is removed once scored (50K at 256 px: 9.8 GB each)
+    # metrics: every DiT's `samples` images, each ceiling's `samples` decodes and the floor's `samples` real images are
+    # scored by ADM's suite (FID, sFID, Inception Score, precision, recall) and KID against one reference: ADM's
+    # reference batch `adm_reference` (.npz: its precomputed statistics for FID / sFID, its images for KID,
+    # precision and recall) or, when "", `samples` real images of `data` (the floor: `samples` others). rFID / rKID:
+    # `samples` held-out reconstructions against their originals. The CPU study's 500 fit its time; samples=1000
+    # costs about 20 min more on 2 cores (bf16 Inception)
     samples: int = 500
+    adm_reference: str = ""
+    inception_precision: str = "bf16"  # fp32: torch-fidelity's exact network (numbers to publish); bf16 3x faster
+    inception_weights: str = ""  # torch-fidelity's weights file (with the head the Inception Score needs); "": torch
+    # hub's copy if there, else the offline conversion (no head: the Inception Score is reported unavailable)
     kid_subset_size: int = 250
     kid_subsets: int = 100
     probe_epochs: int = 60
@@ -68,6 +86,17 @@ class StudyConfig:
             raise ConfigError(f"dit_seeds: must be >= 1, got {self.dit_seeds}")
         if not 2 <= self.kid_subset_size <= self.samples:
             raise ConfigError(f"kid_subset_size: between 2 and samples ({self.samples}), got {self.kid_subset_size}")
+        if self.samples < 4:
+            raise ConfigError(f"samples: at least 4 (k-NN precision / recall with k = 3), got {self.samples}")
+        for key in ("sample_batch", "sample_chunk", "latent_shard"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.sample_classes not in ("balanced", "data"):
+            raise ConfigError(f"sample_classes: {self.sample_classes!r} (choices: balanced, data)")
+        from vtp_fast.eval.inception import PRECISIONS
+
+        if self.inception_precision not in PRECISIONS:
+            raise ConfigError(f"inception_precision: {self.inception_precision!r} (choices: {', '.join(PRECISIONS)})")
 
     @property
     def runs(self) -> list[tuple[str, int, int]]:
@@ -92,7 +121,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | tuple[str,
 
 
 # Tiny shapes for --quick / --dry-run: every stage of any study runs on a CPU in a minute or two. The tokenizer and
-# DiT overrides come after the study's own, so they win; data sets become the bundled emoji set.
+# DiT overrides come after the study's own, so they win.
 DRY_TOKENIZER = ["model.preset=vtp-nano", "model.init=null", "data.image_size=64", "data.shards=emoji",
                  "data.eval_shards=null", "data.num_workers=0", "data.eval_images=16", "batch.size=16", "batch.ssl=4",
                  "batch.rec=8", "batch.accumulation=1", "ssl.prototypes=64", "ssl.hidden=32", "ssl.bottleneck=16",
@@ -100,15 +129,26 @@ DRY_TOKENIZER = ["model.preset=vtp-nano", "model.init=null", "data.image_size=64
                  "objective.perceptual=0", "run.precision=fp32", "run.compile=false", "run.eval_every=1000000",
                  "optim.warmup_steps=1", "ssl.teacher_temp_warmup_steps=2"]
 DRY_DIT = ["preset=dit-nano", "batch=16", "run.precision=fp32", "run.compile=false", "warmup_steps=1"]
+DRY_DATA, DRY_HELD_OUT = "emoji:google,twitter,fluent", "emoji:openmoji"
+
+
+def _here(path: str) -> bool:
+    """A data set or reference on this machine (a directory or a file), not a named set."""
+    return bool(path) and Path(path).exists()
 
 
 def dry_run(cfg: StudyConfig) -> StudyConfig:
-    """The same study at tiny shapes: three 1-3 step budgets, two mixes, two DiT seeds of 4 steps, 12 samples."""
+    """The same study at tiny shapes: three 1-3 step budgets, two mixes, two DiT seeds of 4 steps, 12 samples in
+    chunks of 5, latents in shards of 32 images. The labelled and held-out sets stay the study's when both are on
+    this machine (so a dry run on the cluster reads its shards or folders), else become the bundled emoji set; either
+    way the first 96 images of each. adm_reference stays when it is on this machine."""
     mixes = tuple(dict.fromkeys((cfg.mixes[0], cfg.mixes[-1])))
     budgets = (1, 2, 3)  # the wide tokenizer keeps its place among the budgets
     wide = budgets[cfg.budgets.index(cfg.wide_budget)] if cfg.wide_budget in cfg.budgets[:-1] else 0
+    data, held_out = (cfg.data, cfg.held_out) if _here(cfg.data) and _here(cfg.held_out) else (DRY_DATA, DRY_HELD_OUT)
     return replace(cfg, mixes=mixes, budgets=budgets, wide_budget=wide,
-                   tokenizer_overrides=[*cfg.tokenizer_overrides, *DRY_TOKENIZER],
-                   data="emoji:google,twitter,fluent", held_out="emoji:openmoji", max_images=96,
-                   dit_overrides=[*cfg.dit_overrides, *DRY_DIT], dit_steps=4, dit_curve=(2, 4), dit_seeds=2,
-                   sample_steps=2, samples=12, kid_subset_size=6, kid_subsets=10, probe_epochs=5)
+                   tokenizer_overrides=[*cfg.tokenizer_overrides, *DRY_TOKENIZER], data=data, held_out=held_out,
+                   max_images=96, latent_shard=32, dit_overrides=[*cfg.dit_overrides, *DRY_DIT], dit_steps=4,
+                   dit_curve=(2, 4), dit_seeds=2, sample_steps=2, sample_batch=4, sample_chunk=5, samples=12,
+                   adm_reference=cfg.adm_reference if _here(cfg.adm_reference) else "", inception_precision="bf16",
+                   kid_subset_size=6, kid_subsets=10, probe_epochs=5)

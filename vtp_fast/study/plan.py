@@ -24,9 +24,10 @@ Every figure is model FLOPs / (PEAK_FLOPS x MFU) for the FULL study a StudyConfi
                (counted at batch 2 on the meta device, scaled linearly: every token's work is per sample).
   sampling     DiT forward x sample_steps x samples at every curve point of every seed, + the decoder per sample;
                the ceilings' decoder on `samples` Gaussian latents per tokenizer.
-  inception    torch-fidelity's InceptionV3 at 299 x 299 (counted once on the meta device) x every image scored:
-               the floor (2 x samples), rFID (samples reconstructions per tokenizer + the held-out originals once:
-               real features are cached), ceilings, every DiT seed at every curve point.
+  inception    torch-fidelity's InceptionV3 at 299 x 299 (counted once on the meta device) x every image scored
+               by ADM's suite (sFID's features come from the same forward): the reference once (ADM's batch,
+               ADM_REFERENCE_IMAGES, or `samples` labelled images), the floor (samples), rFID (samples reconstructions
+               per tokenizer + the held-out originals once), ceilings, every DiT seed at every curve point.
 
 MFU: measured whole-step rows on the H200 (bench/results/h200/*.jsonl, written by bench/device_check.sh) are used
 where they exist; otherwise ASSUMED_MFU, labelled "assumed until bench/device_check.sh measures it".
@@ -42,12 +43,13 @@ from pathlib import Path
 import torch
 
 from vtp_fast.perf_model import PEAK_FLOPS
-from vtp_fast.study.config import MIXES, ROOT, StudyConfig, resolve
+from vtp_fast.study.config import MIXES, StudyConfig, resolve
+from vtp_fast.study.mfu import measured_mfu
 from vtp_fast.train.profile import flops_of
 
 DEFAULT_IMAGES = 1_281_167  # ImageNet-1k train, when neither cfg.max_images nor `images` says
 DEFAULT_HELD_OUT = 50_000  # ImageNet-1k val, when `held_out_images` does not say
-MEASURED = "bench/results/h200"
+ADM_REFERENCE_IMAGES = 10_000  # the images of guided-diffusion's VIRTUAL_imagenet256_labeled.npz (adm_reference)
 ASSUMED = "assumed until bench/device_check.sh measures it"
 
 # Fraction of PEAK_FLOPS (790 TFLOP/s, bf16 dense matmul measured on the H200) each kind of work reaches.
@@ -218,34 +220,6 @@ def inception_flops_per_image() -> int:
         return flops_of(lambda: model(x))
 
 
-# ---------------------------------------------------------------------------------------------------- MFU
-def measured_mfu(folder: str | Path | None = None) -> dict[str, tuple[float, str]]:
-    """kind -> (MFU against PEAK_FLOPS, source) from whole-step H200 rows: `bench dit` rows (DiT training) and
-    rows of whole tokenizer steps that carry achieved TFLOP/s (bench step / profile). Empty when none exist."""
-    from vtp_fast.benchmark import read_rows
-
-    folder = Path(folder) if folder else ROOT / MEASURED
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    if not files:
-        return {}
-    rows, _ = read_rows(files)
-    found: dict[str, tuple[float, str]] = {}
-    for row in rows:
-        if "H200" not in str(row.get("device_name", "")) and row.get("device") != "cuda":
-            continue
-        tflops = row.get("tflop_per_s", row.get("achieved_tflop_per_s"))
-        if not isinstance(tflops, (int, float)) or tflops <= 0:
-            continue
-        kind = {"dit": "dit_train", "step": "tokenizer", "profile": "tokenizer"}.get(row.get("bench"))
-        if kind is None:
-            continue
-        mfu = tflops * 1e12 / PEAK_FLOPS
-        if mfu > found.get(kind, (0.0, ""))[0]:  # the best measured mode (e.g. compiled)
-            found[kind] = (mfu, f"measured: {row.get('bench')} {row.get('mode', '')} {row.get('preset', '')} "
-                                f"({row.get('date', '?')})".replace("  ", " "))
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------- the plan
 def gpu_plan(cfg: StudyConfig, mfu: float | None = None, *, images: int | None = None,
              held_out_images: int | None = None, measured: str | Path | None = None) -> dict:
@@ -268,6 +242,7 @@ def gpu_plan(cfg: StudyConfig, mfu: float | None = None, *, images: int | None =
         n_images, images_source = DEFAULT_IMAGES, "assumed (ImageNet-1k train); pass images= for another set"
         assumptions.append(f"labelled set ({cfg.data}): {n_images} images, {images_source}")
     n_held = held_out_images if held_out_images is not None else DEFAULT_HELD_OUT
+    n_held = min(n_held, cfg.max_images or n_held)  # max_images cuts both sets
     if held_out_images is None:
         assumptions.append(f"held-out set ({cfg.held_out}): {n_held} images (ImageNet-1k val) for the linear probe "
                            "and zero-shot encoder passes; pass held_out_images= for another set")
@@ -307,7 +282,8 @@ def gpu_plan(cfg: StudyConfig, mfu: float | None = None, *, images: int | None =
         rows.append({"kind": kind, "name": name, "count": count, "unit_flops": unit_flops,
                      "flops": count * unit_flops})
 
-    add("inception", "floor: 2 x samples real images", 2 * n, inception)
+    n_ref = ADM_REFERENCE_IMAGES if cfg.adm_reference else n
+    add("inception", f"the reference ({n_ref} images, once) and the floor ({n} real images)", n_ref + n, inception)
     add("inception", "rFID originals (held-out, cached after the first tokenizer)", n, inception)
     for mix, budget, channels in cfg.runs:
         name = f"{mix}-{budget}-c{channels}"
@@ -358,7 +334,8 @@ def gpu_plan(cfg: StudyConfig, mfu: float | None = None, *, images: int | None =
         "LPIPS-VGG counted apart: forward of reconstruction + target, backward to the reconstruction only",
         "DiT training: dit_steps x seeds per tokenizer (curve points are checkpoints of one run per seed); "
         "sampling without guidance: one DiT forward per Euler step",
-        "Inception: real features are cached (the floor's and the rFID originals' are computed once)",
+        "Inception: the reference's and the rFID originals' features are computed once; k-NN precision / recall "
+        "(float64 distances: samples x (samples + reference) x 2048 per scored set) are left out: seconds a set",
         "scoring: linear probe and zero-shot encoder passes over the labelled and held-out sets counted as "
         "encoder forwards; the probe's classifier training is not counted",
     ]

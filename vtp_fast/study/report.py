@@ -22,26 +22,41 @@ def _seeds(run_dir: Path, stop: int) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob(f"dit-s*/at-{stop}.json"))]
 
 
+FIGURES = ("gkid", "gfid", "sfid", "inception_score", "precision", "recall")  # of a generated set (scoring.py)
+
+
+def over_seeds(seeds: list[dict], key: str) -> dict:
+    """{key: mean, key_std: standard deviation, key_seeds: values} over the seeds; None where a seed has none (a
+    figure its run could not compute, e.g. the Inception Score without the network's head)."""
+    values = [s.get(key) for s in seeds]
+    if not values or any(v is None for v in values):
+        return {key: None, f"{key}_std": None, f"{key}_seeds": values}
+    m, sd = mean_std(values)
+    return {key: m, f"{key}_std": sd, f"{key}_seeds": values}
+
+
 def collect(cfg: StudyConfig, out: Path) -> list[dict]:
-    """One row per tokenizer: its training, its scores, its ceiling, and gKID / gFID over the DiT seeds (mean and
-    standard deviation) at the end of DiT training and along it."""
+    """One row per tokenizer: its training, its scores, its ceiling, and the DiT samples' figures over the seeds
+    (mean and standard deviation: gKID, gFID and ADM's sFID, Inception Score, precision, recall) at the end of DiT
+    training and along it."""
     rows = []
     for mix, budget, channels in cfg.runs:
         run_dir = out / f"{mix}-{budget}-c{channels}"
         row = {"name": run_dir.name, **json.loads((run_dir / "tokenizer" / "result.json").read_text()),
                **json.loads((run_dir / "scores.json").read_text())}
         ceiling = json.loads((run_dir / "ceiling.json").read_text())
-        row |= {"ceiling_gkid": ceiling["gkid"], "ceiling_gfid": ceiling["gfid"]}
+        row |= {f"ceiling_{k}": ceiling.get(k) for k in FIGURES}
         curve = []
         for stop in cfg.curve_for(budget):
             seeds = _seeds(run_dir, stop)
-            kid, kid_s = mean_std([s["gkid"] for s in seeds])
-            fid, fid_s = mean_std([s["gfid"] for s in seeds])
-            curve.append({"dit_steps": stop, "gkid": kid, "gkid_std": kid_s, "gfid": fid, "gfid_std": fid_s,
-                          "seeds": len(seeds), "gkid_seeds": [s["gkid"] for s in seeds],
-                          "gfid_seeds": [s["gfid"] for s in seeds]})
-        row |= {k: curve[-1][k] for k in ("gkid", "gkid_std", "gfid", "gfid_std", "seeds", "gkid_seeds",
-                                          "gfid_seeds")}
+            point = {"dit_steps": stop, "seeds": len(seeds)}
+            for key in FIGURES:
+                point |= over_seeds(seeds, key)
+            why = next((s["inception_score_unavailable"] for s in seeds if "inception_score_unavailable" in s), None)
+            if why:
+                point["inception_score_unavailable"] = why
+            curve.append(point)
+        row |= {k: v for k, v in curve[-1].items() if k != "dit_steps"}
         row["curve"] = curve
         rows.append(row)
     return rows
@@ -104,6 +119,17 @@ def _pm(m: float | None, s: float | None, digits: int = 4) -> str:
     return "" if m is None else f"{m:.{digits}g} ± {s:.2g}" if s is not None else f"{m:.{digits}g}"
 
 
+def _num(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def reference_words(cfg: StudyConfig, floor: dict) -> str:
+    if cfg.adm_reference:
+        return (f"ADM's reference batch {cfg.adm_reference} (FID / sFID against its precomputed statistics where it "
+                f"holds them; KID, precision and recall against its {floor['n_real']} images)")
+    return f"{floor['n_real']} real images of the labelled set"
+
+
 def markdown(cfg: StudyConfig, rows: list[dict], floor: dict, found: list[dict], note: str) -> str:
     from vtp_fast.benchmark import markdown_table
 
@@ -116,20 +142,36 @@ def markdown(cfg: StudyConfig, rows: list[dict], floor: dict, found: list[dict],
         "zero-shot": f"{r['zero_shot_top1']:.3f}" if "zero_shot_top1" in r else "",
         "probe": f"{r['probe_cls_meanpatch']:.3f}" if "probe_cls_meanpatch" in r else "",
         f"gKID ({r['seeds']} seeds)": _pm(r["gkid"], r["gkid_std"], 3), "gFID": _pm(r["gfid"], r["gfid_std"]),
-        "ceiling gKID": f"{r['ceiling_gkid']:.3g}", "ceiling gFID": f"{r['ceiling_gfid']:.4g}"} for r in rows])
+        "sFID": _pm(r.get("sfid"), r.get("sfid_std")), "IS": _pm(r.get("inception_score"),
+                                                                 r.get("inception_score_std")) or "n/a",
+        "precision": _pm(r.get("precision"), r.get("precision_std"), 3),
+        "recall": _pm(r.get("recall"), r.get("recall_std"), 3),
+        "ceiling gKID": _num(r["ceiling_gkid"], 3), "ceiling gFID": _num(r["ceiling_gfid"]),
+        "ceiling sFID": _num(r.get("ceiling_sfid")), "ceiling precision": _num(r.get("ceiling_precision"), 3),
+        "ceiling recall": _num(r.get("ceiling_recall"), 3)} for r in rows])
     claims_table = table_of([{"claim": c["claim"], "measured": c["measure"],
                                     "from -> to": f"{c['from']:.4g} -> {c['to']:.4g}",
                                     "difference ± band": f"{c['diff']:+.3g}" + (
                                         "" if c["band"] is None else f" ± {c['band']:.2g}"),
                                     "verdict": c["verdict"]} for c in found])
     n = cfg.samples
+    classes = ("samples class-balanced over the labelled set's classes" if cfg.sample_classes == "balanced" else
+               "samples in the labelled set's class frequencies (one per reference image's class)")
+    no_is = next((r["inception_score_unavailable"] for r in rows if "inception_score_unavailable" in r),
+                 floor.get("inception_score_unavailable"))
     return (f"# scaling study\n\n"
-            f"Every FID / KID from {n} images (KID: unbiased, {cfg.kid_subsets} subsets of {cfg.kid_subset_size}; "
-            f"± is the standard deviation over DiT seeds for gKID / gFID and over KID subsets for rKID). "
-            f"Floor (real vs {n} other real images): gKID {floor['gkid']:.4f} ± {floor['gkid_std']:.4f}, gFID "
-            f"{floor['gfid']:.1f}. Ceiling: each tokenizer's decoder on Gaussian latents (an untrained DiT). "
-            f"DiT: {cfg.dit_steps} steps, {cfg.dit_seeds} seeds, {cfg.sample_steps} Euler steps, one sample per "
-            f"reference image's class. {note}\n\n{table}\n\n## the paper's claims at this scale\n\n"
+            f"Every generative figure from {n} images against {reference_words(cfg, floor)}: gFID / gKID (KID: "
+            f"unbiased, {cfg.kid_subsets} subsets of {floor.get('kid_subset_size', cfg.kid_subset_size)}) and ADM's "
+            f"suite (sFID, Inception Score, k-NN precision / recall, k = 3), Inception {cfg.inception_precision}; "
+            f"rFID / rKID from {n} held-out reconstructions against their originals. ± is the standard deviation "
+            f"over DiT seeds for the DiT's figures and over KID subsets for rKID. "
+            f"Floor ({n} real images against the reference): gKID {_pm(floor['gkid'], floor.get('gkid_std'))}, "
+            f"gFID {_num(floor['gfid'])}, sFID {_num(floor.get('sfid'))}, precision {_num(floor.get('precision'), 3)},"
+            f" recall {_num(floor.get('recall'), 3)}. Ceiling: each tokenizer's decoder on Gaussian latents (an "
+            f"untrained DiT). DiT: {cfg.dit_steps} steps, {cfg.dit_seeds} seeds, {cfg.sample_steps} Euler steps, "
+            f"{classes}. "
+            + (f"Inception Score: n/a ({no_is}). " if no_is else "") + f"{note}\n\n{table}\n\n"
+            f"## the paper's claims at this scale\n\n"
             f"A difference counts when it is larger than its band: twice the standard error of the difference of "
             f"the two means over DiT seeds (PSNR: one tokenizer run each, no band).\n\n{claims_table}\n")
 
@@ -165,7 +207,7 @@ def plots(cfg: StudyConfig, rows: list[dict], floor: dict, out: Path) -> None:
     from vtp_fast.plots import plt
 
     def floor_line(ax):
-        ax.axhline(floor["gkid"], color="k", linestyle="--", linewidth=1, label="floor: real vs real")
+        ax.axhline(floor["gkid"], color="k", linestyle="--", linewidth=1, label="floor: real vs the reference")
         ax.axhspan(floor["gkid"] - floor["gkid_std"], floor["gkid"] + floor["gkid_std"], color="k", alpha=0.08)
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)

@@ -2,10 +2,14 @@
 
 For every objective mix and tokenizer budget (and the full objective with wide latents) a tokenizer is pretrained,
 scored on the held-out set (rFID / rKID, PSNR, SSIM, zero-shot, linear probe), its latents of the labelled set are
-extracted, and a DiT is trained on them once per seed and scored by gKID / gFID of its samples against real images
-(along DiT training for the largest budget). Every figure is read against the instrument's own range at the same
-sample count: the floor (real images against other real images) and each tokenizer's ceiling (its decoder applied to
-Gaussian latents, which is what an untrained DiT would produce).
+extracted (vtp_fast.eval.latents: sharded over the ranks, resumable), and a DiT is trained on the memory-mapped
+latents once per seed; `samples` images (class-balanced, or in the labelled set's class frequencies) are drawn from
+it by the distributed sampler (vtp_fast.downstream.sample: an ADM .npz, resumable) and scored by ADM's suite (FID,
+sFID, Inception Score, precision, recall) and KID against the reference (ADM's reference batch, or real images of
+the labelled set; vtp_fast.study.scoring), along DiT training for the largest budget. The labelled and held-out sets
+are streamed, never held in memory. Every figure is read against the instrument's own range at the same sample
+count: the floor (real images against the reference) and each tokenizer's ceiling (its decoder applied to Gaussian
+latents, which is what an untrained DiT would produce).
 
 An interrupted study continues at the first stage without a result; a progress line names each stage with the time
 elapsed and an estimate of the time left.
@@ -24,7 +28,9 @@ import torch
 from vtp_fast import distributed as dist
 from vtp_fast.config import load_config, save_config
 from vtp_fast.io import atomic_write_text
+from vtp_fast.study import scoring
 from vtp_fast.study.config import MIXES, StudyConfig, resolve
+from vtp_fast.study.scoring import Sets, device
 
 # Seconds per unit on 2 idle CPU cores at the CPU study's shapes: a tokenizer step per mix, a DiT step, an image
 # through the Inception network, one Euler step of one sample, an image encoded into latents. A stage's estimate is
@@ -40,7 +46,7 @@ class Stage:
     estimate: float  # seconds, from RATES
     result: Path  # the stage is done when this file exists
     run: Callable[[], object]
-    everywhere: bool = False  # under torchrun: every rank runs it (training); else rank 0 does, the others wait
+    everywhere: bool = True  # under torchrun: every rank runs it (the study's stages); False: rank 0, the others wait
 
 
 class Progress:
@@ -87,11 +93,6 @@ class Progress:
         self.todo.remove(stage)
 
 
-def device() -> torch.device:
-    """Where scoring, sampling and latent extraction run: this rank's GPU, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _save(path: Path, result: dict) -> dict:
     """Written atomically: a killed stage never leaves a result that looks done."""
     atomic_write_text(path, json.dumps(result, indent=1))
@@ -135,81 +136,89 @@ def train_tokenizer(out: Path, mix: str, steps: int, channels: int, cfg: StudyCo
                                        "checkpoint": str(out / "checkpoint")})
 
 
-def score_tokenizer(run_dir: Path, cfg: StudyConfig, held_out, train_set) -> dict:
+def score_tokenizer(run_dir: Path, cfg: StudyConfig, sets: Sets) -> dict:
+    """rFID / rKID, PSNR, SSIM of held-out reconstructions, zero-shot, the linear probe (last layer: class token +
+    mean patch token, and the latent; vtp_fast.eval.classify on features stored in run_dir/features, computed over
+    the ranks and removed once the scores are written) and the report's reconstruction examples."""
+    import shutil
+
+    from vtp_fast.data.labelled import take
     from vtp_fast.data.pairs import normalize_u8
     from vtp_fast.eval import evaluate
-    from vtp_fast.eval.probe import zero_shot_names
+    from vtp_fast.eval.classify import probe_eval
     from vtp_fast.models.pretrained import load_pretrained
 
     model = load_pretrained(run_dir / "tokenizer" / "checkpoint").to(device())
-    scores = evaluate.reconstruction_scores(model, held_out, cfg.samples, kid_subset_size=cfg.kid_subset_size,
-                                            progress=False)
-    scores.pop("n")
+    scores = scoring.reconstruction_scores(model, cfg, run_dir.parent, sets)
+    features = run_dir / "features"
     if model.config.train_clip:
-        zs = zero_shot_names(model, normalize_u8(held_out.images), held_out.captions)
-        scores |= {"zero_shot_top1": zs["top1"], "zero_shot_top5": zs["top5"], "zero_shot_chance": zs["chance"]}
-    scores |= evaluate.linear_probe_scores(model, train_set, held_out, epochs=cfg.probe_epochs)
+        scores |= scoring.zero_shot(model, sets.held_out, features, sets.workers)
+    probe = probe_eval(model, sets.train, sets.held_out, features, probe={"epochs": cfg.probe_epochs},
+                       workers=sets.workers, progress=False)
+    if dist.rank() != 0:
+        return {}
+    scores |= probe
     with torch.no_grad():  # the same held-out images for every tokenizer: the report's reconstruction grid
-        x = held_out.images[evaluate.pick(held_out, 8, seed=1)]  # (8, S, S, 3) uint8
+        x = take(sets.held_out, evaluate.pick(sets.held_out, 8, seed=1)).images  # (8, S, S, 3) uint8
         recon = model.denormalize(model.decode(model.encode(normalize_u8(x).to(device())))).clamp(0, 1).cpu()
     torch.save({"original": x.permute(0, 3, 1, 2).contiguous(), "recon": evaluate.to_uint8_nchw(recon)},
                run_dir / "recon_examples.pt")
-    return _save(run_dir / "scores.json", scores)
+    result = _save(run_dir / "scores.json", scores)
+    shutil.rmtree(features, ignore_errors=True)  # gigabytes at ImageNet scale: the scores are what is kept
+    return result
 
 
-def reference_labels(cfg: StudyConfig, train_set) -> torch.Tensor:
-    """The labels of the real reference images: generated sets are drawn class for class like them."""
+def score_floor(out: Path, cfg: StudyConfig, sets: Sets) -> dict:
+    """Real against the reference: `samples` real images of the labelled set (others than the reference's own when
+    the study is its own reference): the best any generator can score at this count."""
     from vtp_fast.eval.evaluate import pick
 
-    return train_set.labels[pick(train_set, cfg.samples)]
+    ids = pick(sets.train, cfg.samples, skip=0 if cfg.adm_reference else cfg.samples)
+    g = scoring.score_images(scoring.real_images(sets.train, ids, sets.workers), cfg, out, sets)
+    return _save(out / "floor.json", g) if dist.rank() == 0 else {}
 
 
-def score_floor(out: Path, cfg: StudyConfig, train_set) -> dict:
-    """Real against real: `samples` images against `samples` other images of the same set (the best any generator
-    can score at this count)."""
-    from vtp_fast.eval.evaluate import generation_scores, pick
-
-    other = train_set.images[pick(train_set, cfg.samples, skip=cfg.samples)].permute(0, 3, 1, 2).contiguous()
-    g = generation_scores(other, train_set, cfg.samples, kid_subset_size=cfg.kid_subset_size,
-                          kid_subsets=cfg.kid_subsets, progress=False)
-    return _save(out / "floor.json", g)
-
-
-def score_ceiling(run_dir: Path, cfg: StudyConfig, train_set) -> dict:
+def score_ceiling(run_dir: Path, cfg: StudyConfig, sets: Sets) -> dict:
     """The tokenizer's decoder on Gaussian latents (the latent set's per-channel mean and std): what a DiT that has
     learned nothing generates."""
     from vtp_fast.data.latents import load_latents
-    from vtp_fast.eval.evaluate import generation_scores
     from vtp_fast.models.pretrained import load_pretrained
 
-    tokenizer = load_pretrained(run_dir / "tokenizer" / "checkpoint").to(device())
-    meta = load_latents(run_dir / "latents").meta
-    mean, std = (torch.tensor(meta[k], device=device()).view(1, -1, 1, 1) for k in ("mean", "std"))
-    gen = torch.Generator().manual_seed(0)
-    images = []
-    with torch.no_grad():
-        for i in range(0, cfg.samples, 64):
-            z = torch.randn(min(64, cfg.samples - i), meta["channels"], *meta["grid"], generator=gen).to(device())
-            images.append(tokenizer.denormalize(tokenizer.decode(z * std + mean)).clamp(0, 1).cpu())
-    g = generation_scores(torch.cat(images), train_set, cfg.samples, kid_subset_size=cfg.kid_subset_size,
-                          kid_subsets=cfg.kid_subsets, progress=False)
-    return _save(run_dir / "ceiling.json", g)
+    tokenizer = load_pretrained(run_dir / "tokenizer" / "checkpoint").to(device()).eval()
+    images = scoring.gaussian_decodes(tokenizer, load_latents(run_dir / "latents").meta, cfg.samples)
+    g = scoring.score_images(images, cfg, run_dir.parent, sets)
+    return _save(run_dir / "ceiling.json", g) if dist.rank() == 0 else {}
 
 
-def extract(run_dir: Path, train_set) -> None:
+def extract(run_dir: Path, cfg: StudyConfig, sets: Sets) -> None:
+    """The labelled set's latents (and their mirrors'), in shards of latent_shard images dealt over the ranks;
+    a killed extraction keeps its finished shards."""
     from vtp_fast.eval.latents import extract_latents
     from vtp_fast.models.pretrained import load_pretrained
 
     checkpoint = run_dir / "tokenizer" / "checkpoint"
-    extract_latents(load_pretrained(checkpoint).to(device()), train_set, run_dir / "latents", tokenizer=str(checkpoint),
-                    progress=False)
+    extract_latents(load_pretrained(checkpoint).to(device()), sets.train, run_dir / "latents",
+                    per_shard=cfg.latent_shard, workers=sets.workers, tokenizer=str(checkpoint), progress=False)
 
 
-def score_dit(run_dir: Path, seed: int, stop: int, previous: int, cfg: StudyConfig, train_set) -> dict:
-    """Train (resume) this seed's DiT to `stop`, sample one image per reference label, score them."""
-    from vtp_fast.eval.evaluate import generation_scores
+def sample_classes(cfg: StudyConfig, meta: dict, sets: Sets) -> tuple[int, ...]:
+    """The classes the sampler cycles through (sample i: classes[i % len]): every class of the latent set once
+    ("balanced"), or the labels of the labelled set's reference images ("data": its class frequencies)."""
+    from vtp_fast.downstream.sample import class_ids
+    from vtp_fast.eval.evaluate import pick
+
+    if cfg.sample_classes == "balanced":
+        return tuple(class_ids(meta["class_names"], None))
+    return tuple(scoring.labels_of(sets.train, pick(sets.train, cfg.samples), sets.workers).tolist())
+
+
+def score_dit(run_dir: Path, seed: int, stop: int, previous: int, cfg: StudyConfig, sets: Sets) -> dict:
+    """Train (resume) this seed's DiT to `stop` on the memory-mapped latent set, draw `samples` images of
+    `sample_classes` with the distributed sampler (resumable, an ADM .npz), score them with ADM's suite."""
+    from vtp_fast.data.image_sets import open_image_set
+    from vtp_fast.downstream.sample import SampleSpec, sample_images
     from vtp_fast.models.pretrained import load_pretrained
-    from vtp_fast.train.dit import DiTTrainConfig, generate, load_dit, train_dit
+    from vtp_fast.train.dit import DiTTrainConfig, load_dit, train_dit
 
     work = run_dir / f"dit-s{seed}"
     dcfg = load_config(DiTTrainConfig, [resolve(cfg.dit)] if cfg.dit else [], [
@@ -220,49 +229,47 @@ def score_dit(run_dir: Path, seed: int, stop: int, previous: int, cfg: StudyConf
     t0 = time.perf_counter()
     train_dit(dcfg)  # on every rank under torchrun
     seconds = time.perf_counter() - t0
+    dist.barrier()  # rank 0 exported the DiT every rank samples from
+    dit, meta = load_dit(work / "run" / "dit", device())
+    tokenizer = load_pretrained(run_dir / "tokenizer" / "checkpoint").to(device()).eval()
+    spec = SampleSpec(n=cfg.samples, classes=sample_classes(cfg, meta, sets), steps=cfg.sample_steps, seed=seed,
+                      batch=cfg.sample_batch, chunk=cfg.sample_chunk, precision="auto")
+    samples = work / f"samples-{stop}"
+    sample_images(dit, meta, tokenizer, samples, spec, progress=False)
+    dist.barrier()  # rank 0 wrote the .npz every rank reads a slice of
+    g = scoring.score_images(open_image_set(samples / "samples.npz", "samples"), cfg, run_dir.parent, sets)
     if dist.rank() != 0:
         return {}
-    dit, meta = load_dit(work / "run" / "dit", device())
-    tokenizer = load_pretrained(run_dir / "tokenizer" / "checkpoint").to(device())
-    images = generate(dit, meta, tokenizer, reference_labels(cfg, train_set), steps=cfg.sample_steps, seed=seed)
-    g = generation_scores(images, train_set, cfg.samples, kid_subset_size=cfg.kid_subset_size,
-                          kid_subsets=cfg.kid_subsets, progress=False)
-    return _save(work / f"at-{stop}.json", {"seed": seed, "dit_steps": stop, "dit_seconds": seconds, **g})
+    result = _save(work / f"at-{stop}.json", {"seed": seed, "dit_steps": stop, "dit_seconds": seconds, **g})
+    if not cfg.keep_samples:  # after the result: a killed stage finds its samples
+        (samples / "samples.npz").unlink(missing_ok=True)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- the study
-def load_sets(cfg: StudyConfig, size: int):
-    from vtp_fast.data.labelled import LabelledImages, load_images
-
-    train_set, held_out = load_images(cfg.data, size), load_images(cfg.held_out, size)
-    if cfg.max_images and len(train_set) > cfg.max_images:
-        n = cfg.max_images
-        train_set = LabelledImages(train_set.images[:n], train_set.labels[:n], train_set.class_names,
-                                   train_set.captions[:n], f"{train_set.name}-first{n}")
-    return train_set, held_out
-
-
-def stages(cfg: StudyConfig, out: Path, train_set, held_out) -> list[Stage]:
+def stages(cfg: StudyConfig, out: Path, sets: Sets) -> list[Stage]:
     """Every tokenizer first (a pretraining run needs nothing else), then the floor, then each tokenizer's scores,
-    latents, ceiling and DiT seeds, the largest budget first (its DiT curve is the instrument's own check)."""
+    latents, ceiling and DiT seeds, the largest budget first (its DiT curve is the instrument's own check). Every
+    stage runs on every rank under torchrun (training, extraction, sampling and Inception features are split over
+    them); rank 0 writes the results."""
     n, r = cfg.samples, RATES
     runs = [(out / f"{mix}-{budget}-c{channels}", mix, budget, channels) for mix, budget, channels in cfg.runs]
     plan = [Stage(f"{run_dir.name}: pretrain {budget} steps", f"tokenizer:{mix}", budget * r[f"tokenizer:{mix}"],
                   run_dir / "tokenizer" / "result.json",
                   lambda run_dir=run_dir, mix=mix, budget=budget, channels=channels:
-                  train_tokenizer(run_dir / "tokenizer", mix, budget, channels, cfg), everywhere=True)
+                  train_tokenizer(run_dir / "tokenizer", mix, budget, channels, cfg))
             for run_dir, mix, budget, channels in runs]
-    plan.append(Stage("floor: real vs real", "score", 2 * n * r["inception"], out / "floor.json",
-                      lambda: score_floor(out, cfg, train_set)))
+    plan.append(Stage("floor: real vs the reference", "score", 2 * n * r["inception"], out / "floor.json",
+                      lambda: score_floor(out, cfg, sets)))
     for run_dir, _, budget, _ in sorted(runs, key=lambda r: -r[2]):
         name = run_dir.name
         plan += [
             Stage(f"{name}: rFID, PSNR, zero-shot, probe", "score", 2 * n * r["inception"] + r["probe"],
-                  run_dir / "scores.json", lambda run_dir=run_dir: score_tokenizer(run_dir, cfg, held_out, train_set)),
-            Stage(f"{name}: latents", "latents", 2 * len(train_set) * r["encode"], run_dir / "latents" / "meta.json",
-                  lambda run_dir=run_dir: extract(run_dir, train_set)),
+                  run_dir / "scores.json", lambda run_dir=run_dir: score_tokenizer(run_dir, cfg, sets)),
+            Stage(f"{name}: latents", "latents", 2 * len(sets.train) * r["encode"], run_dir / "latents" / "meta.json",
+                  lambda run_dir=run_dir: extract(run_dir, cfg, sets)),
             Stage(f"{name}: ceiling (decoded Gaussian latents)", "score", n * r["inception"], run_dir / "ceiling.json",
-                  lambda run_dir=run_dir: score_ceiling(run_dir, cfg, train_set)),
+                  lambda run_dir=run_dir: score_ceiling(run_dir, cfg, sets)),
         ]
         for seed in range(cfg.dit_seeds):
             previous = 0
@@ -271,7 +278,7 @@ def stages(cfg: StudyConfig, out: Path, train_set, held_out) -> list[Stage]:
                 plan.append(Stage(f"{name}: DiT seed {seed} to {stop} steps, {n} samples", "dit", cost,
                                   run_dir / f"dit-s{seed}" / f"at-{stop}.json",
                                   lambda run_dir=run_dir, seed=seed, stop=stop, previous=previous:
-                                  score_dit(run_dir, seed, stop, previous, cfg, train_set), everywhere=True))
+                                  score_dit(run_dir, seed, stop, previous, cfg, sets)))
                 previous = stop
     return plan
 
@@ -286,8 +293,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, note: str = "") -> Path:
     if dist.rank() == 0:
         save_config(cfg, out / "study.yaml")
     size = pretrain_config(cfg, out, cfg.mixes[0], cfg.budgets[0], cfg.channels).data.image_size
-    train_set, held_out = load_sets(cfg, size)
-    plan = stages(cfg, out, train_set, held_out)
+    plan = stages(cfg, out, scoring.open_sets(cfg, size))
     progress = Progress(plan, out / "stage_seconds.json")
     for stage in plan:
         if not stage.result.is_file():
