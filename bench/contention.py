@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON row to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from vtp_fast.benchmark import env_info
+    from vtp_fast.benchmark import env_info, write_rows
     from vtp_fast.threads import SPIN_COUNT, budget
 
     settings = {f"the budget (GOMP_SPINCOUNT={SPIN_COUNT})": {"GOMP_SPINCOUNT": str(SPIN_COUNT)},
@@ -77,10 +77,7 @@ def main() -> None:
                      "alone_vs_libgomp_default": alone / base}
         print(f"{name}: alone {alone:.3f} s/step ({alone / base:.2f}x libgomp's default alone); two at once "
               f"{pair:.3f} s/step each ({pair / alone:.2f}x alone)", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    write_rows([row], args.out)
 
 
 if __name__ == "__main__":

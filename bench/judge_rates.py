@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON rows to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from vtp_fast.benchmark import env_info
+    from vtp_fast.benchmark import env_info, write_rows
 
     env = env_info("cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,10 +110,7 @@ def main() -> None:
     for row in rows:
         row.update(bench="judge_rates", **env)
         print(json.dumps(row), flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        write_rows([row], args.out)
 
 
 if __name__ == "__main__":
