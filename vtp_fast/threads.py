@@ -14,8 +14,10 @@ place from the CPUs the process may use, so that jobs, loader workers and decode
 Why the last rule: an OpenMP team waits at every barrier for its slowest thread, and libgomp's default spin
 (300,000 iterations) keeps a waiting thread on its core long after its work is done, taking it from any other job
 on the same cores. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) frees the core but makes every parallel region of a
-lone job pay a wake-up. A short spin keeps both: measured in bench/contention.py (rows in
-bench/results/cpu/contention.jsonl). None of this changes a result: only the thread count does, and it is fixed.
+lone job pay a wake-up. SPIN_COUNT keeps a lone job's speed (1.03x libgomp's default) and cuts two jobs sharing 2
+cores from 21x to 3.2x their lone step time; PASSIVE gets a pair to 1.26x at 1.44x for a lone job, so it is the
+user's choice when jobs will share cores (bench/contention.py, rows in bench/results/cpu/contention.jsonl). None of
+this changes a result: only the thread count does, and it is fixed.
 `vtp-fast info` prints the budget.
 
 Imports nothing from the rest of vtp_fast (every layer may ask for the budget).
