@@ -6,6 +6,7 @@ Everything here is a no-op on one process, so losses and steps call these helper
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 import warnings
@@ -50,10 +51,14 @@ def init_from_env() -> torch.device:
 
 def shutdown() -> None:
     """Leave every process group (the default one and those made from it, like the background checkpoints' gloo
-    group): a process that exits with live groups can abort in their C++ threads after a finished run. Called by
-    the command line on every exit path; a no-op on one process."""
+    group), after collecting the garbage that may still hold their pending work (FSDP's and autograd's cycles): a
+    process whose groups or work objects are torn down at interpreter exit can abort in gloo's C++ threads
+    ("terminate called without an active exception") after a finished run. Called by the command line on every
+    exit path; a no-op on one process."""
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:

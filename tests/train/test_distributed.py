@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from tests.helpers import flickering_load, make_prepared_emoji
 from tests.train.test_pretrain import small_config
+from vtp_fast import distributed as vdist
 from vtp_fast.data.pairs import StepBatches, emoji_pairs
 from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
 
@@ -35,19 +36,23 @@ def _worker(rank, root, out_dir, result_file, mode):
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        cfg = small_config(root, out_dir / "run", *EXTRA, f"run.distributed={mode}")
-        torch.manual_seed(0)
-        t = build_trainer(cfg, torch.device("cpu"))
-        pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
-        data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=WORLD)
-        logs, grads, centers = run_once(t, data[STEP], schedules(cfg, STEP))
-        logs = {k: v / WORLD for k, v in logs.items()}
-        for v in logs.values():
-            dist.all_reduce(v)  # the global value is the mean over ranks of the local values
-        if rank == 0:
-            torch.save({"logs": logs, "grads": grads, "centers": centers}, result_file)
-    finally:
-        dist.destroy_process_group()
+        _step_on_rank(rank, root, out_dir, result_file, mode)
+    finally:  # after the step's objects are gone (shutdown collects their cycles while the interpreter lives)
+        vdist.shutdown()
+
+
+def _step_on_rank(rank, root, out_dir, result_file, mode):
+    cfg = small_config(root, out_dir / "run", *EXTRA, f"run.distributed={mode}")
+    torch.manual_seed(0)
+    t = build_trainer(cfg, torch.device("cpu"))
+    pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
+    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=rank, world=WORLD)
+    logs, grads, centers = run_once(t, data[STEP], schedules(cfg, STEP))
+    logs = {k: v / WORLD for k, v in logs.items()}
+    for v in logs.values():
+        dist.all_reduce(v)  # the global value is the mean over ranks of the local values
+    if rank == 0:
+        torch.save({"logs": logs, "grads": grads, "centers": centers}, result_file)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +266,6 @@ def test_the_command_line_leaves_its_process_groups_on_every_exit_path(tmp_path,
     checkpoints' gloo group) can abort in its C++ threads after a finished run; the command line destroys every
     group whether the command returns, fails on the user's input or is interrupted (Ctrl-C, SIGTERM)."""
     from vtp_fast import cli
-    from vtp_fast import distributed as vdist
     from vtp_fast.config import ConfigError
 
     ran = []
