@@ -117,27 +117,6 @@ def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = Non
 
 
 @torch.no_grad()
-def zero_shot_scores(model: VTP, data: LabelledImages, class_names: list[str] | None = None, *,
-                     workers: int = 0, chunk: int = 1024) -> dict:
-    """Zero-shot classification of the set into its classes, prompts through templates (read `chunk` images at a
-    time: the accuracies are means over images, weighted by the chunks' sizes)."""
-    from vtp_fast.eval.probe import zero_shot_accuracy, zero_shot_classifier
-
-    if not model.config.train_clip:
-        return {}
-    names = class_names or data.class_names
-    if not names:
-        raise InputError(f"zero-shot: {data.name} has no class names (only numeric labels); pass class_names")
-    classifier = zero_shot_classifier(model, names)
-    n, top1, top5 = 0, 0, 0
-    for got in _read(data, torch.arange(len(data)), chunk, workers):
-        r = zero_shot_accuracy(model, normalize_u8(got.images), got.labels, classifier)
-        k = len(got.ids)
-        n, top1, top5 = n + k, top1 + round(r["top1"] * k), top5 + round(r["top5"] * k)  # counts of right answers
-    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "chance": 1.0 / len(names)}
-
-
-@torch.no_grad()
 def set_features(model: VTP, data: LabelledImages, workers: int = 0, chunk: int = 1024) -> tuple[dict, Tensor]:
     """`vtp_fast.eval.probe.extract_features` of every usable image of the set ({name: (N, F)}), and their labels
     (N,), read `chunk` images at a time."""
