@@ -19,7 +19,8 @@ from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, plot_scaling, t
 from vtp_fast.nn.rope import Rope2D
 from vtp_fast.ops.attention import OP, attention_ref
 
-TABLE_COLUMNS = ["case", "pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
+TABLE_COLUMNS = ["case", "pass", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "ceiling_share",
+                 "peak_mem_mb"]
 # (B, H, grid side, D): N = side^2 + 1 tokens (CLS + patches)
 DENSE = {"cpu": [(2, 4, 8, 64)], "cuda": [(64, 16, 16, 64), (256, 16, 4, 64), (16, 16, 32, 64), (4, 16, 64, 64),
                                           (32, 8, 16, 128)]}

@@ -21,7 +21,8 @@ from vtp_fast.ops.clip_loss import OP, clip_loss_ref
 SHAPES = {"cpu": [(256, 2048, 256)], "cuda": [(4096, 32768, 768), (1024, 32768, 768)]}
 QUICK = {"cpu": [(32, 128, 64)], "cuda": [(1024, 8192, 768)]}
 
-TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
+TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "ceiling_share",
+                 "peak_mem_mb"]
 
 
 def run(device: str = "cpu", quick: bool = False, dtype: torch.dtype | None = None,

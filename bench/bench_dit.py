@@ -1,5 +1,6 @@
 """Benchmark: one DiT training step (rectified-flow loss, backward, AdamW), eager against per-block
-torch.compile, with images/s and MFU on a GPU of known peak.
+torch.compile, with images/s and MFU on a GPU of known peak (on the CPU: ceiling_share, the fraction of the
+machine's measured fp32 matmul ceiling, benchmark.cpu_ceilings).
 
     python bench/bench_dit.py [--device cuda] [--out rows.jsonl] [--quick]
 
@@ -19,7 +20,7 @@ from vtp_fast.ops import building_for
 from vtp_fast.train.flow import flow_loss
 
 TABLE_COLUMNS = ["mode", "preset", "batch", "grid", "median_ms", "images_per_s", "tflop_per_s", "mfu",
-                 "speedup_vs_eager"]
+                 "ceiling_share", "speedup_vs_eager"]
 SETUP = {"cpu": ("dit-tiny", 64, 4), "cuda": ("dit-xl/1", 256, 16)}
 QUICK = {"cpu": ("dit-nano", 8, 4), "cuda": ("dit-b/1", 64, 16)}
 
@@ -57,7 +58,9 @@ def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> l
         peak = peak_tflops(torch.device(device))
         eager_ms = rows.rows[0]["median_ms"] if rows.rows else t["median_ms"]
         rows.add({"bench": "dit", "mode": mode, "device": device, "backend": resolved_backends(model),
-                  "preset": preset, "batch": batch, "grid": grid, **t, "images_per_s": batch * 1e3 / t["median_ms"],
+                  "preset": preset, "batch": batch, "grid": grid,
+                  "dtype": "bfloat16" if device == "cuda" else "float32",  # autocast on CUDA only
+                  **t, "images_per_s": batch * 1e3 / t["median_ms"],
                   "tflop_per_s": achieved, "mfu": achieved / peak if peak else None,
                   "speedup_vs_eager": eager_ms / t["median_ms"]})
     return rows.rows

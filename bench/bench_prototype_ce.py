@@ -21,7 +21,8 @@ SHAPES = {"cpu": [(256, 4096, 64)], "cuda": [(4096, 65536, 256), (16384, 65536, 
 QUICK = {"cpu": [(32, 512, 32)], "cuda": [(1024, 65536, 256)]}
 TEMPS = (0.1, 0.04)  # DINOv2's student and (final) teacher temperatures
 
-TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "peak_mem_mb"]
+TABLE_COLUMNS = ["op", "backend", "shape", "dtype", "median_ms", "tflop_per_s", "ceiling_share",
+                 "peak_mem_mb"]
 
 
 def _inputs(n: int, k: int, d: int, device: str, dtype: torch.dtype):

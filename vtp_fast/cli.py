@@ -504,13 +504,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vtp_fast.benchmark import markdown_table, read_rows, row_writer
+    from vtp_fast.benchmark import cpu_ceilings, markdown_table, read_rows, row_writer
 
     if args.report:
         rows, broken = read_rows(args.report)
         columns = [c for c in ("bench", "op", "case", "pass", "mode", "device", "backend", "shape", "dtype",
-                               "median_ms", "gb_per_s", "tflop_per_s", "images_per_s", "peak_mem_mb", "error",
-                               "device_name", "git")
+                               "median_ms", "gb_per_s", "tflop_per_s", "ceiling_share", "images_per_s", "peak_mem_mb",
+                               "error", "device_name", "git")
                    if any(c in r for r in rows)]
         print(markdown_table(rows, columns))
         if broken:
@@ -522,6 +522,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise InputError(f"unknown benchmark(s) {unknown}; choices: {', '.join(names)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":  # the roofline of the rows' ceiling_share, measured once
+        print(cpu_ceilings().describe(), flush=True)
     for name in chosen:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir() / f"bench_{name}.py")
         module = importlib.util.module_from_spec(spec)

@@ -8,11 +8,13 @@ import torch
 
 from tests.train.test_pretrain import SMALL, emoji_root, small_config  # noqa: F401 - fixture
 from vtp_fast import VTP, load_pretrained, save_pretrained, vtp_config
+from vtp_fast.benchmark import cpu_ceilings
 from vtp_fast.config import ConfigError, load_config
 from vtp_fast.data.pairs import StepBatches
 from vtp_fast.eval.evaluate import held_out_scores
 from vtp_fast.losses.gan import adaptive_weight, discriminator_hinge, generator_hinge
 from vtp_fast.models.discriminator import PatchDiscriminator
+from vtp_fast.train import profile as profile_module
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.pretrain import pretrain
 from vtp_fast.train.profile import OTHER, profile
@@ -76,7 +78,7 @@ def test_stage2_trains_only_decoder_and_discriminator_and_resumes(emoji_root, tm
     assert strip(part) == strip(out)
 
 
-def test_profile_reports_every_phase(emoji_root, tmp_path, monkeypatch):  # noqa: F811
+def test_profile_reports_every_phase(emoji_root, tmp_path, monkeypatch, capsys):  # noqa: F811
     """Issue 20, item 2: the rows add up to the step. Spikes land in data loading in the first timed step and in the
     optimizer in the second (as load does, in different phases in different steps): the medians of the phases miss
     both, their means carry each in the phase it hit and add up to the mean step."""
@@ -95,6 +97,8 @@ def test_profile_reports_every_phase(emoji_root, tmp_path, monkeypatch):  # noqa
 
     monkeypatch.setattr(StepBatches, "__getitem__", slow_data)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", slow_clip)
+    # the CPU roofline at a tiny size (issue 22, item 2): the full one takes seconds
+    monkeypatch.setattr(profile_module, "cpu_ceilings", lambda: cpu_ceilings(size=128, copy_mib=4))
     cfg = small_config(emoji_root, tmp_path / "run")
     result = profile(cfg, steps=steps, warmup=warmup, out=tmp_path / "prof")
     phases = {r["phase"]: r for r in result["phases"]}
@@ -108,5 +112,12 @@ def test_profile_reports_every_phase(emoji_root, tmp_path, monkeypatch):  # noqa
         assert phases[name]["mean_ms"] >= 1e3 * spike / steps, (name, phases[name])
     assert result["step_mean_ms"] >= 2e3 * spike / steps
     assert result["gflop_per_image"] > 0 and result["mfu"] is None  # no known CPU peak
+    # in its place, the share of the CPU's measured fp32 matmul ceiling (precision auto: fp32 on the CPU)
+    ceilings = cpu_ceilings(size=128, copy_mib=4)
+    assert result["ceiling_dtype"] == "fp32" and result["cpu_ceilings"]["fp32_gflops"] == ceilings.fp32_gflops
+    assert result["ceiling_share"] == pytest.approx(1e3 * result["achieved_tflop_per_s"] / ceilings.fp32_gflops)
+    printed = capsys.readouterr().out
+    assert f"{100 * result['ceiling_share']:.1f}% of this CPU's measured fp32 matmul ceiling" in printed
+    assert ceilings.describe() in printed and ceilings.describe() in (tmp_path / "prof" / "profile.md").read_text()
     for f in ("profile.md", "profile.json", "profile.png"):
         assert (tmp_path / "prof" / f).exists()

@@ -6,7 +6,9 @@ the finite check, the optimizer, the EMA update, zero_grad (and stage 2's advers
 step as one "other" row, the mean and median time of each and its share of the step: the means add up to the mean
 step, where medians of the parts need not add up to the median step (under load, spikes land in different phases
 in different steps). Plus model FLOPs per image (counted with torch.utils.flop_counter) and MFU when the device's
-peak is known. Writes a markdown table, JSON, a bar chart and, on request, a torch.profiler trace.
+peak is known; on the CPU, the achieved GFLOP/s as a share of the machine's measured matmul ceiling (fp32, or bf16
+when the run computes in bf16) at the run's threads, and the ceilings themselves (benchmark.cpu_ceilings). Writes
+a markdown table, JSON, a bar chart and, on request, a torch.profiler trace.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vtp_fast import distributed as dist
-from vtp_fast.benchmark import env_info, markdown_table, peak_tflops
+from vtp_fast.benchmark import cpu_ceilings, env_info, markdown_table, peak_tflops, share_of_ceiling
 from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.data.pairs import StepBatches
 from vtp_fast.data.views import ViewConfig
@@ -198,12 +200,19 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
     flops_per_image = flops / cfg.batch.size
     peak = peak_tflops(device)
     achieved = flops / (step_ms / 1e3) / 1e12
+    # the CPU's roofline: measured after the timed steps, at the run's torch threads (cached per process)
+    ceilings = cpu_ceilings() if device.type == "cpu" else None
+    ceiling_dtype = "bf16" if cfg.run.precision == "bf16" else "fp32"  # "auto" is fp32 on the CPU
     result = {
         "config": {"preset": cfg.model.preset, "batch": cfg.batch.size, "ssl": cfg.batch.ssl, "rec": cfg.batch.rec,
                    "objective": t.objective.weights, "compile": cfg.run.compile, "precision": cfg.run.precision},
         "steps": steps, "step_ms": step_ms, "step_mean_ms": step_mean, "images_per_s": cfg.batch.size / (step_ms / 1e3),
         "gflop_per_image": flops_per_image / 1e9, "achieved_tflop_per_s": achieved,
-        "peak_tflop_per_s": peak, "mfu": achieved / peak if peak else None, "phases": table, "env": env_info(),
+        "peak_tflop_per_s": peak, "mfu": achieved / peak if peak else None,
+        "cpu_ceilings": {**dataclasses.asdict(ceilings), "line": ceilings.describe()} if ceilings else None,
+        "ceiling_dtype": ceiling_dtype if ceilings else None,
+        "ceiling_share": share_of_ceiling(flops, step_ms / 1e3, ceiling_dtype, ceilings) if ceilings else None,
+        "phases": table, "env": env_info(),
     }
     _report(result, out, trace)
     return result
@@ -219,6 +228,9 @@ def _report(result: dict, out: Path, trace: bool) -> None:
                f"{result['gflop_per_image']:.2f} GFLOP/image (fwd+bwd, teacher included), "
                f"{achieved:.3f} TFLOP/s" + (f", MFU {100 * result['mfu']:.1f}% of {peak} TFLOP/s" if peak else
                                             ", MFU n/a (no known peak for this device)"))
+    if result.get("cpu_ceilings"):
+        summary += (f"; {1e3 * achieved:.1f} GFLOP/s = {100 * result['ceiling_share']:.1f}% of this CPU's measured "
+                    f"{result['ceiling_dtype']} matmul ceiling\n{result['cpu_ceilings']['line']}")
     (out / "profile.md").write_text(f"# step profile: {preset} on {result['env']['device_name']}\n\n"
                                     f"{summary}\n\n{md}\n")
     (out / "profile.json").write_text(json.dumps(result, indent=1))
