@@ -76,6 +76,19 @@ def test_encode_writes_latents(ckpt_dir, images, tmp_path):
     assert load_file(out)["latents"].shape == (3, 64, 2, 3)
 
 
+def test_encode_and_reconstruct_in_bf16(ckpt_dir, images, tmp_path):
+    """--precision bf16: the fast path's latents near fp32's, stored as fp32; reconstruct writes its images."""
+    exact, fast = tmp_path / "z.safetensors", tmp_path / "z16.safetensors"
+    assert main(["encode", *images, "--checkpoint", str(ckpt_dir), "--out", str(exact)]) == 0
+    assert main(["encode", *images, "--checkpoint", str(ckpt_dir), "--out", str(fast), "--precision", "bf16"]) == 0
+    z, z16 = load_file(exact)["latents"], load_file(fast)["latents"]
+    assert z16.dtype == torch.float32 and not torch.equal(z, z16)
+    torch.testing.assert_close(z16, z, rtol=0.05, atol=0.05 * z.abs().max().item())
+    out = tmp_path / "rec"
+    assert main(["reconstruct", *images, "--checkpoint", str(ckpt_dir), "--out", str(out), "--precision", "bf16"]) == 0
+    assert Image.open(out / "img0_recon.png").size == (48, 32)
+
+
 @pytest.mark.parametrize("problem", ["size", "missing", "pickle", "truncated", "missing_key"])
 def test_bad_input_is_one_clear_line_and_writes_nothing(problem, ckpt_dir, images, tmp_path):
     import shutil

@@ -3,6 +3,10 @@
 `apply_compile`: torch.compile every block. Per-block compilation keeps compile times short and graphs reusable
 across blocks of one shape, and, done with `nn.Module.compile` (in place), keeps keys free of `_orig_mod.`.
 
+`apply_inference`: a tokenizer for encode / decode only (the CPU fast path): weights cast once to bf16 ("bf16"; the
+input cast at the call, the pixel statistics kept in fp32) and, with `compile`, encode and decode each one
+torch.compile'd graph with inductor's freezing (weights folded in as constants and prepacked for oneDNN).
+
 `apply_activation_checkpointing`: trade compute for activation memory (`run.activation_checkpointing`):
   per_block  keep only each block's input; its forward runs again in the backward (one more forward of the blocks)
   selective  per block, keep the outputs of matmuls and attention (the costly ops) and recompute the rest (norms,
@@ -97,4 +101,27 @@ def transform_blocks(model: VTP | DiT, activation_checkpointing: str = "none", c
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
+    return model
+
+
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def apply_inference(model: VTP, precision: str = "fp32", compile: bool = False) -> VTP:
+    """In place: `model` (a VTP) for inference only, eval mode and no gradients. "fp32" keeps the weights (the exact
+    path, bit for bit that of the plain model when `compile` is off); "bf16" casts every parameter to bfloat16 once
+    (buffers keep their dtype: the pixel mean/std stay fp32, the RoPE periods are bf16 already), and encode / decode
+    cast their input to it and return bf16. `compile`: torch.compile encode and decode with freezing, for runs of
+    many batches (a VTP-S graph takes about 25 s to build on 2 CPU cores; docs/performance.md)."""
+    if precision not in INFERENCE_DTYPES:
+        raise ValueError(f"inference precision {precision!r} (choices: {', '.join(INFERENCE_DTYPES)})")
+    dtype = INFERENCE_DTYPES[precision]
+    model.eval().requires_grad_(False)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    encode, decode = type(model).encode.__get__(model), type(model).decode.__get__(model)
+    if compile:
+        encode, decode = (torch.compile(f, options={"freezing": True}) for f in (encode, decode))
+    model.encode = lambda images: encode(images.to(dtype))  # (B, 3, H, W) -> (B, C, H / p, W / p)
+    model.decode = lambda latents: decode(latents.to(dtype))  # (B, C, h, w) -> (B, 3, p h, p w)
     return model

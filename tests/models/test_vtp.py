@@ -244,3 +244,44 @@ def test_every_preset_builds_the_architecture_its_config_names(preset):
     assert sd["token_embedding.weight"].shape == (c.text_vocab_size, c.text_embed_dim)
     assert len(m.text_transformer.resblocks) == c.text_depth
     assert all(t.is_meta for t in m.parameters())
+
+
+def test_inference_fp32_is_the_plain_model_bit_for_bit():
+    from vtp_fast.compile import apply_inference
+
+    plain, fast = nano(), apply_inference(nano(), "fp32")
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        z = plain.encode(x)
+        assert torch.equal(fast.encode(x), z) and torch.equal(fast.decode(z), plain.decode(z))
+
+
+def test_inference_bf16_casts_the_weights_once_and_stays_near_fp32():
+    """bf16: parameters bf16, pixel statistics fp32, fp32 input accepted; the reconstruction within bf16 rounding of
+    fp32's (nano, random weights: |error| a few percent of the output's range) and one fingerprint for both."""
+    from vtp_fast.compile import apply_inference
+    from vtp_fast.models.pretrained import tokenizer_fingerprint
+
+    plain, fast = nano(), apply_inference(nano(), "bf16")
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16} and fast.pixel_mean.dtype == torch.float32
+    assert tokenizer_fingerprint(fast) == tokenizer_fingerprint(plain)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = plain.decode(plain.encode(plain.normalize(x)))
+        got = fast.decode(fast.encode(fast.normalize(x)))
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs()
+    assert 0 < err.max() < 0.05 * want.abs().max() and err.mean() < 0.01 * want.abs().mean()
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        apply_inference(nano(), "fp16")
+
+
+def test_inference_compiled_matches_eager():
+    from vtp_fast.compile import apply_inference
+
+    plain, fast = nano(), apply_inference(nano(), "fp32", compile=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        z = plain.encode(x)
+        torch.testing.assert_close(fast.encode(x), z, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast.decode(z), plain.decode(z), rtol=1e-4, atol=1e-4)

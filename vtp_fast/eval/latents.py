@@ -33,8 +33,12 @@ STATS = 3  # per shard in the all-reduced table: count, max label + 1, and the t
 
 
 def _plan(model: VTP, data, flip: bool, per_shard: int, dtype: str) -> dict:
-    return {"data": data.name, "images": len(data), "image_size": int(data.size), "per_shard": per_shard,
+    plan = {"data": data.name, "images": len(data), "image_size": int(data.size), "per_shard": per_shard,
             "flipped_copies": flip, "dtype": dtype, "tokenizer_fingerprint": tokenizer_fingerprint(model)}
+    weights = next(model.parameters()).dtype
+    if weights != torch.float32:  # a bf16 cast (apply_inference) encodes other latents: never mixed on resume
+        plan["weights"] = str(weights).removeprefix("torch.")
+    return plan
 
 
 def _encode(model: VTP, images: torch.Tensor, device: torch.device, flip: bool,

@@ -174,11 +174,12 @@ def save_pretrained(model: VTP, path: str | Path, state: dict[str, torch.Tensor]
 
 
 def tokenizer_fingerprint(model: VTP) -> str:
-    """A short hash of the tokenizer's weights: latents from another tokenizer are refused."""
+    """A short hash of the tokenizer's weights: latents from another tokenizer are refused. The values are rounded
+    to bf16 first, so the fp32 tokenizer and its bf16 cast (`apply_inference`) are one tokenizer."""
     h = hashlib.sha1()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+        h.update(v.detach().flatten()[:1024].to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
