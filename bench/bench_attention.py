@@ -15,7 +15,8 @@ from contextlib import nullcontext
 
 import torch
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, plot_scaling, timed_backends
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, plot_scaling, timed_backends
+from vtp_fast.measure.timing import measure
 from vtp_fast.nn.rope import Rope2D
 from vtp_fast.ops.attention import OP, attention_ref
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, timed_backends
+from vtp_fast.measure.timing import measure
 from vtp_fast.ops.clip_loss import OP, clip_loss_ref
 
 SHAPES = {"cpu": [(256, 2048, 256)], "cuda": [(4096, 32768, 768), (1024, 32768, 768)]}

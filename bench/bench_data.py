@@ -26,11 +26,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vtp_fast import optional
-from vtp_fast.benchmark import Emit, RowLog, bench_cli
 from vtp_fast.data.batch import BatchShape
-from vtp_fast.data.pairs import ShardSource, StepBatches
-from vtp_fast.data.shards import Sample, ShardSet, write_shards
+from vtp_fast.data.shard_source import ShardSet, ShardSource
+from vtp_fast.data.shards import Sample, write_shards
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.data.views import ViewConfig
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli
 
 TABLE_COLUMNS = ["decoder", "threads", "batch", "image_size", "images_per_s", "ratio_vs_pil", "median_ms"]
 
@@ -51,7 +52,7 @@ def synthetic_jpegs(n: int, side: int, seed: int = 0) -> list[Sample]:
 def _throughput(data: StepBatches, workers: int, batches: int) -> tuple[float, float, set[str], int]:
     """(images/s, median ms per batch, devices the decoded images came back on, batches with a bad sample) over
     `batches` batches after one warm-up batch. A bad sample is replaced and its batch decoded by the same decoder
-    (vtp_fast/data/pairs.py), so it does not change what decoded the batch."""
+    (vtp_fast/data/step_batches.py), so it does not change what decoded the batch."""
     loader = DataLoader(data, batch_size=None, sampler=range(batches + 1), num_workers=workers,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     it = iter(loader)

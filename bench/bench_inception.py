@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli
 
 TABLE_COLUMNS = ["variant", "kind", "batch", "images_per_s", "speedup_vs_current", "feat_max_abs", "feat_max_rel",
                  "feat_rel_l2", "fid", "fid_rel_diff", "kid_mean", "kid_diff", "kid_std"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
 from vtp_fast.data.views import mask_to_index
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, timed_backends
+from vtp_fast.measure.timing import measure
 from vtp_fast.ops.masked_gather import OP, masked_gather_ref, masked_scatter_ref
 
 SHAPES = {"cpu": [(32, 196, 384)], "cuda": [(256, 256, 768), (64, 1024, 1024)]}

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vtp_fast import load_pretrained
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, resolved_backends
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends
 
 TABLE_COLUMNS = ["device", "dtype", "tensor", "max_abs_error", "max_abs_value"]
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "vtp_official_tiny"

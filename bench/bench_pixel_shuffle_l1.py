@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, timed_backends
+from vtp_fast.measure.timing import measure
 from vtp_fast.ops.pixel_shuffle_l1 import OP, pixel_shuffle_l1_ref, pixel_shuffle_ref
 
 # (B, h, w, p, target dtype or None for the tokens' dtype)

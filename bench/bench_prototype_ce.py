@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, timed_backends
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, timed_backends
+from vtp_fast.measure.timing import measure
 from vtp_fast.ops.prototype_ce import OP, prototype_ce_ref
 
 SHAPES = {"cpu": [(256, 4096, 64)], "cuda": [(4096, 65536, 256), (16384, 65536, 256)]}

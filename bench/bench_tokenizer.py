@@ -11,7 +11,8 @@ from contextlib import nullcontext
 import torch
 
 from vtp_fast import VTP, vtp_config
-from vtp_fast.benchmark import Emit, RowLog, bench_cli, measure, resolved_backends, timed_backends
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends, timed_backends
+from vtp_fast.measure.timing import measure
 from vtp_fast.ops.attention import OP
 from vtp_fast.ops.registry import building_for, use_backend
 

@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON row to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from vtp_fast.benchmark import env_info, write_rows
+    from vtp_fast.measure.rows import write_rows
+    from vtp_fast.measure.timing import env_info
     from vtp_fast.threads import SPIN_COUNT, budget
 
     settings = {f"the budget (GOMP_SPINCOUNT={SPIN_COUNT})": {"GOMP_SPINCOUNT": str(SPIN_COUNT)},

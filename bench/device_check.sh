@@ -352,7 +352,7 @@ report() {
   TAIL=3 run "$PY" - "$ROWS" "$WORK" "$OUT/attention.png" <<'PYEOF'
 import contextlib, sys, traceback
 from vtp_fast import cli
-from vtp_fast.benchmark import plot_scaling, read_rows
+from vtp_fast.measure.rows import plot_scaling, read_rows
 
 rows_path, work, plot_path = sys.argv[1:]
 for name, argv in (("rows", ["bench", "--report", rows_path]), ("model", ["bench", "--model", "--report", rows_path])):

@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON rows to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from vtp_fast.benchmark import env_info, write_rows
+    from vtp_fast.measure.rows import write_rows
+    from vtp_fast.measure.timing import env_info
 
     env = env_info("cpu")
     with tempfile.TemporaryDirectory() as tmp:

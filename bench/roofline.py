@@ -1,5 +1,5 @@
 """The CPU roofline: this machine's measured fp32 and bf16 matmul throughput and copy bandwidth, at the threads torch
-uses (benchmark.cpu_ceilings), as rows.
+uses (vtp_fast.measure.ceilings.cpu_ceilings), as rows.
 
     python bench/roofline.py [--threads N] [--out bench/results/cpu/roofline.jsonl] [--quick]
 
@@ -7,14 +7,16 @@ The ceilings that `vtp-fast profile` and `vtp-fast bench` state a CPU step's and
 (`ceiling_share`), in place of MFU. Matmul: torch.mm of two 2048 x 2048 matrices (halved while one call takes over
 half a second), 2 n^3 FLOPs, median of 5 after warm-up; "native_bf16" names the /proc/cpuinfo flags (amx_bf16,
 avx512_bf16) behind a fast bf16 matmul, empty where bf16 is emulated. Copy: Tensor.copy_ of 256 MiB of fp32, bytes
-read plus bytes written. The rows are the CPU's whatever --device says (a GPU's peak is benchmark.PEAK_TFLOPS).
+read plus bytes written. The rows are the CPU's whatever --device says (a GPU's peak is
+vtp_fast.train.flops.PEAK_TFLOPS).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from vtp_fast.benchmark import COPY_MIB, MATMUL_SIZE, Emit, RowLog, bench_cli, cpu_ceilings
+from vtp_fast.measure.ceilings import COPY_MIB, MATMUL_SIZE, cpu_ceilings
+from vtp_fast.measure.rows import Emit, RowLog, bench_cli
 
 TABLE_COLUMNS = ["case", "dtype", "shape", "threads", "median_ms", "gflop_per_s", "gb_per_s", "native_bf16"]
 QUICK = (512, 32)  # (matmul size, copy MiB) of a smoke run

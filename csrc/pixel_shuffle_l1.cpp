@@ -1,5 +1,5 @@
 // Pixel-shuffle of decoder tokens into the image, and the L1 loss against a target image fused with it:
-// the schema of the ops, their argument checks (shared with pixel_shuffle_l1.cu) and the CPU implementation
+// the schema of the ops, their argument checks (declared in pixel_shuffle_l1.h) and the CPU implementation
 // (ATen parallel_for, OpenMP in torch builds).
 //
 //   pixel_shuffle(tokens (B, h*w, 3*p*p), h, w, p)           -> image (B, 3, h*p, w*p)
@@ -12,8 +12,8 @@
 // atomics). grad_tokens = sign(tokens - unshuffled target) * grad / numel (sign(0) = 0, as torch), grad_target
 // = -that in image layout; the backward re-reads the inputs instead of saving anything. Dtypes: target has the
 // tokens' dtype, or is float32 with half/bfloat16 tokens; the loss is float32 (float64 for float64 inputs).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include "pixel_shuffle_l1.h"
+
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -105,18 +105,6 @@ at::Tensor pixel_shuffle_cpu(const at::Tensor& tokens, int64_t h, int64_t w, int
     default: TORCH_CHECK(false, "pixel_shuffle: unsupported element size ", tokens.element_size());
   }
   return image;
-}
-
-// Calls f(T{}, U{}) for the tokens' type T and the target's type U (a pair check_pixel_shuffle_l1_args allows).
-template <typename F>
-void dispatch_pair(const at::Tensor& tokens, const at::Tensor& target, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "pixel_shuffle_l1", [&] {
-    using T = scalar_t;
-    if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
-      if (target.scalar_type() == at::kFloat) return f(T{}, float{});
-    }
-    f(T{}, T{});
-  });
 }
 
 std::tuple<int64_t, int64_t> grid_of(const at::Tensor& target, int64_t patch) {

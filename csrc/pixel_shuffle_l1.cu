@@ -7,8 +7,8 @@
 // address is that token base plus a per-thread channel offset, so the inner loop does no division. The loss
 // writes one fp32 partial per block (fixed by the shape) and a second one-block kernel adds them in order:
 // deterministic, no float atomics, and the image is never written.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include "pixel_shuffle_l1.h"
+
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,11 +22,6 @@
 #include <type_traits>
 
 namespace vtp_fast {
-
-// Defined in pixel_shuffle_l1.cpp (which owns the schema).
-void check_pixel_shuffle_args(const at::Tensor& tokens, int64_t h, int64_t w, int64_t patch);
-void check_pixel_shuffle_l1_args(const at::Tensor& tokens, const at::Tensor& target, int64_t patch);
-at::ScalarType pixel_shuffle_l1_loss_dtype(const at::Tensor& tokens);
 
 namespace {
 
@@ -196,18 +191,6 @@ void dispatch_width(int n, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     default: f(std::integral_constant<int, 1>{}); break;
   }
-}
-
-// Calls f(T{}, U{}) for the tokens' type T and the target's type U (a pair check_pixel_shuffle_l1_args allows).
-template <typename F>
-void dispatch_pair(const at::Tensor& tokens, const at::Tensor& target, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "pixel_shuffle_l1", [&] {
-    using T = scalar_t;
-    if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
-      if (target.scalar_type() == at::kFloat) return f(T{}, float{});
-    }
-    f(T{}, T{});
-  });
 }
 
 template <typename E>

@@ -1,7 +1,7 @@
 """Triton kernels (installed as `vtp_fast.kernels`); each op's semantics live in `vtp_fast/ops`.
 
 Every launcher in this package follows one convention, so that the ahead-of-time compile gate
-(`vtp-fast kernels check`, vtp_fast/kernel_check.py) sees exactly the launches a GPU would get:
+(`vtp-fast kernels check`, vtp_fast/measure/gate.py) sees exactly the launches a GPU would get:
 
   - configuration choices (tiles, warps, stages, splits) depend on `gpu_arch(tensor)` (None: CPU tensors under
     the interpreter; else the compute capability, e.g. 90) and `sm_count(device)`, never on `tensor.is_cuda`;

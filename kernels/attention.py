@@ -47,7 +47,7 @@ from vtp_fast.kernels import gpu_arch, launch, loop_bound
 LOG2E = 1.4426950408889634
 TAIL = tl.constexpr(16)  # width of the tiles that cover a sequence's ragged end (the smallest MMA tile)
 
-# The work each pass does, read by vtp_fast/perf_model.py (schema there). tile: the padding granularity of both
+# The work each pass does, read by vtp_fast.measure.perf_model (schema there). tile: the padding granularity of both
 # GEMM dimensions (the full tiles are larger, see _config; the ragged end is TAIL-wide, so a sequence pads to a
 # multiple of TAIL). glue_bytes, per element of q, bf16, outside the attention kernels proper: forward, the RoPE
 # pre-pass (read q, k, write the copies: 8); backward, delta (read O, dO: 4) and the fp32 dQ buffer (zeroed, its

@@ -77,7 +77,7 @@ GPU = {
 # cross chunks. A chunk's width and a split's range are multiples of the granule (of every column block).
 CHUNK_ELEMENTS = {"gpu": 1 << 25, "cpu": 1 << 9}
 GRANULE = {"gpu": 128, "cpu": 16}
-# The kernels' work for vtp_fast/perf_model.py (its schema): GEMM units of n x N x E multiply-adds per direction,
+# The kernels' work for vtp_fast.measure.perf_model (its schema): GEMM units of n x N x E multiply-adds per direction,
 # of which "recomputes" rebuild u (over all of E at once: block_d 0), the tile padding n x N, DRAM passes over the
 # gathered features, launches (PyTorch glue included: the forward's combine; the backward's coefficient, dq's
 # partial sum and scaling). The backward's u, dq and dk; at the real shapes (n <= 512) one chunk. "scratch_bytes":
@@ -113,6 +113,19 @@ def _u_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, E, BLOCK_M: tl.constexpr, 
     return u
 
 
+@triton.jit
+def _operands(image_ptr, text_ptr, all_image_ptr, all_text_ptr, direction):
+    """(queries, keys) of a direction: 0, this rank's images against every text; 1, its texts against every
+    image."""
+    if direction == 0:
+        q_ptr = image_ptr
+        k_ptr = all_text_ptr
+    else:
+        q_ptr = text_ptr
+        k_ptr = all_image_ptr
+    return q_ptr, k_ptr
+
+
 @triton.jit(do_not_specialize=["offset"])  # one compiled kernel for every rank's offset
 def _forward_kernel(image_ptr, text_ptr, all_image_ptr, all_text_ptr, scale_ptr, part_ptr, n, N, E, offset,
                     cols_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -125,12 +138,7 @@ def _forward_kernel(image_ptr, text_ptr, all_image_ptr, all_text_ptr, scale_ptr,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     direction = tl.program_id(2)
-    if direction == 0:
-        q_ptr = image_ptr
-        k_ptr = all_text_ptr
-    else:
-        q_ptr = text_ptr
-        k_ptr = all_image_ptr
+    q_ptr, k_ptr = _operands(image_ptr, text_ptr, all_image_ptr, all_text_ptr, direction)
     row_ok = rows < n
     c_lo = split * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, N)
@@ -168,12 +176,7 @@ def _dlogits_kernel(image_ptr, text_ptr, all_image_ptr, all_text_ptr, norm_ptr, 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     js = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     direction = tl.program_id(2)
-    if direction == 0:
-        q_ptr = image_ptr
-        k_ptr = all_text_ptr
-    else:
-        q_ptr = text_ptr
-        k_ptr = all_image_ptr
+    q_ptr, k_ptr = _operands(image_ptr, text_ptr, all_image_ptr, all_text_ptr, direction)
     row_ok = rows < n
     col_ok = js < cols
     scale = tl.load(scale_ptr).to(tl.float32)

@@ -11,7 +11,7 @@ import triton.language as tl
 from vtp_fast.kernels import launch
 
 BLOCK_M = 16
-# The work these kernels do, read by vtp_fast/perf_model.py (`vtp-fast bench --model`); update it with the kernels.
+# The work these kernels do, read by vtp_fast.measure.perf_model (`vtp-fast bench --model`); update it with the kernels.
 # "fwd" = gather, "bwd" = the scatter (the gather's backward, masked_scatter's forward); "passes" = DRAM passes over
 # the moved rows; "launches" = kernels started here (the scatter's position table: full, arange, index_put).
 WORK = {"fwd": {"passes": 1, "launches": 1}, "bwd": {"passes": 1, "launches": 4}}

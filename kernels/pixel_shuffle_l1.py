@@ -19,7 +19,7 @@ import triton.language as tl
 from vtp_fast.kernels import launch, loop_bound
 
 _TILE = 2048  # elements a program touches per channel step
-# The work these kernels do, read by vtp_fast/perf_model.py (`vtp-fast bench --model`); update it with the kernels.
+# The work these kernels do, read by vtp_fast.measure.perf_model (`vtp-fast bench --model`); update it with the kernels.
 # "fwd" = l1 (partials kernel, their sum, the mean), "bwd" = l1_backward (the scale, the kernel); "passes" = DRAM
 # passes over tokens and target; "launches" = kernels started here, PyTorch glue included.
 WORK = {"fwd": {"passes": 1, "launches": 3}, "bwd": {"passes": 1, "launches": 2}}

@@ -40,7 +40,7 @@ CHUNK_ELEMENTS = {"gpu": 1 << 25, "cpu": 1 << 12}
 # Under the interpreter (CPU tensors) there is no autotuning: 32 x 32 blocks.
 INTERPRETER_BLOCK = 32
 
-# The kernels' work for vtp_fast/perf_model.py (its schema): GEMM units of n x K x d multiply-adds, the tile padding
+# The kernels' work for vtp_fast.measure.perf_model (its schema): GEMM units of n x K x d multiply-adds, tile padding
 # n x K, DRAM passes over the prototype weights, launches (PyTorch glue included). Backward: s and t rebuilt once,
 # grad w, grad x; its launches at the iBOT shape (n = 4096: 8 chunks of 8192 prototypes, each the grad-w kernel,
 # the sum of its row-range partials into grad w, the grad-x kernel and the sum of its partials, then 3 to scale

@@ -1,5 +1,5 @@
-"""Test data built by the tests themselves (a prepared emoji-format folder of synthetic images, damaged images) and
-a load on the cores that comes and goes."""
+"""Test data built by the tests themselves (a prepared emoji-format folder of synthetic images, damaged images), a
+load on the cores that comes and goes, and the op tests' backend on the CPU."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from vtp_fast import optional
 from vtp_fast.data.emoji import STYLES
+from vtp_fast.ops.registry import Op
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -68,6 +71,23 @@ def png_with_bad_pixels(seed: int = 0) -> bytes:
     data[at + 4:at + 4 + length] = rng.integers(0, 255, length, dtype=np.uint8).tobytes()
     data[at + 4 + length:at + 8 + length] = zlib.crc32(bytes(data[at:at + 4 + length])).to_bytes(4, "big")
     return bytes(data)
+
+
+def cpu_backend(op: Op, name: str):
+    """The implementation of `op`'s backend `name`, which must run on the CPU here. The native one is skipped when
+    the extension is not built, and fails the test instead under VTP_FAST_REQUIRE_NATIVE=1 (scripts/test.sh)."""
+    if name == "native" and not optional.available("native"):
+        if os.environ.get("VTP_FAST_REQUIRE_NATIVE"):
+            pytest.fail(f"native extension required but not loaded: {optional.reason('native')}")
+        pytest.skip("native extension not built")
+    b = op.backends[name]
+    assert "cpu" in b.devices, f"{name} does not run on cpu here"
+    return b.impl
+
+
+def dtypes_for(name: str, dtypes: tuple[torch.dtype, ...]) -> list[torch.dtype]:
+    """The `dtypes` backend `name` runs on the CPU: the Triton interpreter has no bfloat16."""
+    return [d for d in dtypes if not (name == "triton" and d == torch.bfloat16)]
 
 
 def assert_batches_equal(a, b) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vtp_fast.benchmark import RowLog, row_writer, write_rows
+from vtp_fast.measure.rows import RowLog, row_writer, write_rows
 from vtp_fast.ops import REGISTRY
 
 BENCH = Path(__file__).parents[1] / "bench"
@@ -45,7 +45,8 @@ def test_bench_quick_run(name, tmp_path):
     if name in REGISTRY:  # an op: every backend against the reference and torch.compile of it
         assert {"reference", "compiled_reference"} <= {r["backend"] for r in rows}
     if name == "step":
-        assert [r["mode"] for r in rows] == ["eager", "compiled"] and rows[0]["speedup_vs_eager"] == 1.0
+        assert [r["mode"] for r in rows] == list(module.BRIEF) and rows[0]["speedup_vs_eager"] == 1.0
+        assert all(r["flops"] > 0 and r["ceiling_share"] > 0 for r in rows)
     if name == "parity":  # fp32 on the CPU is exact; bf16 stays within bf16 precision
         assert all(r["max_abs_error"] <= (1e-5 if r["dtype"] == "float32" else 0.1 * r["max_abs_value"])
                    for r in rows)

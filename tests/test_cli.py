@@ -185,9 +185,9 @@ def test_device_errors_name_the_option(device, expect, ckpt_dir, images, tmp_pat
 
 
 def test_large_images_are_announced_with_an_estimated_time(ckpt_dir, tmp_path, capsys, monkeypatch):
-    import vtp_fast.cli as cli
+    from vtp_fast.eval import codec
 
-    monkeypatch.setattr(cli, "PIXEL_BUDGET", 40 * 40)
+    monkeypatch.setattr(codec, "PIXEL_BUDGET", 40 * 40)
     photo = _photo(tmp_path / "big.png", 64, 48)
     assert main(["reconstruct", str(photo), "--checkpoint", str(ckpt_dir), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
@@ -251,6 +251,7 @@ def test_pretrain_smoke(tmp_path, capsys):
 @pytest.mark.parametrize("error", ["config", "input", "image", "checkpoint", "diverged", "value", "os", "key"])
 def test_only_the_projects_own_errors_are_one_line(error, monkeypatch, capsys):
     from vtp_fast import cli
+    from vtp_fast.cli import codec
     from vtp_fast.config import ConfigError, InputError, UserError
     from vtp_fast.data.images import ImageError
     from vtp_fast.models.pretrained import CheckpointError
@@ -265,7 +266,7 @@ def test_only_the_projects_own_errors_are_one_line(error, monkeypatch, capsys):
         raise raised
 
     monkeypatch.delenv("VTP_FAST_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setattr(codec, "cmd_info", boom)
     if error in ("value", "os", "key"):  # not a user error: it propagates, so the traceback is shown
         with pytest.raises(type(raised)):
             main(["info"])
@@ -458,7 +459,8 @@ def test_the_large_image_estimate_holds_across_runs(ckpt_dir, capsys):
     import argparse
     import warnings
 
-    from vtp_fast import cli, load_pretrained
+    from vtp_fast import load_pretrained
+    from vtp_fast.eval import codec
 
     model = load_pretrained(ckpt_dir).requires_grad_(False)
     args = argparse.Namespace(resize="pad", size=None, max_side=1024)
@@ -466,7 +468,7 @@ def test_the_large_image_estimate_holds_across_runs(ckpt_dir, capsys):
     for _ in range(2):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            cli._warn_large(model, [(Path("big.jpg"), (6000, 4000))], args, 16)
+            codec.warn_large(model, [(Path("big.jpg"), (6000, 4000))], args, 16)
         notes.append(capsys.readouterr().err + "".join(str(w.message) for w in caught))
     found = [re.search(r"about ([\d.]+) (s|min) on cpu \(expected within a factor of ([\d.]+)", n) for n in notes]
     assert all(found), notes

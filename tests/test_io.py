@@ -14,6 +14,7 @@ from vtp_fast.io import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    default_cache_dir,
     replace_dir,
     temp_dir,
 )
@@ -239,3 +240,10 @@ def test_io_imports_nothing_from_vtp_fast():
     imported += [n.module or "." for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
     relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
     assert not relative and not [m for m in imported if m.split(".")[0] == "vtp_fast"], imported
+
+
+def test_default_cache_dir_honours_env(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VTP_FAST_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("VTP_FAST_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "vtp_fast"

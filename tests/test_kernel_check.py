@@ -1,4 +1,4 @@
-"""The ahead-of-time compile gate (vtp_fast/kernel_check.py): it compiles for sm_90 / sm_80 without a GPU, reads
+"""The ahead-of-time compile gate (vtp_fast/measure/gate*.py): it compiles for sm_90 / sm_80 without a GPU, reads
 ptxas' figures, fails what would fail or crawl on a GPU, and the CI subset of the real kernels passes it."""
 
 import re
@@ -13,7 +13,9 @@ import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from vtp_fast import kernels  # noqa: E402
-from vtp_fast.kernel_check import SMEM_LIMIT, _launch_rows, check, mma_kind, parse_nvcc_log, parse_ptxas  # noqa: E402
+from vtp_fast.measure.gate_cuda import parse_nvcc_log  # noqa: E402
+from vtp_fast.measure.gate_rows import mma_kind, parse_ptxas  # noqa: E402
+from vtp_fast.measure.gate_triton import _launch_rows, check  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,28 +43,28 @@ def _rows(block: int, stages: int, arch: int, dtype=torch.bfloat16):
 
 
 def test_a_small_tile_compiles_clean_with_the_arch_mma():
-    from vtp_fast.kernel_check import _compiling_for
+    from vtp_fast.measure.gate_triton import _compiling_for
 
     for arch, mma in ((90, "wgmma"), (80, "mma")):
         with _compiling_for(arch, native=False):
             (row,) = _rows(64, 2, arch)
         assert row.status == "ok", row
-        assert row.mma == mma and 0 < row.regs <= 255 and row.spill == 0 and 0 < row.smem <= SMEM_LIMIT[arch]
+        assert row.mma == mma and 0 < row.regs <= 255 and row.spill == 0 and 0 < row.smem <= kernels.SMEM_LIMIT[arch]
 
 
 def test_shared_memory_over_the_sm_limit_fails():
     """256 x 256 bf16 tiles of A and B, 4 stages deep: 4 * 2 * 128 KB, far over either SM."""
-    from vtp_fast.kernel_check import _compiling_for
+    from vtp_fast.measure.gate_triton import _compiling_for
 
     with _compiling_for(80, native=False):
         (row,) = _rows(256, 4, 80)
-    assert row.failed and "shared memory" in row.status and row.smem > SMEM_LIMIT[80]
+    assert row.failed and "shared memory" in row.status and row.smem > kernels.SMEM_LIMIT[80]
 
 
 def test_fp32_ieee_dot_uses_no_tensor_cores_and_big_tiles_spill():
     """An fp32 dot in ieee precision runs on the FMA units with its operands in registers: with a 128 x 128 fp32
     accumulator over 4 warps (128 values a thread) ptxas must spill, and the gate fails it."""
-    from vtp_fast.kernel_check import _compiling_for
+    from vtp_fast.measure.gate_triton import _compiling_for
 
     with _compiling_for(90, native=False):
         with kernels.offline(90, 132) as plan:
@@ -70,7 +72,7 @@ def test_fp32_ieee_dot_uses_no_tensor_cores_and_big_tiles_spill():
             out = torch.empty(128, 128, dtype=torch.float32, device="meta")
             kernels.launch(_square_dot, (1,), a, out, 4096, BLOCK=128, PRECISION="ieee", num_warps=4, num_stages=1)
         (row,) = _launch_rows(plan.launches[0], 90, "test", "square", "float32")
-    assert row.mma == "none" and row.smem <= SMEM_LIMIT[90]
+    assert row.mma == "none" and row.smem <= kernels.SMEM_LIMIT[90]
     assert row.spill > 256 and row.failed and "spills" in row.status
 
 

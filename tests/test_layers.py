@@ -3,9 +3,10 @@ down the layer table below, and the package-level import graph has no cycles.
 
 Layers, bottom up: kernels/csrc <- ops <- nn <- models; losses use ops; data uses none of these; train uses models,
 losses, data, never eval; eval uses models and data, never train; what needs both train and eval (the generative
-probe, pretraining with its evaluations: the CLI, the study) sits in a layer above both. A violation too big to fix
-where it was found goes in KNOWN with its reason and the issue item that removes it; an entry that is no longer
-needed fails too, so the list can only shrink.
+probe, pretraining with its evaluations: the CLI, the study) sits in a layer above both; so does measure, which builds,
+traces and times their work (the planners, the profiler, the study's FLOP counts), below the study and the CLI. A
+violation too big to fix where it was found goes in KNOWN with its reason and the issue item that removes it; an
+entry that is no longer needed fails too, so the list can only shrink.
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ LAYER_OF = {
     "vtp_fast.compile": "compile",  # apply_compile: a transform of a built model, applied by the entry point
     "vtp_fast.plots": "plots",  # PNG curves and image grids (matplotlib): runs, benchmarks and evaluations draw them
     "vtp_fast.eval": "eval",
-    # Measuring tools: timing rows and tables, the roofline model, the kernels' ahead-of-time compile gate.
-    "vtp_fast.benchmark": "measure",
-    "vtp_fast.perf_model": "measure",
-    "vtp_fast.kernel_check": "measure",
     "vtp_fast.train": "train",
+    # Measuring: benchmark rows and ceilings, the performance model, the kernels' compile gate, the planners, the
+    # step profiler, the study's FLOP counts.
+    "vtp_fast.measure": "measure",
     "vtp_fast.downstream": "downstream",
     "vtp_fast.study": "study",
     "vtp_fast.cli": "cli",
@@ -69,11 +69,14 @@ RANKS = {
     # eval (pretraining's held-out evaluation and generative probe are passed in by the layers above). Collectives
     # (no-ops on one process) let evaluations spread over torchrun's ranks: latent extraction, ADM's suite.
     "eval": {"models", "nn", "ops", "data", "distributed", "plots", "base"},
-    "measure": {"kernels", "ops", "plots", "base"},  # kernel_check compiles kernels; benchmark draws its plots
-    "train": {"models", "nn", "ops", "losses", "data", "distributed", "compile", "measure", "plots", "base"},
+    "train": {"models", "nn", "ops", "losses", "data", "distributed", "compile", "plots", "base"},
+    # Above train and eval: builds their steps on the meta device and times them (planners, profiler, the study's
+    # FLOP counts: train, models, losses, data, eval's Inception network), compiles the kernels (the gate), reads
+    # the backends the layers resolved to (ops); what training needs for its own MFU is train's (train.flops).
+    "measure": {"train", "eval", "models", "ops", "losses", "data", "compile", "kernels", "plots", "base"},
     # Above both train and eval: the generative probe (trains a DiT, scores it with gFID).
-    "downstream": {"train", "models", "nn", "ops", "losses", "data", "distributed", "compile", "eval", "measure",
-                   "plots", "base"},
+    "downstream": {"train", "models", "nn", "ops", "losses", "data", "distributed", "compile", "eval", "plots",
+                   "base"},
     "study": {"downstream", "train", "models", "nn", "ops", "losses", "data", "distributed", "compile", "eval",
               "measure", "plots", "base"},
     "api": {"models", "base"},

@@ -1,4 +1,4 @@
-"""The performance model (vtp_fast/perf_model.py): FLOP and byte counts against hand computations, the bound and
+"""The performance model (vtp_fast/measure/perf_*.py): FLOP and byte counts against hand computations, the bound and
 its kind, the kernels' declared work (and the fallback without one), and `vtp-fast bench --model`."""
 
 import json
@@ -7,15 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from vtp_fast import perf_model as pm
 from vtp_fast.cli import main
+from vtp_fast.measure import perf_model as pm
+from vtp_fast.measure.perf_estimate import estimate, model_rows
+from vtp_fast.measure.perf_report import estimate_bench_row, latest_results
 
 # The model with the kernels' work as DEFAULT_WORK states it, whatever kernels/*.py declare at the moment.
 DEFAULT = {op: pm.DEFAULT_WORK[op] for op in pm.OPS}
 
 
 def est(op, shape_name, pass_, **kw):
-    return pm.estimate(op, pm.SHAPES[op][shape_name], pass_, work=DEFAULT[op], shape_name=shape_name, **kw)
+    return estimate(op, pm.SHAPES[op][shape_name], pass_, work=DEFAULT[op], shape_name=shape_name, **kw)
 
 
 def test_attention_counts_by_hand():
@@ -81,14 +83,14 @@ def test_memory_ops_bytes_by_hand():
 def test_bound_kinds():
     # masked_gather and the pixel loss move bytes only
     for op in ("masked_gather", "pixel_shuffle_l1"):
-        assert {r["bound"] for r in pm.model_rows() if r["op"] == op} == {"memory"}
+        assert {r["bound"] for r in model_rows() if r["op"] == op} == {"memory"}
     # attention's arithmetic intensity is about N / 2 FLOP per byte forward, 0.625 N backward: below the ridge
     # 790e12 / 4.3e12 = 184 at N = 257 (memory-bound), above it from N ~ 370 (compute-bound)
     assert est("attention", "vit_b b256", "fwd")["bound"] == "memory"
     assert est("attention", "vit_b b256", "bwd")["bound"] == "memory"
     long = {"seqs": ((16, 1025),), "h": 16, "d": 64, "rope": True}
-    assert pm.estimate("attention", long, "fwd", work=DEFAULT["attention"])["bound"] == "compute"
-    assert pm.estimate("attention", long, "bwd", work=DEFAULT["attention"])["bound"] == "compute"
+    assert estimate("attention", long, "fwd", work=DEFAULT["attention"])["bound"] == "compute"
+    assert estimate("attention", long, "bwd", work=DEFAULT["attention"])["bound"] == "compute"
     # clip_loss intensity is ~n FLOP per byte forward: 128 rows against 32k are memory-bound, 512 compute-bound
     assert est("clip_loss", "n128 N32k E768", "fwd")["bound"] == "memory"
     assert est("clip_loss", "n512 N16k E768", "fwd")["bound"] == "compute"
@@ -96,7 +98,7 @@ def test_bound_kinds():
 
 
 def test_expected_fractions_are_consistent():
-    rows = pm.model_rows(pm.PASSES + ("fwd+bwd",))
+    rows = model_rows(pm.PASSES + ("fwd+bwd",))
     assert {(r["op"], r["pass"]) for r in rows} >= {(op, p) for op in pm.OPS for p in pm.PASSES}
     for r in rows:
         assert r["model_us"] == pytest.approx(r["bound_us"] / r["expected"])
@@ -112,13 +114,13 @@ def test_declared_work_replaces_the_default_key_by_key():
     assert fixed["fwd"] == pm.DEFAULT_WORK["attention"]["fwd"]
     assert fixed["bwd"]["tile"] == (64, 64) and fixed["bwd"]["gemms"] == 5
     shape = pm.SHAPES["attention"]["vit_b b256"]
-    today = pm.estimate("attention", shape, "bwd", work=DEFAULT["attention"])
-    better = pm.estimate("attention", shape, "bwd", work={"bwd": {"gemms": 5, "rope": "once", "passes": 1,
-                                                                  "glue_bytes": 4}})
+    today = estimate("attention", shape, "bwd", work=DEFAULT["attention"])
+    better = estimate("attention", shape, "bwd", work={"bwd": {"gemms": 5, "rope": "once", "passes": 1,
+                                                               "glue_bytes": 4}})
     assert better["gemms_kernel"] == 5 and better["note"] == ""
     assert better["gflop"] == today["gflop"] and better["model_us"] < today["model_us"]
-    clip = pm.estimate("clip_loss", pm.SHAPES["clip_loss"]["n128 N32k E768"], "bwd",
-                       work={"bwd": {"gemms": 3, "recomputes": 1, "block_d": 0}})
+    clip = estimate("clip_loss", pm.SHAPES["clip_loss"]["n128 N32k E768"], "bwd",
+                    work={"bwd": {"gemms": 3, "recomputes": 1, "block_d": 0}})
     assert clip["gemms_kernel"] == 3
     for bad in ({"bwd": {"gemms": -1}}, {"bwd": {"tile": (64,)}}, {"bwd": {"rope": "sometimes"}}, {"back": {}}):
         with pytest.raises(ValueError):
@@ -152,35 +154,35 @@ def _row(bench, **kw):
 
 
 def test_bench_rows_map_to_the_model():
-    r = pm.estimate_bench_row(_row("attention", case="rope", **{"pass": "fwd+bwd"}, shape=[64, 16, 257, 64],
-                                   median_ms=2.0))
-    model = pm.estimate("attention", pm.SHAPES["attention"]["vit_l b64"], "fwd+bwd")
+    r = estimate_bench_row(_row("attention", case="rope", **{"pass": "fwd+bwd"}, shape=[64, 16, 257, 64],
+                                median_ms=2.0))
+    model = estimate("attention", pm.SHAPES["attention"]["vit_l b64"], "fwd+bwd")
     assert r["bound_us"] == pytest.approx(model["bound_us"])
     assert r["achieved"] == pytest.approx(model["bound_us"] / 2000)
     views = [[64, 16, 257, 64], [256, 16, 37, 64]]
-    packed = pm.estimate_bench_row({**_row("attention", case="multicrop", shape=views, median_ms=1.0),
-                                    "pass": "fwd", "backend": "triton (packed varlen)"})
-    per_view = pm.estimate_bench_row({**_row("attention", case="multicrop", shape=views, median_ms=1.0),
-                                      "pass": "fwd", "backend": "triton (per view)"})
+    packed = estimate_bench_row({**_row("attention", case="multicrop", shape=views, median_ms=1.0),
+                                 "pass": "fwd", "backend": "triton (packed varlen)"})
+    per_view = estimate_bench_row({**_row("attention", case="multicrop", shape=views, median_ms=1.0),
+                                   "pass": "fwd", "backend": "triton (per view)"})
     assert packed["bound_us"] == pytest.approx(per_view["bound_us"])
     assert per_view["launches"] == 2 * packed["launches"]
-    scatter = pm.estimate_bench_row(_row("masked_gather", op="scatter", shape=[256, 256, 768], masked=26000,
-                                         median_ms=0.1))
+    scatter = estimate_bench_row(_row("masked_gather", op="scatter", shape=[256, 256, 768], masked=26000,
+                                      median_ms=0.1))
     assert scatter["mb"] * 1e6 == pytest.approx((26000 + 65536) * 768 * 2 + 8 * 26000)
     # other backends, fp32 matmul ops and unreadable rows are not modelled
-    assert pm.estimate_bench_row({**_row("clip_loss", op="fwd", shape=[128, 32768, 768], median_ms=1.0),
-                                  "backend": "compiled_reference"}) is None
-    assert pm.estimate_bench_row(_row("clip_loss", op="fwd", shape=[128, 32768, 768], median_ms=1.0,
-                                      dtype="float32")) is None
-    assert pm.estimate_bench_row(_row("clip_loss", op="fwd", shape=[128], median_ms=1.0)) is None
+    assert estimate_bench_row({**_row("clip_loss", op="fwd", shape=[128, 32768, 768], median_ms=1.0),
+                               "backend": "compiled_reference"}) is None
+    assert estimate_bench_row(_row("clip_loss", op="fwd", shape=[128, 32768, 768], median_ms=1.0,
+                                   dtype="float32")) is None
+    assert estimate_bench_row(_row("clip_loss", op="fwd", shape=[128], median_ms=1.0)) is None
 
 
 def test_latest_results(tmp_path):
-    assert pm.latest_results(tmp_path / "missing") is None
+    assert latest_results(tmp_path / "missing") is None
     (tmp_path / "2026-12-01.jsonl").write_text("")
     (tmp_path / "2026-12-09").mkdir()
     (tmp_path / "2026-12-09" / "rows.jsonl").write_text("")
-    assert pm.latest_results(tmp_path) == tmp_path / "2026-12-09" / "rows.jsonl"
+    assert latest_results(tmp_path) == tmp_path / "2026-12-09" / "rows.jsonl"
 
 
 def test_cli_prints_the_model_beside_measured_rows(tmp_path, capsys):
@@ -204,7 +206,7 @@ def test_cli_prints_the_model_beside_measured_rows(tmp_path, capsys):
 
 
 def test_cli_model_without_measured_rows(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("vtp_fast.cli.bench_dir", lambda: tmp_path)
+    monkeypatch.setattr("vtp_fast.cli.tools.bench_dir", lambda: tmp_path)
     assert main(["bench", "--model"]) == 0
     out = capsys.readouterr().out
     assert all(f"| {op} |" in out for op in pm.OPS) and "No measured rows" in out

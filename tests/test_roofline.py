@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtp_fast import benchmark
-from vtp_fast.benchmark import Ceilings, RowLog, cpu_ceilings, cpu_flags, native_bf16, share_of_ceiling
+from vtp_fast.measure import rows as row_log
+from vtp_fast.measure.ceilings import Ceilings, cpu_ceilings, cpu_flags, native_bf16, share_of_ceiling
+from vtp_fast.measure.rows import RowLog
 
 SMALL = {"size": 128, "copy_mib": 4}  # a tiny measurement: the numbers mean little, the code path is the same
 
@@ -71,7 +72,7 @@ def test_share_of_ceiling():
 
 
 def test_cpu_rows_with_flops_get_their_share(monkeypatch):
-    monkeypatch.setattr(benchmark, "cpu_ceilings", lambda *a, **k: fake())
+    monkeypatch.setattr(row_log, "cpu_ceilings", lambda *a, **k: fake())
     rows = RowLog()
     fp32 = rows.add({"bench": "x", "device": "cpu", "backend": "b", "dtype": "float32", "tflop_per_s": 0.025})
     bf16 = rows.add({"bench": "x", "device": "cpu", "backend": "b", "dtype": "bfloat16", "tflop_per_s": 0.1})

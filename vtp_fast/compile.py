@@ -1,4 +1,5 @@
-"""Transforms of a built model's transformer blocks (a VTP, a DiT), in place, state-dict keys unchanged.
+"""Transforms of a built model's transformer blocks (a VTP, a DiT: each names them, `transformer_blocks()`), in
+place, state-dict keys unchanged.
 
 `apply_compile`: torch.compile every block. Per-block compilation keeps compile times short and graphs reusable
 across blocks of one shape, and, done with `nn.Module.compile` (in place), keeps keys free of `_orig_mod.`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -29,23 +31,18 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
-from vtp_fast.models.dit import DiT
-from vtp_fast.models.vtp import VTP
+
+class BlockModel(Protocol):
+    """A model that names its transformer blocks (vtp_fast.models.vtp.VTP, vtp_fast.models.dit.DiT)."""
+
+    def transformer_blocks(self) -> list[nn.Module]: ...
 
 
-def transformer_blocks(model: VTP | DiT) -> list[nn.Module]:
-    if isinstance(model, DiT):
-        return list(model.blocks)
-    blocks = list(model.trunk.blocks)
-    if model.pixel_decoder is not None:
-        blocks += list(model.pixel_decoder.blocks)
-    if model.config.train_clip:
-        blocks += list(model.text_transformer.resblocks)
-    return blocks
+Model = TypeVar("Model", bound=BlockModel)
 
 
-def apply_compile(model: VTP | DiT, **options) -> VTP | DiT:
-    for block in transformer_blocks(model):
+def apply_compile(model: Model, **options) -> Model:
+    for block in model.transformer_blocks():
         block.compile(**options)
     return model
 
@@ -87,15 +84,15 @@ def _within(context, modes):
         yield
 
 
-def apply_activation_checkpointing(model: VTP | DiT, mode: str) -> VTP | DiT:
+def apply_activation_checkpointing(model: Model, mode: str) -> Model:
     if mode != "none":
         context_fn = _CONTEXTS[mode]
-        for block in transformer_blocks(model):
+        for block in model.transformer_blocks():
             block.forward = functools.partial(_checkpointed, block.forward, context_fn)
     return model
 
 
-def transform_blocks(model: VTP | DiT, activation_checkpointing: str = "none", compile: bool = False) -> VTP | DiT:
+def transform_blocks(model: Model, activation_checkpointing: str = "none", compile: bool = False) -> Model:
     """A training job's block transforms (run.activation_checkpointing, run.compile) in the order they need:
     checkpointing first, so the compiled forward is the checkpointed one; before DDP / FSDP2 wrap the model."""
     apply_activation_checkpointing(model, activation_checkpointing)
@@ -105,9 +102,10 @@ def transform_blocks(model: VTP | DiT, activation_checkpointing: str = "none", c
 
 
 INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Tokenizer = TypeVar("Tokenizer", bound=nn.Module)  # a vtp_fast.models.vtp.VTP: encode and decode
 
 
-def apply_inference(model: VTP, precision: str = "fp32", compile: bool = False) -> VTP:
+def apply_inference(model: Tokenizer, precision: str = "fp32", compile: bool = False) -> Tokenizer:
     """In place: `model` (a VTP) for inference only, eval mode and no gradients. "fp32" keeps the weights (the exact
     path, bit for bit that of the plain model when `compile` is off); "bf16" casts every parameter to bfloat16 once
     (buffers keep their dtype: the pixel mean/std stay fp32, the RoPE periods are bf16 already), and encode / decode

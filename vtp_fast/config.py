@@ -124,7 +124,11 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys under "
+        key = unknown[0]  # a key that lives one section down (a flat `lr` for `optim.lr`) is named there
+        moved = [f"{prefix}{name}.{key}" for name in sorted(names) if dataclasses.is_dataclass(hints[name])
+                 and key in {f.name for f in dataclasses.fields(hints[name])}]
+        hint = f"did you mean {' or '.join(moved)}? " if moved else ""
+        raise ConfigError(f"unknown config key {prefix}{key} ({hint}valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:

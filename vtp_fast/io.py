@@ -14,6 +14,7 @@ content is left as it was.
     atomic_write_bytes(path, data); atomic_write_text(path, text)
     with temp_dir(parent, prefix=".x-") as tmp: ...   # a scratch directory, always removed
     write_problem(path, folder=True)    # what would stop a write there (checked before any work), or None
+    default_cache_dir()                 # where prepared and downloaded files are kept ($VTP_FAST_CACHE)
 
 Temporary names start with "." so that listings which skip hidden names (`vtp_fast.data.shards.expand`) never pick
 them up, and they are part of this API: callers sweep what a killed process left behind by globbing for them
@@ -40,10 +41,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "file_mode",
-           "fsync_tree", "replace_dir", "temp_dir", "write_problem"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "default_cache_dir",
+           "file_mode", "fsync_tree", "replace_dir", "temp_dir", "write_problem"]
 
 _ATTEMPTS = 100
+
+
+def default_cache_dir() -> Path:
+    """Where vtp_fast keeps what it prepares or downloads (the emoji set, the FID weights and statistics):
+    ``$VTP_FAST_CACHE`` if set, else ``~/.cache/vtp_fast``."""
+    env = os.environ.get("VTP_FAST_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vtp_fast"
 
 
 def _fresh(parent: Path, prefix: str, suffix: str, make: Callable[[Path], None]) -> Path:

@@ -15,10 +15,13 @@ from bench.bench_data import synthetic_jpegs
 from tests.data.test_shards import _zoo
 from tests.helpers import assert_batches_equal, png_with_bad_pixels, random_png
 from vtp_fast import optional
-from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD, normalize
 from vtp_fast.data.batch import BatchShape
-from vtp_fast.data.pairs import BAD_KINDS, BadSampleCount, ShardSource, StepBatches, pick_decoder
-from vtp_fast.data.shards import Sample, ShardSet, write_shards
+from vtp_fast.data.decoders import pick_decoder
+from vtp_fast.data.pairs import BAD_KINDS, BadSampleCount
+from vtp_fast.data.shard_source import ShardSet, ShardSource
+from vtp_fast.data.shards import Sample, write_shards
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.data.views import ViewConfig
 
 
@@ -200,9 +203,15 @@ def test_one_alpha_rule_nvjpeg(tmp_path):
 
 
 def test_decoder_choice():
-    assert pick_decoder("torchvision") == "torchvision"
-    assert pick_decoder("auto") == ("dali" if optional.available("dali") else
-                                    "nvjpeg" if torch.cuda.is_available() else "torchvision")
+    assert pick_decoder("torchvision").name == "torchvision"
+    assert pick_decoder("auto").name == ("dali" if optional.available("dali") else
+                                         "nvjpeg" if torch.cuda.is_available() else "torchvision")
+    assert pick_decoder("dali", in_memory=True).name == "torchvision"  # an in-memory set has nothing to decode
+    with pytest.raises(ValueError, match="unknown decoder 'pil'"):
+        pick_decoder("pil")
+    if optional.available("dali"):
+        assert pick_decoder("dali", dali_device="cpu").on_gpu is False
+        assert pick_decoder("dali").on_gpu == torch.cuda.is_available()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="nvjpeg needs a CUDA device"):
             pick_decoder("nvjpeg")
@@ -261,7 +270,7 @@ def _plain(tmp_path, encoded: list[bytes], fmt: str, decoder: str) -> tuple[torc
     images = data.assemble(torch.arange(n), torch.zeros(n, dtype=torch.long)).images.cpu()
     if decoder == "torchvision":
         return images, [as_uint8(open_rgb(e)) for e in encoded]
-    return images, [x.cpu() for x in data._decoder().decoded(encoded)]
+    return images, [x.cpu() for x in data.decoder.decoded(encoded)]
 
 
 def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -309,8 +318,6 @@ def test_the_plain_image_is_the_centred_square(tmp_path, decoder):
         img[top:top + side, left:left + side] = (30, 200, 30)
         encoded.append(_encode(img, "png"))
     green = torch.tensor([30, 200, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, PLAIN, PLAIN)
-    from vtp_fast.data.images import normalize
-
     got, _ = _plain(tmp_path, encoded, "png", decoder)
     for k in range(len(encoded)):
         assert _levels(got[k], normalize(green)) <= (1 if decoder == "nvjpeg" else 0) + 1e-3, k

@@ -15,17 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vtp_fast.data import emoji
-from vtp_fast.data.emoji import (
-    NPM_PACKAGES,
-    STYLES,
-    EmojiDataError,
-    EmojiSet,
-    default_cache_dir,
-    load_emoji,
-    normalise_key,
-    prepare_emoji,
-)
+from vtp_fast.data import emoji_prepare
+from vtp_fast.data.emoji import STYLES, EmojiDataError, EmojiSet, load_emoji
+from vtp_fast.data.emoji_prepare import NPM_PACKAGES, normalise_key, prepare_emoji
 
 SIZE = 32
 TARBALLS = {  # the names `npm pack` gives the real packages
@@ -170,7 +162,7 @@ def test_manifest_counts_corrupt_unmatched_and_unused(prepared: Path) -> None:
 
 def test_second_call_returns_cached_dir_without_rebuilding(prepared: Path, monkeypatch) -> None:
     manifest_mtime = (prepared / "manifest.json").stat().st_mtime_ns
-    monkeypatch.setattr(emoji, "_build", lambda *a, **k: pytest.fail("rebuilt a complete prepared dir"))
+    monkeypatch.setattr(emoji_prepare, "_build", lambda *a, **k: pytest.fail("rebuilt a complete prepared dir"))
     again = prepare_emoji(cache_dir=prepared.parent.parent, size=SIZE, tarball_dir=Path("/nonexistent"))
     assert again == prepared and (prepared / "manifest.json").stat().st_mtime_ns == manifest_mtime
 
@@ -225,7 +217,7 @@ def test_missing_tarball_names_the_npm_command(tmp_path: Path) -> None:
 
 
 def test_missing_npm_is_an_emoji_data_error(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    monkeypatch.setattr(emoji_prepare.shutil, "which", lambda name: None)
     with pytest.raises(EmojiDataError, match="npm not found"):
         prepare_emoji(tmp_path / "c", size=SIZE, progress=False)
 
@@ -256,13 +248,6 @@ def test_fetches_missing_tarballs_with_npm_pack(tmp_path: Path, monkeypatch) -> 
 def test_load_emoji_of_unprepared_dir_raises(tmp_path: Path) -> None:
     with pytest.raises(EmojiDataError, match="prepare_emoji"):
         load_emoji(tmp_path)
-
-
-def test_default_cache_dir_honours_env(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("VTP_FAST_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path
-    monkeypatch.delenv("VTP_FAST_CACHE")
-    assert default_cache_dir() == Path.home() / ".cache" / "vtp_fast"
 
 
 def test_emoji_set_rejects_fields_of_different_lengths() -> None:

@@ -11,17 +11,12 @@ from PIL import Image
 
 from tests.helpers import assert_batches_equal, make_prepared_emoji
 from vtp_fast.config import ConfigError
-from vtp_fast.data import pairs as pairs_mod
+from vtp_fast.data import step_batches as step_batches_mod
 from vtp_fast.data.batch import BatchShape
-from vtp_fast.data.pairs import (
-    BAD_KINDS,
-    BadSampleCount,
-    ShardSource,
-    StepBatches,
-    describe_pairs,
-    epoch_order,
-)
-from vtp_fast.data.shards import Sample, ShardSet, emoji_samples, expand, read_index, write_shards
+from vtp_fast.data.pairs import BAD_KINDS, BadSample, BadSampleCount
+from vtp_fast.data.shard_source import ShardSet, ShardSource
+from vtp_fast.data.shards import Sample, emoji_samples, expand, read_index, write_shards
+from vtp_fast.data.step_batches import StepBatches, epoch_order
 from vtp_fast.data.views import ViewConfig
 from vtp_fast.text import tokenize
 
@@ -140,9 +135,9 @@ def test_resampled_groups_read_one_shard_each_and_do_not_depend_on_the_world_siz
 
 
 def test_windowed_shuffle_is_a_permutation(monkeypatch):
-    monkeypatch.setattr(pairs_mod, "FULL_SHUFFLE_MAX", 10)
-    monkeypatch.setattr(pairs_mod, "BLOCK", 7)
-    monkeypatch.setattr(pairs_mod, "WINDOW", 3)
+    monkeypatch.setattr(step_batches_mod, "FULL_SHUFFLE_MAX", 10)
+    monkeypatch.setattr(step_batches_mod, "BLOCK", 7)
+    monkeypatch.setattr(step_batches_mod, "WINDOW", 3)
     n = 100
     ids = epoch_order(1, 0, n, torch.arange(n))
     assert sorted(ids.tolist()) == list(range(n)) and ids.tolist() != list(range(n))
@@ -193,13 +188,13 @@ def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
     reasons = {}
     for i in range(len(zoo)):
         try:
-            plain, full, caption = source.sample(i)
+            full, (h, w), caption = source.pixels(i)
             reasons[i] = None
-            assert plain.shape == (32, 32, 3) and plain.dtype == torch.uint8
-            assert full.shape[0] == 3 and 0 <= full.min() and full.max() <= 1
+            assert full.shape == (3, h, w) and full.dtype == torch.uint8
+            assert source.encoded(i).size == (h, w)  # from the header alone
             tokens = tokenize(caption, 16)[0]
             assert tokens.shape == (16,) and tokens.max() == 49407  # end-of-text kept even when truncated
-        except pairs_mod.BadSample as e:
+        except BadSample as e:
             reasons[i] = str(e)
     expected = {i: e for i, (_, e) in enumerate(zoo)}
     assert reasons == expected
@@ -220,8 +215,8 @@ def test_bad_data_zoo_is_harmless_and_counted(tmp_path):
     resumed = BadSampleCount()
     resumed.load_state_dict(count.state_dict())  # what a checkpoint keeps
     assert resumed.metrics() == count.metrics()
-    assert describe_pairs(source) == (f"{len(zoo) - len(bad)} usable pairs ({len(zoo)} samples, {len(bad)} bad: "
-                                      "corrupt_image 3, empty_caption 1, no_caption 1)")
+    assert source.describe() == (f"{len(zoo) - len(bad)} usable pairs ({len(zoo)} samples, {len(bad)} bad: "
+                                 "corrupt_image 3, empty_caption 1, no_caption 1)")
 
 
 def test_a_bad_sample_is_replaced_by_a_spread_of_samples_not_always_its_neighbour(tmp_path):
@@ -261,9 +256,9 @@ def test_non_utf8_caption_is_a_bad_sample(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     source = ShardSource(ShardSet(str(path)), 16, 16)  # no .idx: built by scanning
-    with pytest.raises(pairs_mod.BadSample, match="caption_not_utf8"):
-        source.sample(0)
-    assert source.sample(1)[2] == "café"
+    with pytest.raises(BadSample, match="caption_not_utf8"):
+        source.pixels(0)
+    assert source.pixels(1).text == source.encoded(1).text == "café"
     batch = StepBatches(source, BatchShape(size=2, ssl=0, rec=0, patch=16), VIEWS, seed=0)[0]
     assert batch.ids.tolist() == [1, 1] and batch.bad_ids.tolist() == [0]
     assert [BAD_KINDS[k] for k in batch.bad_kinds.tolist()] == ["caption_not_utf8"]
@@ -303,7 +298,7 @@ def test_every_damaged_shard_warns_once_names_the_file_and_is_counted(tmp_path):
         ("shard-00005.tar", "missing_shard", 0)}
     assert len(shards) == 5 + 1 + 3 + 5
     source = ShardSource(shards, 8, 16)
-    assert [source.sample(i)[2] for i in range(len(shards))] == [f"sample {i}" for i in (*range(6), 10, 11, 12,
+    assert [source.pixels(i).text for i in range(len(shards))] == [f"sample {i}" for i in (*range(6), 10, 11, 12,
                                                                                        *range(15, 20))]
 
 
@@ -400,6 +395,7 @@ def test_photo_folders_are_checked_resized_and_reported(tmp_path, capsys):
         assert s.ext == "jpg" and min(Image.open(io.BytesIO(s.image)).size) == 32
     assert Image.open(io.BytesIO(by_caption["a wave at sunset"].image)).size == (64, 32)
     with pytest.raises(Exception, match="apply to photos"):
-        from vtp_fast.cli import cmd_data_shards, parse
+        from vtp_fast.cli import parse
+        from vtp_fast.cli.data import cmd_data_shards
 
         cmd_data_shards(parse(["data", "shards", "fashion-mnist", "--out", str(tmp_path / "x"), "--quality", "80"]))

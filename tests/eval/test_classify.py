@@ -15,8 +15,8 @@ import vtp_fast
 from tests.helpers import COLOURS, SHAPES, _draw
 from vtp_fast import VTP, vtp_config
 from vtp_fast.config import InputError
+from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import LabelledImages
-from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.eval import classify, evaluate, probe_dino
 from vtp_fast.eval.features import extract_features, save_features
 from vtp_fast.eval.probe import TEMPLATES, linear_probe, stratified_split, zero_shot_accuracy, zero_shot_classifier

@@ -15,8 +15,8 @@ from PIL import Image
 
 from vtp_fast import VTP, vtp_config
 from vtp_fast.config import InputError
+from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import FolderImages, LabelledImages
-from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.eval import features
 from vtp_fast.eval.features import FeatureStore, extract_features, save_features
 from vtp_fast.eval.probe import extract_features as in_memory_features

@@ -187,7 +187,7 @@ def test_forward_with_cfg():
 
 @pytest.mark.parametrize("field,value", [
     ("heads", 5), ("patch_size", 0), ("input_size", 5), ("class_dropout", 1.0), ("class_dropout", -0.1),
-    ("learn_sigma", True), ("mlp_ratio", 0.0), ("depth", 0), ("num_classes", 0), ("time_scale", 0.0),
+    ("mlp_ratio", 0.0), ("depth", 0), ("num_classes", 0), ("time_scale", 0.0),
     ("freq_dim", 7), ("in_channels", 0),
 ])
 def test_config_errors_name_the_field(field, value):

@@ -1,34 +1,17 @@
 """Every backend of the masked-token gather/scatter against the reference, forward and backward."""
 
-import os
-
 import pytest
 import torch
 
-from vtp_fast import optional
+from tests.helpers import cpu_backend, dtypes_for
 from vtp_fast.data.views import mask_to_index
 from vtp_fast.ops.masked_gather import OP, masked_gather_ref, masked_scatter_ref
-from vtp_fast.ops.registry import use_backend
 
 BACKENDS = ["reference", "native", pytest.param("triton", marks=pytest.mark.triton)]
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # Gather/scatter move values: forward and the x/src gradients are exact. Only the fill gradient is a sum;
 # its tolerance per dtype is against a float64 computation of the same sum.
 FILL_GRAD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def backend(name: str):
-    if name == "native" and not optional.available("native"):
-        if os.environ.get("VTP_FAST_REQUIRE_NATIVE"):
-            pytest.fail(f"native extension required but not loaded: {optional.reason('native')}")
-        pytest.skip("native extension not built")
-    b = OP.backends[name]
-    assert "cpu" in b.devices, f"{name} does not run on cpu here"
-    return b.impl
-
-
-def dtypes_for(name: str):
-    # the Triton interpreter has no bf16
-    return [torch.float32, torch.float64] + ([] if name == "triton" else [torch.bfloat16])
 
 
 def make_mask(kind: str, b: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -51,11 +34,11 @@ MASKS = ["random", "all", "none", "rows"]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_forward_backward_match_reference(name, shape, mask_kind):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(hash((shape, mask_kind)) % 2**31)
     b, n, d = shape
     index = mask_to_index(make_mask(mask_kind, b, n, gen))
-    for dtype in dtypes_for(name):
+    for dtype in dtypes_for(name, DTYPES):
         x = torch.randn(b, n, d, generator=gen).to(dtype).requires_grad_()
         x_ref = x.detach().clone().requires_grad_()
         packed, packed_ref = impl.masked_gather(x, index), masked_gather_ref(x_ref, index)
@@ -86,7 +69,7 @@ def test_forward_backward_match_reference(name, shape, mask_kind):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_fill_gradient_against_float64_formula(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(3)
     b, n, d = 3, 11, 7
     index = mask_to_index(torch.rand(b, n, generator=gen) < 0.3)
@@ -102,7 +85,7 @@ def test_fill_gradient_against_float64_formula(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_non_contiguous_inputs_give_the_right_answer(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     x = torch.randn(4, 6, 10)[:, :, ::2]  # (4, 6, 5), strided
     index = torch.tensor([0, 5, 13, 23])
     assert torch.equal(impl.masked_gather(x, index), masked_gather_ref(x.contiguous(), index))
@@ -110,7 +93,7 @@ def test_non_contiguous_inputs_give_the_right_answer(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bad_arguments_raise(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="int64"):
         impl.masked_gather(x, torch.tensor([0, 1], dtype=torch.int32))
@@ -124,7 +107,7 @@ def test_bad_arguments_raise(name):
 
 @pytest.mark.parametrize("name", ["reference", "native"])
 def test_out_of_range_index_raises_on_cpu(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     with pytest.raises((IndexError, RuntimeError), match="out of range"):
         impl.masked_gather(torch.randn(2, 3, 4), torch.tensor([0, 6]))
 
@@ -139,7 +122,7 @@ def test_mask_to_index_orders_by_sample_then_token():
 @pytest.mark.parametrize("name", ["native", pytest.param("triton", marks=pytest.mark.triton)])
 def test_custom_op_registrations(name):
     """torch.library's own checks: schema, fake (meta) implementation, autograd registration."""
-    backend(name)
+    cpu_backend(OP, name)
     ops = {"native": (torch.ops.vtp_fast.masked_gather, torch.ops.vtp_fast.masked_scatter),
            "triton": (torch.ops.vtp_fast.masked_gather_triton, torch.ops.vtp_fast.masked_scatter_triton)}[name]
     x = torch.randn(12, 5, requires_grad=True)
@@ -151,7 +134,7 @@ def test_custom_op_registrations(name):
 
 
 def test_native_passes_through_torch_compile_fullgraph():
-    impl = backend("native")
+    impl = cpu_backend(OP, "native")
 
     def f(x, index, fill):
         packed = impl.masked_gather(x, index) * 2
@@ -165,13 +148,6 @@ def test_native_passes_through_torch_compile_fullgraph():
     x2, fill2 = x.detach().clone().requires_grad_(), fill.detach().clone().requires_grad_()
     f(x2, index, fill2).backward()
     assert torch.equal(x.grad, x2.grad) and torch.equal(fill.grad, fill2.grad)
-
-
-def test_layers_resolve_native_by_default_and_honour_a_request():
-    backend("native")
-    assert OP.resolve("cpu").name == "native"
-    with use_backend("masked_gather", "reference"):
-        assert OP.resolve("cpu").name == "reference"
 
 
 @pytest.mark.cuda

@@ -1,17 +1,15 @@
 """Pixel-shuffle and the fused pixel-shuffle + L1 loss: the reference against independent formulas, every
 backend against the reference and float64, forward and both gradients."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vtp_fast import optional
+from tests.helpers import cpu_backend, dtypes_for
 from vtp_fast.ops.pixel_shuffle_l1 import OP, pixel_shuffle_l1_ref, pixel_shuffle_ref
-from vtp_fast.ops.registry import use_backend
 
 BACKENDS = ["reference", "native", pytest.param("triton", marks=pytest.mark.triton)]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATCHES = [1, 2, 16]
 GRIDS = [(1, 1), (3, 5), (4, 4)]
 # The loss is a reduction: flash-attention rule, |kernel - float64| <= 2 |reference - float64| + LOSS_FLOOR.
@@ -20,21 +18,6 @@ GRIDS = [(1, 1), (3, 5), (4, 4)]
 LOSS_FLOOR = 1e-6
 # Gradients are elementwise, +-grad/numel or 0: vs float64, one rounding to the dtype (atol 0: zeros are exact).
 GRAD_RTOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
-
-
-def backend(name: str):
-    if name == "native" and not optional.available("native"):
-        if os.environ.get("VTP_FAST_REQUIRE_NATIVE"):
-            pytest.fail(f"native extension required but not loaded: {optional.reason('native')}")
-        pytest.skip("native extension not built")
-    b = OP.backends[name]
-    assert "cpu" in b.devices, f"{name} does not run on cpu here"
-    return b.impl
-
-
-def dtypes_for(name: str):
-    # the Triton interpreter has no bf16
-    return [torch.float32, torch.float16] + ([] if name == "triton" else [torch.bfloat16])
 
 
 def pixel_index(b: int, grid: tuple[int, int], p: int):
@@ -120,10 +103,10 @@ def test_reference_against_an_explicit_loop():
 @pytest.mark.parametrize("p", PATCHES)
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 def test_backends_match_reference_and_float64(name, p, grid):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(p * 100 + grid[0] * 10 + grid[1])
     for b in (1, 2):
-        for dtype in dtypes_for(name):
+        for dtype in dtypes_for(name, DTYPES):
             tokens, target = make_inputs(b, grid, p, dtype, gen)
             image = impl.pixel_shuffle(tokens, grid, p)
             assert image.dtype == dtype and torch.equal(image, pixel_shuffle_ref(tokens, grid, p))
@@ -132,7 +115,7 @@ def test_backends_match_reference_and_float64(name, p, grid):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_shuffle_gradient_is_the_unshuffle(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(2)
     grid, p = (3, 5), 2
     tokens = torch.randn(2, 15, 12, generator=gen, requires_grad=True)
@@ -146,7 +129,7 @@ def test_shuffle_gradient_is_the_unshuffle(name):
 def test_half_tokens_against_a_float32_target(name):
     """The training case: a bf16 (fp16 in the interpreter) decoder output against the fp32 image; and a mix the
     kernels do not take directly (fp16 tokens, bf16 target), promoted first."""
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(3)
     half = torch.float16 if name == "triton" else torch.bfloat16
     tokens, target = make_inputs(2, (3, 5), 16, half, gen, target_dtype=torch.float32)
@@ -158,7 +141,7 @@ def test_half_tokens_against_a_float32_target(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_float64(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(4)
     tokens, target = make_inputs(2, (3, 5), 2, torch.float64, gen)
     loss = impl.pixel_shuffle_l1(tokens, target, 2)
@@ -171,10 +154,10 @@ def test_float64(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_ties_give_zero_gradient(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(5)
     grid, p = (3, 5), 2
-    for dtype in dtypes_for(name):
+    for dtype in dtypes_for(name, DTYPES):
         tokens = torch.randn(2, 15, 12, generator=gen).to(dtype).requires_grad_()
         target = pixel_shuffle_ref(tokens.detach(), grid, p).clone()
         target[:, 1] += 1  # channel 1 differs by exactly 1 (below the target), the others tie
@@ -198,7 +181,7 @@ def test_ties_give_zero_gradient(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_gradient_for_only_one_input(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(6)
     tokens, target = make_inputs(2, (3, 5), 2, torch.float32, gen)
     (g_tok,) = torch.autograd.grad(impl.pixel_shuffle_l1(tokens, target.detach(), 2), tokens)
@@ -209,7 +192,7 @@ def test_gradient_for_only_one_input(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_non_contiguous_and_misaligned_inputs_give_the_right_answer(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     gen = torch.Generator().manual_seed(7)
     grid, p = (3, 5), 16
     tokens = torch.randn(2, 3 * p * p, 15, generator=gen).transpose(1, 2)  # (2, 15, 768), strided
@@ -226,7 +209,7 @@ def test_non_contiguous_and_misaligned_inputs_give_the_right_answer(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bad_arguments_raise(name):
-    impl = backend(name)
+    impl = cpu_backend(OP, name)
     tokens, target = torch.randn(2, 6, 12), torch.randn(2, 3, 4, 6)  # p = 2, grid 2x3
     with pytest.raises(ValueError, match="3\\*p\\*p = 12"):
         impl.pixel_shuffle_l1(torch.randn(2, 6, 11), target, 2)
@@ -257,7 +240,7 @@ def test_bad_arguments_raise(name):
 @pytest.mark.parametrize("name", ["native", pytest.param("triton", marks=pytest.mark.triton)])
 def test_custom_op_registrations(name):
     """torch.library's own checks: schema, fake (meta) implementation, autograd registration."""
-    backend(name)
+    cpu_backend(OP, name)
     ns = torch.ops.vtp_fast
     suffix = "" if name == "native" else "_triton"
     shuffle = getattr(ns, f"pixel_shuffle{suffix}")
@@ -273,7 +256,7 @@ def test_custom_op_registrations(name):
 
 
 def test_native_passes_through_torch_compile_fullgraph():
-    impl = backend("native")
+    impl = cpu_backend(OP, "native")
 
     def f(tokens, target):
         image = impl.pixel_shuffle(tokens * 2, (3, 5), 2)
@@ -285,13 +268,6 @@ def test_native_passes_through_torch_compile_fullgraph():
     grads = torch.autograd.grad(compiled(tokens, target), (tokens, target))
     want = torch.autograd.grad(f(tokens, target), (tokens, target))
     assert all(torch.equal(a, b) for a, b in zip(grads, want, strict=True))
-
-
-def test_layers_resolve_native_by_default_and_honour_a_request():
-    backend("native")
-    assert OP.resolve("cpu").name == "native"
-    with use_backend("pixel_shuffle_l1", "reference"):
-        assert OP.resolve("cpu").name == "reference"
 
 
 @pytest.mark.cuda

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cpu_backend
 from vtp_fast.ops import REGISTRY, BackendUnavailable, use_backend
 from vtp_fast.ops.registry import new_op
 
@@ -27,6 +28,15 @@ def test_every_op_has_its_pieces(op):
         assert (ROOT / "kernels" / f"{op}.py").is_file()
     if "native" in entry.backends:
         assert list((ROOT / "csrc").glob(f"{op}.cpp")) and list((ROOT / "csrc").glob(f"{op}.cu"))
+
+
+@pytest.mark.parametrize("op", sorted(name for name, entry in REGISTRY.items() if "native" in entry.backends))
+def test_native_ops_resolve_native_by_default_and_honour_a_request(op):
+    entry = REGISTRY[op]
+    cpu_backend(entry, "native")
+    assert entry.resolve("cpu").name == "native"
+    with use_backend(op, "reference"):
+        assert entry.resolve("cpu").name == "reference"
 
 
 def test_auto_resolution_prefers_priority_and_falls_back():

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtp_fast.perf_model import PEAK_FLOPS
+from vtp_fast.measure.perf_model import PEAK_FLOPS
+from vtp_fast.measure.study_flops import MAX_BASE, base_batch
 from vtp_fast.study import StudyConfig
 from vtp_fast.study import plan as plan_mod
-from vtp_fast.study.plan import KINDS, gpu_plan, plan_markdown, tokenizer_step
+from vtp_fast.study.plan import KINDS, gpu_plan, plan_markdown
+from vtp_fast.study.run import tokenizer_step
 
 # A tiny tokenizer at a batch whose smallest same-ratio batch (4 : 1 : 2) is 1/8 of it: the plan counts at 4 pairs
 # and scales to 32, the test counts at 32 directly.
@@ -33,7 +35,8 @@ def tiny_study(**kw) -> StudyConfig:
 def direct_step_flops(cfg: StudyConfig, mix: str) -> int:
     """One step at the configured batch, counted here without the plan's scaling (same trainer, meta device,
     iBOT masks at their expected size so the count does not depend on the random masks)."""
-    from vtp_fast.data.pairs import StepBatches, synthetic_pairs
+    from vtp_fast.data.pairs import synthetic_pairs
+    from vtp_fast.data.step_batches import StepBatches
     from vtp_fast.ops.registry import building_for
     from vtp_fast.study.run import pretrain_config
     from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
@@ -92,10 +95,10 @@ def test_clip_logits_term_is_quadratic_in_the_global_batch():
 
 
 def test_base_batch_keeps_the_ratio():
-    assert plan_mod.base_batch(16384, 4096, 2048) == (8, 2, 1)
-    assert plan_mod.base_batch(4096, 0, 512) == (8, 0, 1)
-    size, ssl, rec = plan_mod.base_batch(1000, 333, 1)
-    assert size == plan_mod.MAX_BASE and ssl == round(333 * size / 1000) and rec == 1
+    assert base_batch(16384, 4096, 2048) == (8, 2, 1)
+    assert base_batch(4096, 0, 512) == (8, 0, 1)
+    size, ssl, rec = base_batch(1000, 333, 1)
+    assert size == MAX_BASE and ssl == round(333 * size / 1000) and rec == 1
 
 
 def kind_hours(plan: dict) -> dict:

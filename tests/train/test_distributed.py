@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from tests.helpers import flickering_load, make_prepared_emoji
 from tests.train.test_pretrain import small_config
 from vtp_fast import distributed as vdist
-from vtp_fast.data.pairs import StepBatches, emoji_pairs
+from vtp_fast.data.pairs import emoji_pairs
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.train.trainer import build_trainer, forward_backward, schedules
 
 WORLD = 2
@@ -266,6 +267,7 @@ def test_the_command_line_leaves_its_process_groups_on_every_exit_path(tmp_path,
     checkpoints' gloo group) can abort in its C++ threads after a finished run; the command line destroys every
     group whether the command returns, fails on the user's input or is interrupted (Ctrl-C, SIGTERM)."""
     from vtp_fast import cli
+    from vtp_fast.cli import codec
     from vtp_fast.config import ConfigError
 
     ran = []
@@ -281,7 +283,7 @@ def test_the_command_line_leaves_its_process_groups_on_every_exit_path(tmp_path,
             raise KeyboardInterrupt
         return 0
 
-    monkeypatch.setattr(cli, "cmd_info", command)
+    monkeypatch.setattr(codec, "cmd_info", command)
     try:
         assert cli.main(["info"]) == (0 if outcome == "returns" else 2)
         assert ran and not dist.is_initialized()

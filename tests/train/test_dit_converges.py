@@ -19,7 +19,7 @@ import torch
 from vtp_fast.data.latents import shard_name, write_shard
 from vtp_fast.models.dit import DiT
 from vtp_fast.train import dit as dit_train
-from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
+from vtp_fast.train.config import DiTOptimConfig, DiTRunConfig, DiTTrainConfig
 from vtp_fast.train.dit import load_dit, train_dit
 from vtp_fast.train.flow import sample
 
@@ -80,7 +80,7 @@ def test_dit_learns_a_mixture_of_latents_and_its_ema_samples_it(tmp_path, monkey
     steps = 1000
     cfg = DiTTrainConfig(latents=str(latents), preset="dit-nano",
                          overrides={"in_channels": C, "input_size": S, "num_classes": 1, "hidden": 64},
-                         batch=32, lr=3e-3, warmup_steps=10, ema=0.999,
+                         batch=32, optim=DiTOptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10), ema=0.999,
                          run=DiTRunConfig(steps=steps, log_every=steps, checkpoint_every=steps,
                                           out_dir=str(tmp_path / "run"), seed=0))
     paths = train_dit(cfg)

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from vtp_fast import VTP, vtp_config
-from vtp_fast.config import ConfigError
+from vtp_fast.config import ConfigError, load_config
 from vtp_fast.data.labelled import LabelledImages
+from vtp_fast.data.latents import load_latents
 from vtp_fast.eval.latents import extract_latents
 from vtp_fast.models.pretrained import read_safetensors
 from vtp_fast.train import dit as dit_train
-from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
+from vtp_fast.train.config import DiTOptimConfig, DiTRunConfig, DiTTrainConfig
 from vtp_fast.train.dit import ema_decay, train_dit
 
 
@@ -28,7 +29,7 @@ def latents(tmp_path_factory):
 
 def config(latents, out, **run) -> DiTTrainConfig:
     return DiTTrainConfig(latents=str(latents), preset="dit-nano", overrides={"in_channels": 64, "input_size": 2,
-                          "num_classes": 3}, batch=4, warmup_steps=2,
+                          "num_classes": 3}, batch=4, optim=DiTOptimConfig(warmup_steps=2),
                           run=DiTRunConfig(steps=6, log_every=1, checkpoint_every=3, out_dir=str(out), **run))
 
 
@@ -79,3 +80,30 @@ def test_training_uses_the_warmed_up_decay_at_every_step_also_after_a_resume(lat
     train_dit(config(latents, tmp_path / "run", stop_at=3))
     train_dit(config(latents, tmp_path / "run", resume="auto"))
     assert seen == pytest.approx([(1 + s) / (10 + s) for s in range(6)])  # not 0.999 from step 0
+
+
+def test_the_optimizer_lives_under_optim_and_old_flat_keys_name_their_new_place(tmp_path):
+    cfg = load_config(DiTTrainConfig, ["configs/dit/study_tiny.yaml"], ["latents=x"])
+    assert (cfg.optim.lr, cfg.optim.final_lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (1e-3, 1e-4, 50, 0.0)
+    assert cfg.optim.final_lr == cfg.optim.lr * 0.1  # the DiT's schedule as it was: cosine to a tenth of the peak
+    defaults = DiTTrainConfig().optim
+    assert (defaults.lr, defaults.final_lr, defaults.warmup_steps) == (2e-4, 2e-4 * 0.1, 100)
+    assert load_config(DiTTrainConfig, [], ["latents=x", "optim.lr=1e-3"]).optim.final_lr == 1e-3 * 0.1  # follows lr
+    assert load_config(DiTTrainConfig, [], ["latents=x", "optim.min_lr=0"]).optim.final_lr == 0
+    old = tmp_path / "old.yaml"
+    old.write_text("preset: dit-tiny\nlr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: unknown config key lr \(did you mean optim.lr\?"):
+        load_config(DiTTrainConfig, [old], ["latents=x"])
+    with pytest.raises(ConfigError, match="optim.weight_decay_end: the DiT keeps its weight decay constant"):
+        load_config(DiTTrainConfig, [], ["latents=x", "optim.weight_decay_end=0.2"])
+
+
+def test_an_export_made_before_learn_sigma_went_still_loads(latents, tmp_path):
+    model = dit_train.build_dit(config(latents, tmp_path), load_latents(latents))
+    path = dit_train.export_dit(model, load_latents(latents).meta, tmp_path / "dit")
+    config_json = json.loads((path / "config.json").read_text())
+    config_json["dit"]["learn_sigma"] = False  # what every export wrote while DiTConfig had the field
+    (path / "config.json").write_text(json.dumps(config_json))
+    loaded, _ = dit_train.load_dit(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))

@@ -137,8 +137,9 @@ def test_the_counted_step_flops_match_a_real_step(tmp_path):
     run: equal up to the iBOT masks (expected count there, drawn here)."""
     from tests.helpers import make_prepared_emoji
     from tests.train.test_pretrain import emoji_root, small_config  # noqa: F401 - fixture
-    from vtp_fast.data.pairs import StepBatches, emoji_pairs
-    from vtp_fast.train.profile import count_flops, step_flops
+    from vtp_fast.data.pairs import emoji_pairs
+    from vtp_fast.data.step_batches import StepBatches
+    from vtp_fast.train.flops import count_flops, step_flops
     from vtp_fast.train.trainer import build_trainer, schedules
 
     root = make_prepared_emoji(tmp_path / "emoji", size=32)

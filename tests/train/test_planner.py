@@ -17,18 +17,19 @@ from torch.utils._pytree import tree_leaves
 from vtp_fast import cli
 from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError, load_config
-from vtp_fast.data.pairs import StepBatches, synthetic_pairs
+from vtp_fast.data.pairs import synthetic_pairs
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.downstream.sample import SampleSpec
+from vtp_fast.measure import plan_dit, planner, trace
 from vtp_fast.models.dit import DiT
 from vtp_fast.models.presets import vtp_config
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops.registry import building_for
-from vtp_fast.train import plan_dit, planner
 from vtp_fast.train.config import DiTTrainConfig, PretrainConfig
 from vtp_fast.train.dit import dit_loss, dit_model_config, generate
+from vtp_fast.train.flops import _deterministic_masks, flops_of, meta_step
 from vtp_fast.train.flow import time_grid
 from vtp_fast.train.optim import make_adamw, param_groups
-from vtp_fast.train.profile import _deterministic_masks, flops_of, meta_step
 from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 
 TINY = ["objective.perceptual=0", "data.synthetic=true", "run.precision=fp32", "batch.size=32", "batch.ssl=8",
@@ -57,8 +58,8 @@ def real_step(cfg: PretrainConfig, autocast: bool = False):
     for p in t.student.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
-    existing = [*planner.LiveBytes.state_of(t.student, t.teacher), *tree_leaves(vars(batch))]
-    live = planner.LiveBytes([x for x in existing if isinstance(x, torch.Tensor)])
+    existing = [*trace.LiveBytes.state_of(t.student, t.teacher), *tree_leaves(vars(batch))]
+    live = trace.LiveBytes([x for x in existing if isinstance(x, torch.Tensor)])
     with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         forward_backward(t, [batch], schedules(cfg, 0))
     return live.peak, {n: p.grad.clone() for n, p in t.student.named_parameters() if p.grad is not None}
@@ -81,25 +82,26 @@ def test_traced_activations_match_a_real_cpu_step(mode):
     """The meta-device trace against the same step run on the CPU: within 10% (the CPU's fused attention keeps
     less than the meta device's decomposed one)."""
     cfg = tiny(f"run.activation_checkpointing={mode}")
-    traced = planner.trace_micro_step(cfg, bf16=False).activation_bytes
+    traced = trace.trace_micro_step(cfg, bf16=False).activation_bytes
     real, _ = real_step(cfg)
     assert traced == pytest.approx(real, rel=0.10), (traced / 2**20, real / 2**20)
 
 
 def test_emulated_autocast_matches_cpu_autocast():
     cfg = tiny()
-    traced = planner.trace_micro_step(cfg, bf16=True).activation_bytes
+    traced = trace.trace_micro_step(cfg, bf16=True).activation_bytes
     real, _ = real_step(cfg, autocast=True)
     assert traced == pytest.approx(real, rel=0.15), (traced / 2**20, real / 2**20)
-    assert traced < 0.9 * planner.trace_micro_step(cfg, bf16=False).activation_bytes
+    assert traced < 0.9 * trace.trace_micro_step(cfg, bf16=False).activation_bytes
 
 
 _MEASURE = """
 import json, sys, torch
 from tests.train.test_planner import tiny
-from vtp_fast.data.pairs import StepBatches, synthetic_pairs
+from vtp_fast.data.pairs import synthetic_pairs
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.ops.registry import building_for
-from vtp_fast.train.profile import _deterministic_masks, meta_step
+from vtp_fast.train.flops import _deterministic_masks, meta_step
 from vtp_fast.train.trainer import _build_trainer, forward_backward, schedules
 torch.set_num_threads(1)
 cfg = tiny()
@@ -127,18 +129,18 @@ def test_traced_activations_match_the_resident_memory_of_a_real_step():
                        cwd=os.getcwd())
     assert r.returncode == 0, r.stderr[-3000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
-    traced = planner.trace_micro_step(tiny(), bf16=False).activation_bytes
+    traced = trace.trace_micro_step(tiny(), bf16=False).activation_bytes
     assert traced == pytest.approx(measured, rel=0.20), (traced / 2**20, measured / 2**20)
 
 
 _TRACE_PEAK = """
 import json, resource
 from tests.train.test_planner import tiny
-from vtp_fast.train import planner
+from vtp_fast.measure import trace
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
-planner.trace_micro_step(tiny(), bf16=False)  # imports and every lazy allocation
+trace.trace_micro_step(tiny(), bf16=False)  # imports and every lazy allocation
 before = peak()
-planner.trace_micro_step(tiny("batch.size=8192", "batch.ssl=2048", "batch.rec=4096"), bf16=True)
+trace.trace_micro_step(tiny("batch.size=8192", "batch.ssl=2048", "batch.rec=4096"), bf16=True)
 print(json.dumps({"rise": peak() - before}))
 """
 
@@ -226,7 +228,7 @@ def real_dit_step(cfg: DiTTrainConfig, checkpointing: str, autocast: bool = Fals
         p.grad = torch.zeros_like(p)
     s = config.input_size
     x0, y = torch.randn(cfg.batch, config.in_channels, s, s), torch.randint(0, config.num_classes, (cfg.batch,))
-    live = planner.LiveBytes([*planner.LiveBytes.state_of(model), x0, y])
+    live = trace.LiveBytes([*trace.LiveBytes.state_of(model), x0, y])
     with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         dit_loss(cfg, model, x0, y, torch.Generator().manual_seed(0))["total"].backward()
     return live.peak, model
@@ -257,7 +259,7 @@ def test_dit_static_memory_is_the_real_tensors():
     _, model = real_dit_step(cfg, "none")
     with building_for("cpu"):
         ema = DiT(dit_model_config(cfg, None))
-    opt = make_adamw(param_groups({"dit": model}, cfg.weight_decay), cfg.lr, cfg.betas)
+    opt = make_adamw(param_groups({"dit": model}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas)
     opt.step()
     nbytes = lambda ts: sum(x.numel() * x.element_size() for x in ts)  # noqa: E731
     state = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
@@ -279,7 +281,7 @@ def test_dit_trace_allocates_nothing_of_batch_size():
 _DIT_TRACE_PEAK = """
 import json, resource
 from tests.train.test_planner import tiny_dit
-from vtp_fast.train import plan_dit
+from vtp_fast.measure import plan_dit
 from vtp_fast.train.dit import dit_model_config
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
 cfg = tiny_dit()

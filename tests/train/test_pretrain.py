@@ -17,7 +17,8 @@ import torch
 from tests.helpers import assert_batches_equal, flickering_load, make_prepared_emoji
 from vtp_fast.config import ConfigError, load_config
 from vtp_fast.data.batch import BatchShape
-from vtp_fast.data.pairs import StepBatches, emoji_pairs
+from vtp_fast.data.pairs import emoji_pairs
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.data.views import ViewConfig, block_mask
 from vtp_fast.eval.evaluate import held_out_scores
 from vtp_fast.train.config import PretrainConfig
@@ -99,10 +100,11 @@ def test_schedules_endpoints():
     cfg = load_config(PretrainConfig, [], ["run.steps=101", "optim.warmup_steps=10", "optim.weight_decay=0.04",
                                            "optim.weight_decay_end=0.2", "ssl.teacher_temp_warmup_steps=20"])
     first, last = schedules(cfg, 0), schedules(cfg, 100)
-    assert first["momentum"] == pytest.approx(0.992) and last["momentum"] == pytest.approx(1.0)
-    assert first["weight_decay"] == pytest.approx(0.04) and last["weight_decay"] == pytest.approx(0.2)
-    assert first["teacher_temp"] == pytest.approx(0.04) and schedules(cfg, 20)["teacher_temp"] == pytest.approx(0.07)
-    assert first["lr"] == pytest.approx(1e-4) and last["lr"] == pytest.approx(1e-5)
+    assert first.momentum == pytest.approx(0.992) and last.momentum == pytest.approx(1.0)
+    assert first.weight_decay == pytest.approx(0.04) and last.weight_decay == pytest.approx(0.2)
+    assert first.teacher_temp == pytest.approx(0.04) and schedules(cfg, 20).teacher_temp == pytest.approx(0.07)
+    assert first.lr == pytest.approx(1e-4) and last.lr == pytest.approx(1e-5)
+    assert list(last.scalars()) == ["lr", "weight_decay", "momentum", "teacher_temp"]  # logged: all but the step
 
 
 def test_bad_batch_config_names_the_key():
@@ -130,6 +132,7 @@ def test_one_step_trains_every_part_and_moves_the_teacher_by_ema(emoji_root, tmp
         t.model.logit_scale.fill_(math.log(100) + 0.5)  # above open_clip's cap: clamped after the step
     before = {k: v.clone() for k, v in t.student.state_dict().items()}
     teacher_before = [p.clone() for p in t.teacher.parameters()]
+    assert {k.split(".")[0] for k in t.teacher.state_dict()} == {"trunk", "head"}  # the loss centres are the student's
     sched = schedules(cfg, 5)
     centers = {n: getattr(t.student, n).center.clone() for n in ("dino_loss", "ibot_loss")}
     out = train_step(t, [data[0]], sched)
@@ -141,7 +144,7 @@ def test_one_step_trains_every_part_and_moves_the_teacher_by_ema(emoji_root, tmp
     assert {"trunk", "pixel_decoder", "text_transformer", "visual_proj"} <= changed  # model.<part>
     assert "head.mlp.0.weight" in {k for k, v in t.student.state_dict().items() if not torch.equal(v, before[k])}
     assert t.model.logit_scale.item() == pytest.approx(math.log(100))
-    m = sched["momentum"]
+    m = sched.momentum
     mine, theirs = t.teacher.pairs(t.student)
     for new, old, s in zip(mine, teacher_before, theirs, strict=True):
         torch.testing.assert_close(new, m * old + (1 - m) * s.detach())

@@ -17,7 +17,7 @@ class BatchShape:
     groups: the rank's share of the global batch is this many equal virtual groups of consecutive positions, each
     holding ssl / groups SSL and rec / groups reconstructed samples (its first ones). The global batch has a fixed
     number of such groups whatever the world size, so 1, 2 or 3 ranks train on the same SSL and reconstruction
-    subsets (vtp_fast.data.pairs.StepBatches.positions)."""
+    subsets (vtp_fast.data.step_batches.StepBatches.positions)."""
 
     size: int
     ssl: int
@@ -28,7 +28,7 @@ class BatchShape:
 
 @dataclass
 class Batch:
-    """One rank's micro-batch of image-text pairs (vtp_fast.data.pairs.StepBatches). Images are normalised with
+    """One rank's micro-batch of image-text pairs (vtp_fast.data.step_batches.StepBatches). Images are normalised with
     the published statistics. The SSL fields describe the views of the first `ssl` samples, view-major (every
     sample's view 0, then view 1, ...), and are None when the step has no SSL subset."""
 

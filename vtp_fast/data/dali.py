@@ -6,6 +6,7 @@ per-sample arguments, so the DALI path and the PIL fallback cut the same views a
 data. Two pipelines run per batch: decoding every sample, whose plain image is then cut by the function every
 decoder shares (`vtp_fast.data.images.plain_image`, in PyTorch on the decoded pixels, handed over through DLPack),
 and the SSL views of the first `ssl` samples (normalised CHW float tensors, through DLPack without a copy).
+A `vtp_fast.data.decoders.Decoder` (data.decoder=dali).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 
 from vtp_fast import optional
-from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-from vtp_fast.data.images import normalize, plain_image
-from vtp_fast.data.views import Crop
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD, normalize
+from vtp_fast.data.images import plain_image
+from vtp_fast.data.pairs import Pair, PairSource
+from vtp_fast.data.views import Crop, view_major
 
-MEAN_255 = [m * 255 for m in IMAGENET_MEAN]
+MEAN_255 = [m * 255 for m in IMAGENET_MEAN]  # DALI's normalisation takes the statistics as numbers
 STD_255 = [s * 255 for s in IMAGENET_STD]
 
 
@@ -36,12 +38,22 @@ def _to_torch(out) -> torch.Tensor:
 
 class DaliDecoder:
     """decoded(encoded) -> list of (3, H, W) uint8; decode(encoded, image_size) -> (B, 3, S, S); views(encoded,
-    crops) -> list of per-view (B, 3, s, s)."""
+    crops) -> view-major global and local crops. Pipelines are built on first use, per process."""
+
+    name = "dali"
 
     def __init__(self, max_batch: int, threads: int = 2, device: str | None = None, seed: int = 0):
         self.dali = optional.module("dali")
         self.device = device or dali_device()
+        self.on_gpu = self.device == "gpu"
         self.max_batch, self.threads, self.seed = max_batch, threads, seed
+        self.reset()
+
+    def read(self, source: PairSource, i: int) -> Pair:
+        return source.encoded(i)
+
+    def reset(self) -> None:
+        """Drop the pipelines (after a failure: rebuilt on the next batch)."""
         self._decode: object | None = None
         self._views: dict[tuple[int, ...], object] = {}
 
@@ -75,9 +87,9 @@ class DaliDecoder:
         """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
         return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
-    def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> list[torch.Tensor]:
-        """crops[i][v]: view v of sample i (same count and sizes for every sample) -> one (B, 3, s_v, s_v) tensor
-        per view, normalised."""
+    def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops[i][v]: view v of sample i (same count and sizes for every sample) -> normalised global crops
+        (2B, 3, G, G) and local crops (L B, 3, l, l), view-major (`vtp_fast.data.views.view_major`)."""
         sizes = tuple(c.size for c in crops[0])
         if sizes not in self._views:
             fn, types = self.dali.fn, self.dali.types
@@ -109,7 +121,7 @@ class DaliDecoder:
             pipe.feed_input(f"bri{v}", [np.array(c.brightness, f32) for c in cs])
             pipe.feed_input(f"con{v}", [np.array(c.contrast, f32) for c in cs])
             pipe.feed_input(f"sat{v}", [np.array(c.saturation, f32) for c in cs])
-        return [_to_torch(o) for o in pipe.run()]
+        return view_major([_to_torch(o) for o in pipe.run()])  # per view (B, 3, s, s)
 
     def __getstate__(self):  # pipelines stay in the process that built them
         state = dict(self.__dict__)

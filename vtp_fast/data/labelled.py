@@ -160,7 +160,7 @@ class ShardImages(_Decoded):
     class_names = None  # only the labels tell: "0", "1", ... up to the largest (`class_names_of`)
 
     def __init__(self, spec: str | Path, size: int):
-        from vtp_fast.data.shards import ShardSet
+        from vtp_fast.data.shard_source import ShardSet
 
         self.shards, self.size = ShardSet(str(spec)), size
         self.name = _set_name("shards", Path(spec), size)
@@ -247,7 +247,9 @@ def take(source, ids: Sequence[int] | torch.Tensor, workers: int = 0, chunk: int
 
 def _named(kind: str, arg: str, size: int) -> LabelledImages:
     if kind == "emoji":
-        from vtp_fast.data.emoji import STYLES, default_cache_dir, load_emoji, prepare_emoji
+        from vtp_fast.data.emoji import STYLES, load_emoji
+        from vtp_fast.data.emoji_prepare import prepare_emoji
+        from vtp_fast.io import default_cache_dir
 
         styles = tuple(arg.split(",")) if arg else STYLES
         data = load_emoji(prepare_emoji(default_cache_dir(), size=size), styles)

@@ -1,6 +1,6 @@
 """The torchvision GPU path: nvJPEG decoding (`torchvision.io.decode_jpeg(device="cuda")`), views cut on the GPU.
 
-Same interface as `vtp_fast.data.dali.DaliDecoder`; non-JPEG images are decoded by PIL and uploaded.
+A `vtp_fast.data.decoders.Decoder` (data.decoder=nvjpeg); non-JPEG images are decoded by PIL and uploaded.
 """
 
 from __future__ import annotations
@@ -10,18 +10,25 @@ from collections.abc import Sequence
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-from vtp_fast.data.images import as_uint8, normalize, open_rgb, plain_image
-from vtp_fast.data.views import Crop, apply_crop
-
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+from vtp_fast.constants import normalize, pixel_stats
+from vtp_fast.data.images import as_uint8, open_rgb, plain_image
+from vtp_fast.data.pairs import Pair, PairSource
+from vtp_fast.data.views import Crop, apply_crop, view_major
 
 
 class NvjpegDecoder:
+    name = "nvjpeg"
+
     def __init__(self, device: str = "cuda"):
         self.device = torch.device(device)
-        self.mean, self.std = MEAN.to(self.device), STD.to(self.device)
+        self.on_gpu = self.device.type == "cuda"
+        self.stats = pixel_stats(self.device)
+
+    def read(self, source: PairSource, i: int) -> Pair:
+        return source.encoded(i)
+
+    def reset(self) -> None:
+        """Nothing to drop: every batch is decoded afresh."""
 
     def decoded(self, encoded: Sequence[bytes]) -> list[torch.Tensor]:
         """Encoded images -> list of (3, H, W) uint8 RGB on the device: JPEGs by nvJPEG (by torchvision's CPU
@@ -38,7 +45,8 @@ class NvjpegDecoder:
         """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
         return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
-    def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> list[torch.Tensor]:
+    def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops[i][v]: view v of sample i -> normalised global and local crops, view-major (`view_major`)."""
         imgs = [x.float() / 255 for x in self.decoded(encoded)]  # (3, H, W) in [0, 1]
-        return [(torch.stack([apply_crop(img, c[v]) for img, c in zip(imgs, crops, strict=True)]) - self.mean)
-                / self.std for v in range(len(crops[0]))]
+        return view_major([normalize(torch.stack([apply_crop(img, c[v]) for img, c in zip(imgs, crops, strict=True)]),
+                                     self.stats) for v in range(len(crops[0]))])  # per view (B, 3, s, s)

@@ -4,13 +4,13 @@ A shard is a tar of samples `KEY.{jpg,png,webp}` + `KEY.txt` (caption) + optiona
 one sample adjacent. Beside each `NAME.tar` the writer puts `NAME.idx` in DALI's wds2idx format (v1.2: a header
 "v1.2 <samples>", then one line per sample listing `ext offset size name` for each member), so DALI's
 `fn.readers.webdataset` and this module read the same files. With the index, any sample is one seek away:
-`ShardSet[i]` returns the raw bytes of global sample i, which is what makes orders deterministic and resumable
-(see vtp_fast.data.pairs).
+`vtp_fast.data.shard_source.ShardSet[i]` returns the raw bytes of global sample i, which is what makes orders
+deterministic and resumable (see vtp_fast.data.step_batches).
 
 Bad shards are harmless: a missing shard is skipped, a missing index is rebuilt by scanning the tar (an unreadable
 one too), a truncated or damaged tar keeps its complete samples, and a sample without an image is dropped. Every
 damaged shard (missing, truncated, damaged, empty, unreadable index) warns once naming the file and the samples
-kept; the counts are in `ShardSet.problems`, the files in `ShardSet.damaged`.
+kept; the counts are in `ShardSet.problems`, the files in `ShardSet.damaged` (vtp_fast.data.shard_source).
 """
 
 from __future__ import annotations
@@ -187,109 +187,24 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
     return paths
 
 
-@dataclass
-class RawSample:
-    """What a shard holds for one sample: encoded image bytes and extension, caption bytes, label, json."""
-
-    key: str
-    image: bytes | None
-    ext: str | None
-    caption: bytes | None
-    label: int | None
-    meta: dict | None
-
-
-class ShardSet:
-    """Random access to every sample of a list of shards (their .idx files, rebuilt when missing)."""
-
-    def __init__(self, spec: str | Sequence[str]):
-        found, groups, problems, damaged = [], [], Counter(), []
-        for path in expand(spec):
-            if not path.is_file():
-                warnings.warn(f"{path}: missing shard, skipped", stacklevel=2)
-                problems["missing_shard"] += 1
-                damaged.append((path, "missing_shard", 0))
-                continue
-            idx = path.with_suffix(".idx")
-            g = None
-            if idx.is_file():
-                try:
-                    g = read_index(idx)
-                except (ValueError, IndexError, UnicodeDecodeError) as e:
-                    problems["unreadable_index"] += 1
-                    damaged.append((idx, "unreadable_index", 0))
-                    warnings.warn(f"{idx}: unreadable index ({e}); rescanning the tar", stacklevel=2)
-            if g is None:
-                g, damage = scan_tar(path)
-            else:  # the index of a tar cut off later names members past its end: the samples before the cut stay
-                size = path.stat().st_size
-                whole = [x for x in g if all(o + n <= size for _, o, n, _ in x)]
-                end = max((_member_end(o, n) for x in whole for _, o, n, _ in x), default=0)
-                damage = "truncated_shard" if len(whole) < len(g) else _end_damage(whole, end, size)
-                g = whole
-            usable = [x for x in g if any(e in IMAGE_EXTS for e, *_ in x)]
-            if damage is not None:
-                warnings.warn(f"{path}: {damage.replace('_', ' ')}; keeping its {len(usable)} complete samples",
-                              stacklevel=2)
-                problems[damage] += 1
-                damaged.append((path, damage, len(usable)))
-            problems["sample_without_image"] += len(g) - len(usable)
-            found.append(path)
-            groups.append(usable)
-        if not found:
-            raise InputError(f"no readable shards in {spec!r}")
-        self.shards, self.groups = found, groups
-        self.problems = Counter({k: v for k, v in problems.items() if v})
-        self.damaged: list[tuple[Path, str, int]] = damaged  # (file, problem, samples kept)
-        self._offsets = np.cumsum([0] + [len(g) for g in groups])
-        self._handles: dict[int, object] = {}
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """(shards + 1,): the first sample id of every shard, then the total."""
-        return self._offsets
-
-    def locate(self, i: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        return shard, i - int(self._offsets[shard])
-
-    def _handle(self, shard: int):
-        fh = self._handles.get(shard)
-        if fh is None:  # one open file per shard per process (DataLoader workers each get their own)
-            fh = self._handles[shard] = open(self.shards[shard], "rb")  # noqa: SIM115
-        return fh
-
-    def __getitem__(self, i: int) -> RawSample:
-        shard, j = self.locate(i)
-        fh = self._handle(shard)
-        parts: dict[str, bytes] = {}
-        key = ""
-        for ext, offset, size, name in self.groups[shard][j]:
-            fh.seek(offset)
-            parts[ext.lower()] = fh.read(size)
-            key = name.rsplit(".", 1)[0]
-        ext = next((e for e in IMAGE_EXTS if e in parts), None)
-        label = None
-        if "cls" in parts:
-            try:
-                label = int(parts["cls"].strip())
-            except ValueError:
-                label = None
-        meta = None
-        if "json" in parts:
-            try:
-                meta = json.loads(parts["json"])
-            except (ValueError, UnicodeDecodeError):
-                meta = None
-        return RawSample(key, parts.get(ext) if ext else None, ext, parts.get("txt"), label, meta)
-
-    def __getstate__(self):  # file handles do not cross process boundaries
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
+def shard_groups(path: Path) -> tuple[list[list[tuple[str, int, int, str]]], str | None, str | None]:
+    """The sample groups of the tar at `path`, from its index (NAME.idx; rebuilt by scanning when missing or
+    unreadable, see `scan_tar`), the damage found (None, or a `scan_tar` kind; an index of a tar cut off later names
+    members past its end: the samples before the cut stay) and "unreadable_index" (warned, naming it) or None."""
+    idx = path.with_suffix(".idx")
+    groups, problem = None, None
+    if idx.is_file():
+        try:
+            groups = read_index(idx)
+        except (ValueError, IndexError, UnicodeDecodeError) as e:
+            problem = "unreadable_index"
+            warnings.warn(f"{idx}: unreadable index ({e}); rescanning the tar", stacklevel=3)
+    if groups is None:
+        return (*scan_tar(path), problem)
+    size = path.stat().st_size
+    whole = [x for x in groups if all(o + n <= size for _, o, n, _ in x)]
+    end = max((_member_end(o, n) for x in whole for _, o, n, _ in x), default=0)
+    return whole, "truncated_shard" if len(whole) < len(groups) else _end_damage(whole, end, size), problem
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -177,12 +177,16 @@ def sample_views(h: int, w: int, cfg: ViewConfig, grid: tuple[int, int], gen: to
     return crops, torch.stack(masks)
 
 
-def ssl_views(img: Tensor, cfg: ViewConfig, grid: tuple[int, int], gen: torch.Generator):
-    """One sample's SSL views: (2, 3, G, G) global crops, (L, 3, l, l) local crops, (2, gh * gw) iBOT masks.
-
-    img: (3, H, W) in [0, 1]; grid: the global crops' token grid.
-    """
-    crops, masks = sample_views(img.shape[1], img.shape[2], cfg, grid, gen)
+def cut_views(img: Tensor, crops: list[Crop]) -> tuple[Tensor, Tensor]:
+    """One sample's SSL views cut in PyTorch: img (3, H, W) in [0, 1], crops 2 global then L local (`sample_views`)
+    -> (2, 3, G, G) global crops, (L, 3, l, l) local crops ((0, 3, 1, 1) without local crops)."""
     views = [apply_crop(img, c) for c in crops]
-    locals_ = torch.stack(views[2:]) if cfg.local_crops else img.new_zeros(0, 3, 1, 1)
-    return torch.stack(views[:2]), locals_, masks
+    return torch.stack(views[:2]), torch.stack(views[2:]) if len(views) > 2 else img.new_zeros(0, 3, 1, 1)
+
+
+def view_major(views: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """One (n, 3, s, s) tensor per view (2 global, then L local) -> the global crops (2n, 3, G, G) and the local
+    crops (L n, 3, l, l), view-major (every sample's view 0, then view 1, ...); (0, 3, 1, 1) without local crops."""
+    global_crops = torch.cat(views[:2])
+    local = views[2:]
+    return global_crops, torch.cat(local) if local else global_crops.new_zeros(0, 3, 1, 1)

@@ -14,7 +14,7 @@ from vtp_fast.data.labelled import LabelledImages
 from vtp_fast.eval.evaluate import generation_scores
 from vtp_fast.eval.latents import extract_latents
 from vtp_fast.models.vtp import VTP
-from vtp_fast.train.config import DiTRunConfig, DiTTrainConfig
+from vtp_fast.train.config import DiTOptimConfig, DiTRunConfig, DiTTrainConfig
 from vtp_fast.train.dit import generate, load_dit, train_dit
 
 
@@ -29,7 +29,7 @@ def generative_probe(model: VTP, data: LabelledImages, workdir: str | Path, *, d
         run = DiTRunConfig(steps=dit_steps, out_dir=str(workdir / "dit"), log_every=max(1, dit_steps // 4), seed=seed,
                            checkpoint_every=dit_steps)
         train_dit(DiTTrainConfig(latents=str(workdir / "latents"), preset=dit_preset, batch=batch,
-                                 warmup_steps=min(50, dit_steps // 5 + 1), run=run))
+                                 optim=DiTOptimConfig(warmup_steps=min(50, dit_steps // 5 + 1)), run=run))
         dit, meta = load_dit(workdir / "dit" / "dit", device=next(model.parameters()).device)
         images = generate(dit, meta, model, data.labels, steps=sample_steps, seed=seed)
         scores = generation_scores(images, data, len(data), progress=False)

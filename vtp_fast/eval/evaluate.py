@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from vtp_fast.config import InputError
+from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import Fetched, LabelledImages, stream, take, warn_bad
-from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.eval.metrics import psnr
 from vtp_fast.eval.ssim import ssim
 from vtp_fast.models.vtp import VTP

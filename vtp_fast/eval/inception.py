@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from vtp_fast import optional
-from vtp_fast.io import atomic_file, atomic_write_bytes
+from vtp_fast.io import atomic_file, atomic_write_bytes, default_cache_dir
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity 0.4.0 downloads
 EXTRACTOR_NAME = "inception-v3-compat-fidhelper"  # our name in torch-fidelity's feature-extractor registry
@@ -66,8 +66,6 @@ IS_UNSUPPORTED = ("the Inception Score is not supported: the offline FID weights
 def fid_dir(cache_dir: Path | str | None = None) -> Path:
     """``<cache>/fid``: ``cache_dir`` if given, else ``$VTP_FAST_CACHE``, else ``~/.cache/vtp_fast``."""
     if cache_dir is None:
-        from vtp_fast.data.emoji import default_cache_dir
-
         cache_dir = default_cache_dir()
     return Path(cache_dir).expanduser() / "fid"
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
 from vtp_fast.data import latents as store
+from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
-from vtp_fast.data.pairs import normalize_u8
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 from vtp_fast.models.vtp import VTP
 

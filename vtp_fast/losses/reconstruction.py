@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vtp_fast import optional
 from vtp_fast.config import ConfigError
-from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import denormalize, pixel_stats
 from vtp_fast.ops import pixel_shuffle_l1 as pixel_shuffle_op
 
 VGG_FILE = "vgg16-397923af.pth"
@@ -98,8 +98,8 @@ class ReconstructionLoss(nn.Module):
                 raise ConfigError("objective.perceptual > 0 needs LPIPS-VGG weights, missing " + " and ".join(missing)
                                   + "; or set objective.perceptual=0 (L1 only)")
             self.lpips = LPIPS(vgg, heads)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", pixel_stats()[0], persistent=False)  # (3, 1, 1)
+        self.register_buffer("std", pixel_stats()[1], persistent=False)
 
     @property
     def needs_images(self) -> bool:
@@ -114,6 +114,6 @@ class ReconstructionLoss(nn.Module):
         if self.mse:
             out["rec_mse"] = (recon.float() - target.float()).square().mean()
         if self.lpips is not None:
-            to_pm1 = lambda x: (x * self.std + self.mean) * 2 - 1  # noqa: E731 - normalised -> [-1, 1]
+            to_pm1 = lambda x: denormalize(x, (self.mean, self.std)) * 2 - 1  # noqa: E731 - normalised -> [-1, 1]
             out["rec_lpips"] = self.lpips(to_pm1(recon).float(), to_pm1(target).float()).mean()
         return out

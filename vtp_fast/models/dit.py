@@ -51,7 +51,6 @@ class DiTConfig:
     mlp_ratio: float = 4.0  # SwiGLU hidden = swiglu_hidden(hidden, mlp_ratio)
     num_classes: int = 1000
     class_dropout: float = 0.1  # label dropout for classifier-free guidance; null class = num_classes
-    learn_sigma: bool = False  # kept for LightningDiT parity; rectified flow predicts the velocity only
     input_size: int = 16  # latent grid side the model is trained on (it runs on any multiple of patch_size)
     rope_base: float = 100.0  # Rope2D period base (coordinates normalised to [-1, 1])
     time_scale: float = 1000.0  # the sinusoidal timestep embedding reads time_scale * t
@@ -68,8 +67,6 @@ class DiTConfig:
             ("mlp_ratio", self.mlp_ratio > 0, "must be > 0"),
             ("num_classes", self.num_classes >= 1, "must be >= 1"),
             ("class_dropout", 0.0 <= self.class_dropout < 1.0, "must be in [0, 1)"),
-            ("learn_sigma", not self.learn_sigma,
-             "rectified flow predicts the velocity only; learn_sigma=True is not supported"),
             ("input_size", self.input_size >= 1 and self.input_size % max(self.patch_size, 1) == 0,
              f"must be a positive multiple of patch_size ({self.patch_size})"),
             ("rope_base", self.rope_base > 0, "must be > 0"),
@@ -212,6 +209,10 @@ class DiT(nn.Module):
         for m in [b.modulation for b in self.blocks] + [self.final_layer.modulation, self.final_layer.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The DiT blocks: the units that compile, activation checkpointing and FSDP act on."""
+        return list(self.blocks)
 
     def _check(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         c, p = self.config.in_channels, self.patch_size

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vtp_fast.ops import masked_gather as masked_gather_op
 
 
 class WeightNormLinear(nn.Module):
@@ -21,6 +25,15 @@ class WeightNormLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., K)
         return F.linear(x, self.weight)
+
+
+class HeadOutputs(NamedTuple):
+    """The head's embeddings of one set of SSL views, and the prototypes the losses take the logits against."""
+
+    glob: Tensor  # (n, d) the global crops' CLS tokens
+    patch: Tensor  # (M, d) their masked patch tokens, packed
+    local: Tensor  # (n_local, d) the local crops' CLS tokens; no rows without local crops
+    weight: Tensor  # (K, d) the weight-normalised prototypes, in the embeddings' dtype
 
 
 class DINOHead(nn.Module):
@@ -46,6 +59,7 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.last_layer.weight_v, std=0.02)
+        self.gather = masked_gather_op.OP.resolve()  # the masked patch tokens, packed
 
     def prototypes(self, dtype: torch.dtype) -> Tensor:
         """The weight-normalised prototype matrix (K, d) in `dtype`: the losses take the logits against it."""
@@ -56,3 +70,15 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(self.embed(x))
+
+    def forward_train(self, cls: Tensor, patch: Tensor, mask_index: Tensor,
+                      local_cls: Tensor | None = None) -> HeadOutputs:
+        """Training (student and EMA teacher alike): the global crops' CLS (n, D) and patch tokens (n, N, D), the
+        masked tokens' flat indices (M,) into (n * N), and the local crops' CLS (n_local, D) -> their embeddings,
+        every row through one MLP call, and the prototypes."""
+        n, packed = cls.shape[0], self.gather.impl.masked_gather(patch, mask_index)  # (M, D)
+        rows = [cls, packed] + ([local_cls] if local_cls is not None else [])
+        emb = self.embed(torch.cat(rows))  # (n + M + n_local, d)
+        weight = self.prototypes(emb.dtype)
+        m = packed.shape[0]
+        return HeadOutputs(emb[:n], emb[n:n + m], emb[n + m:], weight)

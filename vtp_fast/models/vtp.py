@@ -3,13 +3,15 @@
 The module's state dict *is* the published checkpoint layout (`trunk.*`, `pixel_decoder.*`, `visual_proj`,
 `text_transformer.*`, `token_embedding`, `positional_embedding`, `ln_final`, `text_projection`,
 `logit_scale`), so loading and saving need no key mapping. Training-only parts (DINO/iBOT head, teacher,
-discriminator) live outside this module. Images everywhere are ImageNet-normalised RGB, (B, 3, H, W) with H
-and W multiples of the patch size.
+discriminator) live outside this module; `forward_train` is the pretraining pass over every objective's part
+(vtp_fast.models.training). Images everywhere are ImageNet-normalised RGB, (B, 3, H, W) with H and W multiples of
+the patch size.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,8 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vtp_fast.config import ConfigError
-from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.constants import denormalize, normalize, pixel_stats
 from vtp_fast.models.decoder import PixelDecoder
+from vtp_fast.models.heads import DINOHead
+from vtp_fast.models.training import (
+    N_GLOBAL,
+    ClipInputs,
+    RecInputs,
+    SSLInputs,
+    TrainHooks,
+    TrainOutputs,
+    TrainParts,
+    TrainViews,
+)
 from vtp_fast.models.vit import TrunkOutput, VisionTrunk
 from vtp_fast.nn.block import TextBlock
 from vtp_fast.nn.norms import LayerNorm
@@ -115,8 +128,8 @@ class VTP(nn.Module):
             self.ln_final = LayerNorm(width)
             self.text_projection = nn.Parameter(torch.empty(width, width))
             self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale or math.log(1 / 0.07)))
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", pixel_stats()[0], persistent=False)  # (3, 1, 1), kept fp32
+        self.register_buffer("pixel_std", pixel_stats()[1], persistent=False)
         self.init_weights()
 
     # ---------------------------------------------------------------- init
@@ -153,11 +166,11 @@ class VTP(nn.Module):
     # ---------------------------------------------------------------- vision
     def normalize(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> the model's input space (ImageNet mean/std)."""
-        return (pixels - self.pixel_mean) / self.pixel_std
+        return normalize(pixels, (self.pixel_mean, self.pixel_std))
 
     def denormalize(self, images: Tensor) -> Tensor:
         """Inverse of `normalize` (not clamped)."""
-        return images * self.pixel_std + self.pixel_mean
+        return denormalize(images, (self.pixel_mean, self.pixel_std))
 
     def features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Normed CLS (B, D) and patch tokens (B, h * w, D) before the bottleneck."""
@@ -170,13 +183,6 @@ class VTP(nn.Module):
         (the last one is `features`): the DINO-style linear probe's inputs."""
         self.check_images(images)
         return self.trunk.last_blocks(images, n)
-
-    def encode_views(self, views: list[Tensor], masks: list[Tensor | None]) -> list[TrunkOutput]:
-        """Training: several batches of views (multi-crop, different sizes) through the trunk in one pass, each with
-        an optional (B, h * w) iBOT mask -> each view's normed tokens before the bottleneck."""
-        for v in views:
-            self.check_images(v)
-        return self.trunk(views, masks)
 
     def latents_from_patch(self, patch: Tensor, grid: tuple[int, int]) -> Tensor:
         """Normed patch tokens (B, h * w, D) -> latents (B, C, h, w) through the linear bottleneck."""
@@ -221,6 +227,79 @@ class VTP(nn.Module):
             feat = self.trunk.feature_bottleneck(feat)
         feat = self.visual_proj(feat)
         return F.normalize(feat, dim=-1) if normalize else feat
+
+    # ---------------------------------------------------------------- training
+    def forward_train(self, views: TrainViews, parts: TrainParts, head: DINOHead | None = None,
+                      hooks: TrainHooks | None = None) -> TrainOutputs:
+        """One training pass for every objective in `parts`. The trunk runs once over a list of views: the plain
+        images (all of them with CLIP, else the first parts.rec), and with SSL the iBOT-masked global crops and the
+        local crops. Semantic parts read the pre-bottleneck tokens (SSL through `head`, the DINO head); only
+        reconstruction passes the latent. `hooks` (vtp_fast.models.training) sees each part."""
+        if parts.ssl and head is None:
+            raise ValueError("forward_train: the SSL part needs the DINO head (head=...)")
+        hooks = hooks or TrainHooks()
+        n_rec = views.images.shape[0] if parts.rec is None else parts.rec
+        images = views.images if parts.clip else views.images[:n_rec]
+        batches, masks = [images], [None]
+        if parts.ssl:
+            batches += [views.global_crops, views.local_crops]
+            masks += [views.masks, None]
+            if views.local_crops.shape[0] == 0:  # no local crops configured
+                batches, masks = batches[:2], masks[:2]
+        with hooks.region("trunk"), torch.no_grad() if parts.frozen_trunk else nullcontext():
+            for v in batches:
+                self.check_images(v)
+            outs = self.trunk(batches, masks)
+        clip = self._clip_inputs(outs[0], views.tokens, hooks) if parts.clip else None
+        rec = self._rec_inputs(outs[0], images[:n_rec], parts.images, hooks)
+        ssl = None
+        if parts.ssl:
+            ssl = self._ssl_inputs(outs[1], outs[2] if len(outs) > 2 else None, views.mask_index, head, hooks)
+        return TrainOutputs(rec, clip, ssl)
+
+    def _clip_inputs(self, plain: TrunkOutput, tokens: Tensor, hooks: TrainHooks) -> ClipInputs:
+        with hooks.region("clip"):
+            cls, patch = hooks.boundary("clip", plain.cls, plain.patch)
+            inputs = ClipInputs(self.clip_image_features_from_tokens(cls, patch), self.clip_text_features(tokens),
+                                self.logit_scale)
+            hooks.ready("clip", inputs)
+        return inputs
+
+    def _rec_inputs(self, plain: TrunkOutput, target: Tensor, images: bool, hooks: TrainHooks) -> RecInputs:
+        with hooks.region("rec"):
+            (patch,) = hooks.boundary("rec", plain.patch[: target.shape[0]])
+            tokens = self.decoder_tokens(patch, plain.grid)  # (n, hw, 3p^2), before the pixel shuffle
+            inputs = RecInputs(tokens, target, self.tokens_to_images(tokens, plain.grid) if images else None)
+            hooks.ready("rec", inputs)
+        return inputs
+
+    def _ssl_inputs(self, glob: TrunkOutput, loc: TrunkOutput | None, mask_index: Tensor, head: DINOHead,
+                    hooks: TrainHooks) -> SSLInputs:
+        with hooks.region("ssl"):
+            tokens = [glob.cls, glob.patch] + ([loc.cls] if loc is not None else [])
+            glob_cls, glob_patch, *loc_cls = hooks.boundary("ssl", *tokens)
+            emb = head.forward_train(glob_cls, glob_patch, mask_index, *loc_cls)
+            n_images = glob_cls.shape[0] // N_GLOBAL
+            n_local = emb.local.shape[0] // n_images if n_images else 0  # local views per image
+            inputs = SSLInputs(glob_cls, list(emb.glob.chunk(N_GLOBAL)),
+                               list(emb.local.chunk(n_local)) if n_local else [], emb.patch, emb.weight)
+            hooks.ready("ssl", inputs)
+        return inputs
+
+    def last_layer(self) -> Tensor:
+        """The pixel decoder's last weight (3 p^2, D, 1, 1): where VQGAN's adaptive weight compares the gradients of
+        the reconstruction and adversarial losses."""
+        return self.pixel_decoder.proj_out.weight
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every transformer block (trunk, pixel decoder, text tower): the units that compile, activation
+        checkpointing and FSDP act on."""
+        blocks = list(self.trunk.blocks)
+        if self.pixel_decoder is not None:
+            blocks += list(self.pixel_decoder.blocks)
+        if self.config.train_clip:
+            blocks += list(self.text_transformer.resblocks)
+        return blocks
 
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: list[str] | str) -> Tensor:

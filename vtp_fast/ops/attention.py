@@ -281,11 +281,8 @@ if optional.available("triton"):
         return _attention_fwd(q, k, v, sin, cos, seq_start, seq_len, max_len, False, True)[0]
 
     # Below SDPA on CUDA until H200 measurements show it ahead (bench/bench_attention.py); request it with
-    # VTP_FAST_BACKEND_ATTENTION=triton. Never automatic under the CPU interpreter (too slow).
-    _interp = optional.triton_interpreter()
-    OP.register("triton", SimpleNamespace(attention=_attention_triton, attention_varlen=_attention_varlen_triton,
-                                          note=_FP32_NOTE),
-                priority=-1 if _interp else 8, devices=("cpu",) if _interp else ("cuda",),
-                capabilities=("packs_views",))
+    # VTP_FAST_BACKEND_ATTENTION=triton.
+    OP.register_triton(SimpleNamespace(attention=_attention_triton, attention_varlen=_attention_varlen_triton,
+                                       note=_FP32_NOTE), priority=8, capabilities=("packs_views",))
 else:
-    OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))
+    OP.register_triton(None, priority=8)

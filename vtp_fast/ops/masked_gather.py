@@ -118,10 +118,9 @@ def _fake_scatter(src: Tensor, index: Tensor, fill: Tensor | None, num_rows: int
 if optional.available("native"):
     torch.library.register_fake("vtp_fast::masked_gather")(_fake_gather)
     torch.library.register_fake("vtp_fast::masked_scatter")(_fake_scatter)
-    OP.register("native", _wrap(torch.ops.vtp_fast.masked_gather.default, torch.ops.vtp_fast.masked_scatter.default),
-                priority=30, devices=("cpu", "cuda") if optional.native_cuda_compiled() else ("cpu",))
+    OP.register_native(_wrap(torch.ops.vtp_fast.masked_gather.default, torch.ops.vtp_fast.masked_scatter.default))
 else:
-    OP.register("native", SimpleNamespace(), priority=30, available=False, reason=optional.reason("native"))
+    OP.register_native(None)
 
 if optional.available("triton"):
     from vtp_fast.kernels import masked_gather as _triton
@@ -136,9 +135,6 @@ if optional.available("triton"):
 
     _gather_triton.register_fake(_fake_gather)
     _scatter_triton.register_fake(_fake_scatter)
-    # Under TRITON_INTERPRET=1 the kernels run on CPU tensors; never chosen automatically there (too slow).
-    interp = optional.triton_interpreter()
-    OP.register("triton", _wrap(_gather_triton, _scatter_triton), priority=-1 if interp else 20,
-                devices=("cpu",) if interp else ("cuda",))
+    OP.register_triton(_wrap(_gather_triton, _scatter_triton))
 else:
-    OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))
+    OP.register_triton(None)

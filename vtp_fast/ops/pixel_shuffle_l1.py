@@ -159,11 +159,10 @@ if optional.available("native"):
                          ("pixel_shuffle_l1_backward", _fake_l1_backward)):
         torch.library.register_fake(f"vtp_fast::{_name}")(_fake)
     _ops = torch.ops.vtp_fast
-    OP.register("native", _wrap(_ops.pixel_shuffle.default, _ops.pixel_shuffle_l1.default,
-                                _ops.pixel_shuffle_l1_backward.default),
-                priority=30, devices=("cpu", "cuda") if optional.native_cuda_compiled() else ("cpu",))
+    OP.register_native(_wrap(_ops.pixel_shuffle.default, _ops.pixel_shuffle_l1.default,
+                             _ops.pixel_shuffle_l1_backward.default))
 else:
-    OP.register("native", SimpleNamespace(), priority=30, available=False, reason=optional.reason("native"))
+    OP.register_native(None)
 
 if optional.available("triton"):
     from vtp_fast.kernels import pixel_shuffle_l1 as _triton
@@ -184,9 +183,6 @@ if optional.available("triton"):
     _shuffle_triton.register_fake(_fake_shuffle)
     _l1_triton.register_fake(_fake_l1)
     _l1_backward_triton.register_fake(_fake_l1_backward)
-    # Under TRITON_INTERPRET=1 the kernels run on CPU tensors; never chosen automatically there (too slow).
-    interp = optional.triton_interpreter()
-    OP.register("triton", _wrap(_shuffle_triton, _l1_triton, _l1_backward_triton), priority=-1 if interp else 20,
-                devices=("cpu",) if interp else ("cuda",))
+    OP.register_triton(_wrap(_shuffle_triton, _l1_triton, _l1_backward_triton))
 else:
-    OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))
+    OP.register_triton(None)

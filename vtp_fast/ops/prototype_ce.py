@@ -139,9 +139,6 @@ if optional.available("triton"):
                               float(teacher_temp))
         return loss
 
-    # Under TRITON_INTERPRET=1 the kernels run on CPU tensors; never chosen automatically there (too slow).
-    _interp = optional.triton_interpreter()
-    OP.register("triton", SimpleNamespace(prototype_ce=_prototype_ce_triton), priority=-1 if _interp else 20,
-                devices=("cpu",) if _interp else ("cuda",))
+    OP.register_triton(SimpleNamespace(prototype_ce=_prototype_ce_triton))
 else:
-    OP.register("triton", SimpleNamespace(), priority=20, available=False, reason=optional.reason("triton"))
+    OP.register_triton(None)

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
+from vtp_fast import optional
 from vtp_fast.config import UserError
 
 DEVICES = ("cpu", "cuda")
@@ -48,6 +49,29 @@ class Op:
         if name in self.backends:
             raise ValueError(f"op {self.name}: backend {name!r} registered twice")
         self.backends[name] = Backend(name, impl, priority, tuple(devices), available, reason, frozenset(capabilities))
+
+    def register_native(self, impl: SimpleNamespace | None) -> None:
+        """The native extension's backend (`vtp_fast._C`), above every other: on the CPU, and on CUDA when the
+        extension was compiled with its CUDA sources. None: the extension is missing (registered unavailable, with
+        the reason)."""
+        if impl is None:
+            self.register("native", SimpleNamespace(), priority=30, available=False, reason=optional.reason("native"))
+        else:
+            self.register("native", impl, priority=30,
+                          devices=("cpu", "cuda") if optional.native_cuda_compiled() else ("cpu",))
+
+    def register_triton(self, impl: SimpleNamespace | None, *, priority: int = 20,
+                        capabilities: tuple[str, ...] = ()) -> None:
+        """The Triton backend at `priority` on CUDA; under TRITON_INTERPRET=1 on CPU tensors instead, at -1: never
+        chosen automatically there (too slow), only when requested. None: Triton is missing (registered
+        unavailable, with the reason)."""
+        if impl is None:
+            self.register("triton", SimpleNamespace(), priority=priority, available=False,
+                          reason=optional.reason("triton"))
+        else:
+            interp = optional.triton_interpreter()
+            self.register("triton", impl, priority=-1 if interp else priority,
+                          devices=("cpu",) if interp else ("cuda",), capabilities=capabilities)
 
     @property
     def env_var(self) -> str:

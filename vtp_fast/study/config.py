@@ -128,7 +128,7 @@ DRY_TOKENIZER = ["model.preset=vtp-nano", "model.init=null", "data.image_size=64
                  "ssl.views.global_size=64", "ssl.views.local_size=32", "ssl.views.local_crops=2",
                  "objective.perceptual=0", "run.precision=fp32", "run.compile=false", "run.eval_every=1000000",
                  "optim.warmup_steps=1", "ssl.teacher_temp_warmup_steps=2"]
-DRY_DIT = ["preset=dit-nano", "batch=16", "run.precision=fp32", "run.compile=false", "warmup_steps=1"]
+DRY_DIT = ["preset=dit-nano", "batch=16", "run.precision=fp32", "run.compile=false", "optim.warmup_steps=1"]
 DRY_DATA, DRY_HELD_OUT = "emoji:google,twitter,fluent", "emoji:openmoji"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vtp_fast.perf_model import PEAK_FLOPS
+from vtp_fast.measure.perf_model import PEAK_FLOPS
 from vtp_fast.study.config import ROOT
 
 MEASURED = "bench/results/h200"
@@ -13,7 +13,7 @@ MEASURED = "bench/results/h200"
 def measured_mfu(folder: str | Path | None = None) -> dict[str, tuple[float, str]]:
     """kind -> (MFU against PEAK_FLOPS, source) from whole-step H200 rows: `bench dit` rows (DiT training) and
     rows of whole tokenizer steps that carry achieved TFLOP/s (bench step / profile). Empty when none exist."""
-    from vtp_fast.benchmark import read_rows
+    from vtp_fast.measure.rows import read_rows
 
     folder = Path(folder) if folder else ROOT / MEASURED
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []

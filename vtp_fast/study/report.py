@@ -131,7 +131,7 @@ def reference_words(cfg: StudyConfig, floor: dict) -> str:
 
 
 def markdown(cfg: StudyConfig, rows: list[dict], floor: dict, found: list[dict], note: str) -> str:
-    from vtp_fast.benchmark import markdown_table
+    from vtp_fast.measure.rows import markdown_table
 
     def table_of(cells: list[dict]) -> str:
         return markdown_table(cells, list(cells[0])) if cells else "(none)"
@@ -179,8 +179,8 @@ def markdown(cfg: StudyConfig, rows: list[dict], floor: dict, found: list[dict],
 def report(cfg: StudyConfig, out: Path, stage_seconds: dict[str, float], invocation: float, note: str = "") -> None:
     """study.json, study.md and the plots of the study in `out`; `stage_seconds`: each stage's measured seconds over
     every invocation (their sum is the study's time), `invocation`: this invocation's seconds."""
-    from vtp_fast.benchmark import env_info
     from vtp_fast.config import to_dict
+    from vtp_fast.measure.timing import env_info
 
     rows = collect(cfg, out)
     floor = json.loads((out / "floor.json").read_text())

@@ -117,11 +117,19 @@ def pretrain_config(cfg: StudyConfig, out: Path, mix: str, steps: int, channels:
     return pcfg
 
 
+def tokenizer_step(cfg: StudyConfig, mix: str, channels: int) -> dict:
+    """Model FLOPs of one pretraining step of this (mix, channels) at the configured global batch, by part
+    (vtp_fast.measure.study_flops.count_tokenizer_step): for each tokenizer's result and the GPU plan."""
+    from vtp_fast.measure.study_flops import count_tokenizer_step
+
+    pcfg = pretrain_config(cfg, Path("/nonexistent/plan"), mix, 1, channels)
+    return {"mix": mix, "channels": channels, **count_tokenizer_step(pcfg)}
+
+
 def train_tokenizer(out: Path, mix: str, steps: int, channels: int, cfg: StudyConfig) -> dict:
     """Pretrain one tokenizer; its compute is the model FLOPs of one step at the configured batch (forward +
-    backward, teacher included; vtp_fast.study.plan) times the steps."""
+    backward, teacher included; `tokenizer_step`) times the steps."""
     from vtp_fast.eval.evaluate import held_out_scores
-    from vtp_fast.study.plan import tokenizer_step
     from vtp_fast.train.pretrain import pretrain
 
     pcfg = pretrain_config(cfg, out, mix, steps, channels)
@@ -142,8 +150,8 @@ def score_tokenizer(run_dir: Path, cfg: StudyConfig, sets: Sets) -> dict:
     the ranks and removed once the scores are written) and the report's reconstruction examples."""
     import shutil
 
+    from vtp_fast.data.images import normalize_u8
     from vtp_fast.data.labelled import take
-    from vtp_fast.data.pairs import normalize_u8
     from vtp_fast.eval import evaluate
     from vtp_fast.eval.classify import probe_eval
     from vtp_fast.models.pretrained import load_pretrained
@@ -222,7 +230,7 @@ def score_dit(run_dir: Path, seed: int, stop: int, previous: int, cfg: StudyConf
 
     work = run_dir / f"dit-s{seed}"
     dcfg = load_config(DiTTrainConfig, [resolve(cfg.dit)] if cfg.dit else [], [
-        "run.log_every=50", f"warmup_steps={min(100, cfg.dit_steps // 10 + 1)}", *cfg.dit_overrides,
+        "run.log_every=50", f"optim.warmup_steps={min(100, cfg.dit_steps // 10 + 1)}", *cfg.dit_overrides,
         f"latents={run_dir / 'latents'}", f"run.steps={cfg.dit_steps}", f"run.stop_at={stop}",
         f"run.out_dir={work / 'run'}", f"run.checkpoint_every={max(1, stop - previous)}", "run.resume=auto",
         f"run.seed={seed}"])

@@ -246,7 +246,7 @@ def score_images(images, cfg: StudyConfig, out: Path, sets: Sets) -> dict:
 def reconstruction_scores(model, cfg: StudyConfig, out: Path, sets: Sets) -> dict:
     """rFID, rKID (mean, std over subsets), PSNR and SSIM of `samples` held-out reconstructions against their
     originals (pick seed 0, the same for every tokenizer), streamed: on every rank, the figures on rank 0."""
-    from vtp_fast.data.pairs import normalize_u8
+    from vtp_fast.data.images import normalize_u8
     from vtp_fast.eval.evaluate import pick, require
     from vtp_fast.eval.metrics import psnr
     from vtp_fast.eval.ssim import ssim
@@ -292,7 +292,7 @@ def zero_shot(model, data, features: Path, workers: int) -> dict:
     if isinstance(data, LabelledImages) and data.captions and all(data.captions):
         if dist.rank() != 0:
             return {}
-        from vtp_fast.data.pairs import normalize_u8
+        from vtp_fast.data.images import normalize_u8
         from vtp_fast.eval.probe import zero_shot_names
 
         zs = zero_shot_names(model, normalize_u8(data.images), data.captions) | {"classes": "captions"}

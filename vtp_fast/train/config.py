@@ -63,10 +63,11 @@ class OptimConfig:
     weight_decay_end: float | None = None  # cosine schedule to this value (DINOv2: 0.04 -> 0.2); null: constant
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool = False  # torch's fused AdamW on the CPU too (one pass per tensor; last-bit differences from foreach)
 
     def validate(self) -> None:
         for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
+            if (getattr(self, key) or 0) < 0:
                 raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
@@ -115,7 +116,7 @@ class DataConfig:
     image_size: int = 64
     eval_images: int = 512
     num_workers: int | None = None  # DataLoader workers; null: from the thread budget (vtp_fast.threads)
-    sampling: Literal["epochs", "resampled"] = "epochs"  # resampled: shards drawn with replacement (data/pairs.py)
+    sampling: Literal["epochs", "resampled"] = "epochs"  # resampled: shards drawn with replacement (StepBatches)
     synthetic: bool = False  # random pixels and tokens instead of the emoji set (benchmarks, profiles, GPUs offline)
     emoji: EmojiConfig = field(default_factory=EmojiConfig)
 
@@ -260,21 +261,36 @@ class DiTRunConfig(RunConfig):
 
 
 @dataclass
+class DiTOptimConfig(OptimConfig):
+    """The DiT's AdamW and schedule: no weight decay, cosine to a tenth of the peak unless min_lr is set."""
+
+    lr: float = 2e-4
+    min_lr: float | None = None  # null: lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr * 0.1 if self.min_lr is None else self.min_lr
+
+    def validate(self) -> None:
+        super().validate()
+        if self.weight_decay_end is not None:
+            raise ConfigError("optim.weight_decay_end: the DiT keeps its weight decay constant (set null)")
+
+
+@dataclass
 class DiTTrainConfig:
     latents: str = ""  # a latent set directory (vtp-fast extract-latents)
     preset: str = "dit-tiny"
     overrides: dict = field(default_factory=dict)  # DiTConfig fields
     batch: int = 128
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
     ema: float = 0.999  # the EMA's decay once warmed up: step s uses min(ema, (1 + s) / (10 + s))
     mu: float = 0.0  # logit-normal timestep location (the paper: -0.75 for L)
     sigma: float = 1.0
     cos_weight: float = 1.0
     cos_over: Literal["sample", "position"] = "sample"  # cosine term per sample, or per position (LightningDiT)
-    grad_clip: float = 1.0
+    optim: DiTOptimConfig = field(default_factory=DiTOptimConfig)
     run: DiTRunConfig = field(default_factory=DiTRunConfig)
 
     def validate(self) -> None:

@@ -85,12 +85,14 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiT,
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not an exported DiT (config.json + model.safetensors)")
     config = json.loads((path / "config.json").read_text())
+    if config["dit"].pop("learn_sigma", False):  # exports made before the field went carry it, always false
+        raise InputError(f"{path}: learn_sigma is true; rectified flow predicts the velocity only")
     model = DiT(from_dict(DiTConfig, config["dit"]))
     load_state_strict(model, read_safetensors(path / "model.safetensors"), str(path / "model.safetensors"))
     return model.to(device).eval(), config["latents"]
 
 
-class DiTJob(Job):
+class DiTJob(Job[tuple[torch.Tensor, torch.Tensor]]):
     """Rectified flow on a latent set: the raw weights train, the EMA (warmed up) is what is exported."""
 
     name, unit = "train-dit", "latents"
@@ -111,7 +113,9 @@ class DiTJob(Job):
         self.ema.load_state_dict(self.model.state_dict())
         transform_blocks(self.model, cfg.run.activation_checkpointing, cfg.run.compile)
         self.wrapped = dist.apply_ddp(self.model, self.device)
-        self.opt = make_adamw(param_groups({"dit": self.model}, cfg.weight_decay), cfg.lr, cfg.betas)
+        o = cfg.optim
+        self.opt = make_adamw(param_groups({"dit": self.model}, o.weight_decay), o.lr, o.betas,
+                              fused=o.fused)
         self.samples_per_step, self.per_rank = cfg.batch, cfg.batch // world
         self.amp = autocast(cfg.run.precision, self.device)
 
@@ -146,8 +150,8 @@ class DiTJob(Job):
         return z.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
-        cfg, gen, (x0, y) = self.cfg, self.gen, batch
-        lr = cosine_schedule(step, cfg.run.steps, cfg.warmup_steps, cfg.lr, cfg.lr * 0.1)
+        cfg, o, gen, (x0, y) = self.cfg, self.cfg.optim, self.gen, batch
+        lr = cosine_schedule(step, cfg.run.steps, o.warmup_steps, o.lr, o.final_lr)
         for group in self.opt.param_groups:
             group["lr"] = lr
         with self.amp:
@@ -157,7 +161,7 @@ class DiTJob(Job):
         terms = {k: v.detach() for k, v in losses.items()}
         if (skip := skipped(terms)) is not None:
             return skip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip or float("inf"))
         self.opt.step()
         ema_update(list(self.ema.parameters()), list(self.model.parameters()), ema_decay(cfg.ema, step))
         return StepOutput(terms, {"grad_norm": grad_norm}, {"lr": lr})

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +61,12 @@ class Evaluation:
     at_end: bool = True
 
 
-class Job:
-    """One training job. Subclasses set the attributes and implement `next_batch`, `step` and `finish`."""
+B = TypeVar("B")  # what a job's `next_batch` returns and its `step` takes
+
+
+class Job(Generic[B]):
+    """One training job over batches of type B. Subclasses set the attributes and implement `next_batch`, `step` and
+    `finish`."""
 
     name: str  # the progress bar's label
     unit: str = "images"  # what `samples_per_step` counts (logged as <unit>_per_s)
@@ -92,11 +96,11 @@ class Job:
         """Before the first step (the data position is `start`); returns a row to log at `start`, or {}."""
         return {}
 
-    def next_batch(self, step: int) -> Any:
+    def next_batch(self, step: int) -> B:
         """The data of `step` (timed as data wait), handed to `step`."""
         raise NotImplementedError
 
-    def step(self, step: int, batch: Any) -> StepOutput:
+    def step(self, step: int, batch: B) -> StepOutput:
         raise NotImplementedError
 
     def metrics(self) -> dict[str, Any]:

@@ -36,15 +36,16 @@ def set_group(optimizer: torch.optim.Optimizer, name: str, **values: float) -> N
         g.update(values)
 
 
-def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.Optimizer:
-    """NVIDIA apex FusedAdam (AdamW mode) when importable and on CUDA, else torch's fused (CUDA) or foreach
-    AdamW."""
+def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float = 1e-8,
+               fused: bool = False) -> torch.optim.Optimizer:
+    """NVIDIA apex FusedAdam (AdamW mode) when importable and on CUDA, else torch's fused AdamW (CUDA, or the CPU
+    with `fused`) or its foreach AdamW."""
     params = [p for g in groups for p in g["params"]]
     on_cuda = bool(params) and all(p.is_cuda for p in params)
     if on_cuda and optional.available("apex"):
         return optional.module("apex").FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None,
-                             foreach=None if on_cuda else True)
+    fused = on_cuda or fused
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
 def cosine_schedule(step: int, total: int, warmup: int, peak: float, final: float) -> float:

@@ -16,20 +16,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from vtp_fast import distributed as dist
-from vtp_fast.benchmark import peak_tflops
 from vtp_fast.config import ConfigError
 from vtp_fast.data.batch import Batch
 from vtp_fast.data.emoji import load_emoji
+from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import probe_set
-from vtp_fast.data.pairs import BadSampleCount, ShardSource, StepBatches, describe_pairs, normalize_u8, pick_decoder
+from vtp_fast.data.pairs import BadSampleCount
+from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.models.pretrained import save_pretrained
 from vtp_fast.models.vtp import VTP
 from vtp_fast.plots import image_grid, plot_curves
 from vtp_fast.train import loop
 from vtp_fast.train.common import MetricsLog
 from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.flops import peak_tflops, step_flops
 from vtp_fast.train.loop import Evaluation, Job, StepOutput, start_process
-from vtp_fast.train.profile import step_flops
 from vtp_fast.train.sources import describe_data, first_images, held_out_set, load_pairs, no_eval_note
 from vtp_fast.train.trainer import build_trainer, schedules, train_step
 
@@ -39,7 +40,7 @@ HeldOutEval = Callable[[VTP, torch.Tensor, list[str] | None], dict]
 GenerativeProbe = Callable[..., dict]
 
 
-class PretrainJob(Job):
+class PretrainJob(Job[list[Batch]]):
     name = "pretrain"
 
     def __init__(self, cfg: PretrainConfig, held_out_eval: HeldOutEval | None = None,
@@ -80,13 +81,11 @@ class PretrainJob(Job):
 
     def begin(self, start: int, resumed_from: Path | None) -> dict:
         cfg, t, pairs = self.cfg, self.t, self.pairs
-        from_shards = isinstance(pairs, ShardSource)
-        decoder = pick_decoder(cfg.data.decoder) if from_shards else "torchvision"
         data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, rank=dist.rank(),
                            world=dist.world_size(), steps=cfg.run.steps * cfg.batch.accumulation,
-                           trim_text=t.causal_text, decoder=decoder, dali_threads=self.threads.dali_threads,
+                           trim_text=t.causal_text, decoder=cfg.data.decoder, dali_threads=self.threads.dali_threads,
                            dali_device="gpu" if self.device.type == "cuda" else "cpu", sampling=cfg.data.sampling)
-        on_gpu = decoder == "nvjpeg" or (decoder == "dali" and self.device.type == "cuda")  # decodes in-process
+        on_gpu = data.decoder.on_gpu  # decodes in-process
         loader = DataLoader(data, batch_size=None, sampler=range(start * cfg.batch.accumulation, len(data)),
                             num_workers=0 if on_gpu else self.threads.loader_workers,
                             pin_memory=self.device.type == "cuda" and not on_gpu,  # GPU batches are on the device
@@ -99,16 +98,15 @@ class PretrainJob(Job):
         self.probe_data = self._probe_images() if self.run.generative_probe_every else None
         n_params = sum(p.numel() for p in t.model.parameters())
         terms = ", ".join(f"{k}={w:g}" for k, w in t.objective.weights.items())
+        decoder = "none" if pairs.in_memory else data.decoder.name
         print(f"vtp-fast pretrain: {cfg.model.preset} ({n_params / 1e6:.2f}M params) on {self.device} "
-              f"x{dist.world_size()}; {describe_pairs(pairs)} ({describe_data(cfg)}; decoder "
-              f"{decoder if from_shards else 'none'}); batch {cfg.batch.size} / ssl {cfg.batch.ssl} / rec "
-              f"{cfg.batch.rec}; objective {terms}; "
+              f"x{dist.world_size()}; {pairs.describe()} ({describe_data(cfg)}; decoder {decoder}); batch "
+              f"{cfg.batch.size} / ssl {cfg.batch.ssl} / rec {cfg.batch.rec}; objective {terms}; "
               f"{f'resuming at step {start} from {resumed_from}' if resumed_from else 'from scratch'}"
               f" -> {cfg.run.out_dir}")
         if self.eval_u8 is None:
             print(f"vtp-fast pretrain: {no_eval_note(cfg)}")
-        skipped = dict(getattr(pairs, "skipped", None) or getattr(getattr(pairs, "shards", None), "problems", {}))
-        return {f"skipped_{k}": v for k, v in skipped.items()} if any(skipped.values()) else {}
+        return {f"skipped_{k}": v for k, v in pairs.skipped.items()} if any(pairs.skipped.values()) else {}
 
     def next_batch(self, step: int) -> list[Batch]:
         micro = [next(self.batches) for _ in range(self.cfg.batch.accumulation)]

@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 
 from vtp_fast.config import ConfigError
-from vtp_fast.data.emoji import default_cache_dir, load_emoji, prepare_emoji
-from vtp_fast.data.pairs import BadSample, PairSet, ShardSource, emoji_pairs, synthetic_pairs
-from vtp_fast.data.shards import ShardSet, write_shards
+from vtp_fast.data.emoji import load_emoji
+from vtp_fast.data.emoji_prepare import prepare_emoji
+from vtp_fast.data.pairs import PairSource, emoji_pairs, synthetic_pairs
+from vtp_fast.data.shard_source import ShardSet, ShardSource
 from vtp_fast.data.shards import emoji_samples as write_emoji_samples
+from vtp_fast.data.shards import write_shards
+from vtp_fast.io import default_cache_dir
 from vtp_fast.train.config import PretrainConfig
 
 
@@ -24,7 +27,7 @@ def emoji_shards(root: Path, styles: tuple[str, ...]) -> Path:
     return out
 
 
-def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSet | ShardSource, Path | None]:
+def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSource, Path | None]:
     """The training source, and the prepared emoji dir when the held-out emoji style serves evaluation."""
     if cfg.data.synthetic:
         return synthetic_pairs(max(4096, 4 * cfg.batch.size), cfg.data.image_size, context_length, cfg.run.seed), None
@@ -49,39 +52,23 @@ def no_eval_note(cfg: PretrainConfig) -> str:
             "to measure them (reconstructions.png shows training images)")
 
 
-def _usable(source: ShardSource, n: int) -> list[tuple[int, torch.Tensor]]:
-    """(index, plain uint8 image) of the first `n` usable samples of `source` (bad ones skipped)."""
-    found = []
-    for i in range(len(source)):
-        try:
-            plain, _, _ = source.sample(i)
-        except BadSample:
-            continue
-        found.append((i, plain))
-        if len(found) == n:
-            break
-    return found
-
-
-def first_images(pairs: PairSet | ShardSource, n: int) -> torch.Tensor:
-    """The first `n` usable training images (plain, uint8), for the reconstruction grid and the generative probe
-    of a run without held-out images."""
-    if not isinstance(pairs, ShardSource):
-        return pairs.images[:n]
-    found = _usable(pairs, n)
-    if not found:
+def first_images(pairs: PairSource, n: int) -> torch.Tensor:
+    """The first `n` usable training images (plain, uint8 (k, S, S, 3)), for the reconstruction grid and the
+    generative probe of a run without held-out images."""
+    ids, images = pairs.plain_images(n)
+    if not ids:
         raise ConfigError("data.shards: no usable sample in the training shards")
-    return torch.stack([plain for _, plain in found])
+    return images
 
 
 def shard_eval_set(cfg: PretrainConfig, context_length: int) -> tuple[torch.Tensor, list[str]]:
     """The first `data.eval_images` usable samples of the held-out shards: plain images and captions."""
     source = ShardSource(ShardSet(cfg.data.eval_shards), cfg.data.image_size, context_length)
-    found = _usable(source, cfg.data.eval_images)
-    if not found:
+    ids, images = source.plain_images(cfg.data.eval_images)
+    if not ids:
         raise ConfigError(f"data.eval_shards: {cfg.data.eval_shards} holds no usable sample")
-    captions = [source.shards[i].caption.decode("utf-8").strip() for i, _ in found]  # usable: valid UTF-8
-    return torch.stack([plain for _, plain in found]), captions
+    captions = [source.shards[i].caption.decode("utf-8").strip() for i in ids]  # usable: valid UTF-8
+    return images, captions
 
 
 def held_out_set(cfg: PretrainConfig, root: Path | None, context_length: int) -> tuple[torch.Tensor | None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vtp_fast import distributed as dist
-from vtp_fast.benchmark import peak_tflops
+from vtp_fast.train.flops import peak_tflops
 
 
 @dataclass

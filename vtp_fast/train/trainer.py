@@ -4,6 +4,7 @@ schedules, and one optimizer step over the objective (`train_step`), which `vtp-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from vtp_fast import distributed as dist
-from vtp_fast.compile import transform_blocks, transformer_blocks
+from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError
 from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.losses.clip import clamp_logit_scale_
@@ -26,23 +27,38 @@ from vtp_fast.train.common import autocast
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import StepOutput, skipped
 from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups, set_group
-from vtp_fast.train.step import Student, Teacher, apply_centers
+from vtp_fast.train.step import Student, Teacher
 
 
 # ---------------------------------------------------------------------------------------------- schedules
-def schedules(cfg: PretrainConfig, step: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Schedule:
+    """Pretraining's scheduled values at one optimizer step."""
+
+    step: int
+    lr: float
+    weight_decay: float  # of the "decay" parameter group
+    momentum: float  # the EMA teacher's
+    teacher_temp: float
+
+    def scalars(self) -> dict[str, float]:
+        """The values logged with the step (all but the step itself)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
+
+
+def schedules(cfg: PretrainConfig, step: int) -> Schedule:
     o, s, total = cfg.optim, cfg.ssl, cfg.run.steps
     progress = min(1.0, step / max(1, total - 1))
     wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
     warm = s.teacher_temp_warmup_steps
-    return {
-        "step": step,
-        "lr": cosine_schedule(step, total, o.warmup_steps, o.lr, o.min_lr),
-        "weight_decay": wd_end + 0.5 * (o.weight_decay - wd_end) * (1 + math.cos(math.pi * progress)),
-        "momentum": s.momentum_end - 0.5 * (s.momentum_end - s.momentum_start) * (1 + math.cos(math.pi * progress)),
-        "teacher_temp": (s.teacher_temp_warmup + (s.teacher_temp - s.teacher_temp_warmup) * step / warm
-                         if step < warm else s.teacher_temp),
-    }
+    return Schedule(
+        step=step,
+        lr=cosine_schedule(step, total, o.warmup_steps, o.lr, o.min_lr),
+        weight_decay=wd_end + 0.5 * (o.weight_decay - wd_end) * (1 + math.cos(math.pi * progress)),
+        momentum=s.momentum_end - 0.5 * (s.momentum_end - s.momentum_start) * (1 + math.cos(math.pi * progress)),
+        teacher_temp=(s.teacher_temp_warmup + (s.teacher_temp - s.teacher_temp_warmup) * step / warm
+                      if step < warm else s.teacher_temp),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -131,13 +147,14 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device, local: bool = Fals
     # parameters); the teacher, copied above, runs without gradients and keeps plain blocks
     transform_blocks(model, cfg.run.activation_checkpointing, cfg.run.compile)
     if world > 1 and cfg.run.distributed == "fsdp":
-        wrapped = dist.apply_fsdp(student, transformer_blocks(model), mixed_precision=device.type == "cuda")
+        wrapped = dist.apply_fsdp(student, model.transformer_blocks(), mixed_precision=device.type == "cuda")
         if teacher is not None:
             dist.apply_fsdp(teacher, list(teacher.trunk.blocks), mixed_precision=device.type == "cuda",
                             reshard_root=True)
     else:
         wrapped = student if local else dist.apply_ddp(student, device)
-    optimizer = make_adamw(param_groups({"student": student}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas)
+    optimizer = make_adamw(param_groups({"student": student}, cfg.optim.weight_decay), cfg.optim.lr, cfg.optim.betas,
+                           fused=cfg.optim.fused)
     trainer = Trainer(cfg, device, objective, student, wrapped, teacher, optimizer, shape)
     if "gan" in objective:
         trainer.disc = PatchDiscriminator(cfg.gan.channels, cfg.gan.layers).to(device)
@@ -172,12 +189,12 @@ def adversarial_term(t: Trainer, terms: dict, recon: torch.Tensor, active: bool)
     gen = generator_hinge(t.disc(recon))
     t.disc.requires_grad_(True)
     rec = sum(t.objective.weights[k] * terms[k] for k in ("rec_l1", "rec_mse", "rec_lpips") if k in t.objective)
-    weight = adaptive_weight(rec, gen, t.model.pixel_decoder.proj_out.weight)
+    weight = adaptive_weight(rec, gen, t.model.last_layer())
     terms["gan"] = weight * gen
     return weight
 
 
-def forward_backward(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) -> Gradients:
+def forward_backward(t: Trainer, micro_batches: list[Batch], sched: Schedule) -> Gradients:
     """Teacher targets, student terms and backward for each micro-batch (gradients accumulate, synchronised
     across ranks on the last one; each micro-batch's targets use the centres the previous one left)."""
     out = Gradients({}, {}, {})
@@ -189,11 +206,11 @@ def forward_backward(t: Trainer, micro_batches: list[Batch], sched: dict[str, fl
             targets = None
             if t.teacher is not None:
                 with probe.region("teacher"):
-                    targets, out.centers = t.teacher(batch, t.student, sched["teacher_temp"], out.centers)
+                    targets, out.centers = t.teacher(batch, sched.teacher_temp, out.centers)
             terms, recon = t.wrapped(batch, targets)
             if t.disc is not None:
                 with probe.region("gan"):
-                    weight = adversarial_term(t, terms, recon, sched["step"] >= t.cfg.gan.start_step)
+                    weight = adversarial_term(t, terms, recon, sched.step >= t.cfg.gan.start_step)
                 if weight is not None:
                     out.aux["gan_weight"] = weight.detach().float()
                 out.fake, out.real = recon.detach(), batch.images[: recon.shape[0]]
@@ -218,14 +235,14 @@ def discriminator_step(t: Trainer, fake: torch.Tensor, real: torch.Tensor) -> to
     return loss.detach()
 
 
-def train_step(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) -> StepOutput:
+def train_step(t: Trainer, micro_batches: list[Batch], sched: Schedule) -> StepOutput:
     """One optimizer step over `accumulation` micro-batches. A non-finite step changes nothing: gradients are
     dropped, the optimizer, EMA and loss centres are left as they were."""
     for group in t.optimizer.param_groups:
-        group["lr"] = sched["lr"]
-    set_group(t.optimizer, "decay", weight_decay=sched["weight_decay"])
+        group["lr"] = sched.lr
+    set_group(t.optimizer, "decay", weight_decay=sched.weight_decay)
     g = forward_backward(t, micro_batches, sched)
-    scalars = {k: v for k, v in sched.items() if k != "step"}
+    scalars = sched.scalars()
     with t.student.probe.region("checks"):  # the finite check waits for the device
         skip = skipped(g.terms, g.aux, scalars)
     if skip is not None:
@@ -237,11 +254,11 @@ def train_step(t: Trainer, micro_batches: list[Batch], sched: dict[str, float]) 
         t.optimizer.step()
         if t.model.config.train_clip:
             clamp_logit_scale_(t.model.logit_scale)  # open_clip's cap, outside the graph
-    apply_centers(t.student, g.centers)
     if t.teacher is not None:
+        t.teacher.apply_centers(g.centers)
         with t.student.probe.region("ema"):
-            t.teacher.update(t.student, sched["momentum"])
-    if g.fake is not None and sched["step"] >= t.cfg.gan.start_step:
+            t.teacher.update(t.student, sched.momentum)
+    if g.fake is not None and sched.step >= t.cfg.gan.start_step:
         with t.student.probe.region("discriminator"):
             g.terms["disc"] = discriminator_step(t, g.fake, g.real)
     g.aux["grad_norm"] = dist.full_tensor(grad_norm).detach()  # a DTensor under FSDP

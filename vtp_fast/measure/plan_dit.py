@@ -1,6 +1,6 @@
 """`vtp-fast plan` for the DiT (configs/dit/): whether `train-dit` fits on N GPUs of a kind and how fast it steps,
 and how long `vtp-fast sample` takes to draw N images. The cost model is the tokenizer planner's
-(vtp_fast.train.planner): the same memory parts, the same step model, the same stated assumptions.
+(vtp_fast.measure.planner): the same memory parts, the same step model, the same stated assumptions.
 
 Training: the DiT's forward and backward (the flow loss included: `dit_loss`, what DiTJob.step runs) traced on the
 meta device at the per-rank batch, for each activation checkpointing mode (none, selective, per_block: the
@@ -30,24 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vtp_fast.compile import transform_blocks, transformer_blocks
+from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError, load_config, load_yaml
 from vtp_fast.data.latents import META
-from vtp_fast.models.dit import DiT, DiTConfig
-from vtp_fast.models.presets import PRESETS, vtp_config
-from vtp_fast.models.pretrained import CONFIG_NAME, read_config
-from vtp_fast.models.vtp import VTP, VTPConfig
-from vtp_fast.ops.registry import building_for
-from vtp_fast.train.config import DiTTrainConfig, PretrainConfig
-from vtp_fast.train.dit import dit_loss, dit_model_config
-from vtp_fast.train.flow import sample
-from vtp_fast.train.planner import (
+from vtp_fast.measure.planner import (
     GPU,
     STEP_EFFICIENCY,
     USABLE,
-    EmulatedAutocast,
-    LiveBytes,
-    MicroStep,
     Plan,
     compute_seconds,
     gpu_bf16,
@@ -58,7 +47,16 @@ from vtp_fast.train.planner import (
     to_stderr,
     why_nothing_fits,
 )
-from vtp_fast.train.profile import flops_of
+from vtp_fast.measure.trace import EmulatedAutocast, LiveBytes, MicroStep
+from vtp_fast.models.dit import DiT, DiTConfig
+from vtp_fast.models.presets import PRESETS, vtp_config
+from vtp_fast.models.pretrained import CONFIG_NAME, read_config
+from vtp_fast.models.vtp import VTP, VTPConfig
+from vtp_fast.ops.registry import building_for
+from vtp_fast.train.config import DiTTrainConfig, PretrainConfig
+from vtp_fast.train.dit import dit_loss, dit_model_config
+from vtp_fast.train.flops import flops_of
+from vtp_fast.train.flow import sample
 
 MODES = ("none", "selective", "per_block")
 DIT_ONLY = {f.name for f in dataclasses.fields(DiTTrainConfig)} - {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -68,7 +66,7 @@ _HUB_SIZES = {"small": "vtp-s", "base": "vtp-b", "large": "vtp-l"}  # VTP-{Small
 
 
 def job_of(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> str:
-    """"dit" when the config files or overrides set a key only DiTTrainConfig has (preset, latents, lr, ...), else
+    """"dit" when the config files or overrides set a key only DiTTrainConfig has (preset, latents, ema, ...), else
     "tokenizer"."""
     keys = {k for f in files for k in load_yaml(f)} | {o.split("=", 1)[0].split(".", 1)[0] for o in overrides}
     return "dit" if keys & DIT_ONLY else "tokenizer"
@@ -112,7 +110,7 @@ def trace_dit_step(cfg: DiTTrainConfig, config: DiTConfig, per_rank: int, checkp
     with live, (EmulatedAutocast() if bf16 else contextlib.nullcontext()):
         dit_loss(cfg, model, x0, y)["total"].backward()
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
-    blocks = transformer_blocks(model)
+    blocks = model.transformer_blocks()
     n = count(model.parameters())
     return MicroStep(activation_bytes=live.peak, flops=live.flops, student_params=n, trainable_params=n,
                      teacher_params=n, block_params=max(count(b.parameters()) for b in blocks),

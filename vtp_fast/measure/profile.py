@@ -7,129 +7,33 @@ step as one "other" row, the mean and median time of each and its share of the s
 step, where medians of the parts need not add up to the median step (under load, spikes land in different phases
 in different steps). Plus model FLOPs per image (counted with torch.utils.flop_counter) and MFU when the device's
 peak is known; on the CPU, the achieved GFLOP/s as a share of the machine's measured matmul ceiling (fp32, or bf16
-when the run computes in bf16) at the run's threads, and the ceilings themselves (benchmark.cpu_ceilings). Writes
-a markdown table, JSON, a bar chart and, on request, a torch.profiler trace.
+when the run computes in bf16) at the run's threads, and the ceilings themselves (vtp_fast.measure.ceilings).
+Writes a markdown table, JSON, a bar chart and, on request, a torch.profiler trace.
+
+The steps are training's own (vtp_fast.train.trainer.train_step, with the probe the step already calls); what
+belongs here is the timing around them and the tables.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from vtp_fast import distributed as dist
-from vtp_fast.benchmark import cpu_ceilings, env_info, markdown_table, peak_tflops, share_of_ceiling
-from vtp_fast.data.batch import Batch, BatchShape
-from vtp_fast.data.pairs import StepBatches
-from vtp_fast.data.views import ViewConfig
-from vtp_fast.ops.registry import building_for
+from vtp_fast.data.step_batches import StepBatches
+from vtp_fast.measure.ceilings import cpu_ceilings, share_of_ceiling
+from vtp_fast.measure.rows import markdown_table
+from vtp_fast.measure.timing import env_info
 from vtp_fast.train.config import PretrainConfig
+from vtp_fast.train.flops import count_flops, peak_tflops
 from vtp_fast.train.loop import start_process
 from vtp_fast.train.probe import TimingProbe
 from vtp_fast.train.sources import load_pairs
-from vtp_fast.train.trainer import Trainer, _build_trainer, build_trainer, forward_backward, schedules
+from vtp_fast.train.trainer import Trainer, build_trainer, schedules
 from vtp_fast.train.trainer import train_step as run_step
-
-
-def flops_of(fn) -> int:
-    """Model FLOPs of calling fn() (torch.utils.flop_counter: matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _deterministic_masks(batch: Batch, views) -> None:
-    """Every global crop masked at the expected count: mask_probability x mean(mask_ratio) of its tokens."""
-    fixed = torch.zeros_like(batch.masks)
-    fixed[:, :_masked_tokens(batch.masks.shape[1], views)] = True
-    StepBatches._add_masks(batch, fixed)
-
-
-def _masked_tokens(tokens: int, views: ViewConfig) -> int:
-    """The expected iBOT mask of a global crop of `tokens` tokens: mask_probability x mean(mask_ratio) of them."""
-    return round(tokens * views.mask_probability * sum(views.mask_ratio) / 2)
-
-
-def meta_batch(shape: BatchShape, views: ViewConfig, image_size: int, context: int) -> Batch:
-    """One rank's batch of `shape` as StepBatches builds it from synthetic pairs (shapes, dtypes and layouts; iBOT
-    masks at their expected count, see `_deterministic_masks`), allocated on the meta device: nothing of batch size
-    exists on the host."""
-    meta = torch.device("meta")
-    empty = lambda *size, dtype=torch.float32: torch.empty(size, dtype=dtype, device=meta)  # noqa: E731
-    n, k = shape.size, shape.ssl
-    batch = Batch(images=empty(n, image_size, image_size, 3).permute(0, 3, 1, 2),  # normalize_u8's (n, 3, S, S)
-                  tokens=empty(n, context, dtype=torch.long), ids=empty(n, dtype=torch.long),
-                  bad_ids=empty(0, dtype=torch.long), bad_kinds=empty(0, dtype=torch.long))
-    if k:
-        tokens = (views.global_size // shape.patch) ** 2
-        masked = 2 * k * _masked_tokens(tokens, views)
-        batch.global_crops = empty(2 * k, 3, views.global_size, views.global_size)  # view-major
-        batch.local_crops = (empty(views.local_crops * k, 3, views.local_size, views.local_size)
-                             if views.local_crops else empty(0, 3, 1, 1))
-        batch.masks = empty(2 * k, tokens, dtype=torch.bool)
-        batch.mask_index, batch.mask_weight = empty(masked, dtype=torch.long), empty(masked)
-    return batch
-
-
-def meta_step(cfg: PretrainConfig) -> tuple[Trainer, Batch]:
-    """The trainer of `cfg` built on the meta device as one process at cfg.batch (parameters without storage; the CPU
-    backends, i.e. the reference maths) and its batch there (`meta_batch`), to trace a step (FLOPs, memory) without
-    running it: host memory and time do not grow with the batch or the model. The RNG streams are left as they
-    were."""
-    meta = torch.device("meta")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with building_for("cpu"), meta:
-            t = _build_trainer(cfg, meta, local=True)
-    return t, meta_batch(t.shape, cfg.ssl.views, cfg.data.image_size, t.model.config.text_context_length)
-
-
-def count_step_flops(cfg: PretrainConfig) -> tuple[int, Trainer, tuple[int, int] | None]:
-    """FLOPs of one forward + backward of the pretraining step at cfg.batch as one process's micro-batch, counted on
-    the meta device (`meta_step`: nothing runs), the trainer built there, and the (rows, feature width) the CLIP loss
-    saw (None without CLIP)."""
-    t, batch = meta_step(cfg)
-    seen: list[tuple[int, int]] = []
-    hook = (t.student.clip_loss.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-            if t.student.uses_clip else None)
-    flops = flops_of(lambda: forward_backward(t, [batch], schedules(cfg, 0)))
-    if hook is not None:
-        hook.remove()
-    return flops, t, (seen[0] if seen else None)
-
-
-def micro_config(cfg: PretrainConfig, world: int, accumulation: int, model_config=None) -> PretrainConfig:
-    """`cfg` as one rank's micro-batch on `world` ranks at `accumulation` micro-steps, for tracing on the meta device:
-    fp32, not compiled, without LPIPS (its VGG weights may be absent); the architecture `model_config` (a VTPConfig)
-    when given (a checkpoint's own when the run continues one)."""
-    c = copy.deepcopy(cfg)
-    if model_config is not None:
-        c.model.init, c.model.overrides = None, dataclasses.asdict(model_config)
-    c.batch.accumulation = accumulation
-    per_rank = c.batch.per_rank(world, c.model.patch_size)
-    c.batch.size, c.batch.ssl, c.batch.rec, c.batch.accumulation = per_rank.size, per_rank.ssl, per_rank.rec, 1
-    c.objective.perceptual, c.run.compile, c.run.precision, c.data.synthetic = 0.0, False, "fp32", True
-    return c
-
-
-def step_flops(cfg: PretrainConfig, model_config) -> float:
-    """Model FLOPs of one optimizer step of the run `cfg` over all ranks (forward + backward, teacher included),
-    with the architecture `model_config` (a VTPConfig: a checkpoint's own when the run continues one)."""
-    world, accumulation = dist.world_size(), cfg.batch.accumulation
-    return float(count_step_flops(micro_config(cfg, world, accumulation, model_config))[0]) * accumulation * world
-
-
-def count_flops(t, batch: Batch, sched: dict) -> int:
-    """FLOPs of one step's forward + backward (teacher included)."""
-    flops = flops_of(lambda: forward_backward(t, [batch], sched))
-    t.optimizer.zero_grad(set_to_none=True)
-    return flops
-
 
 # probe regions after the forward and backward, in step order, as named in the table
 _AFTER = {"checks": "finite check (host sync)", "optimizer": "optimizer (clip, step)", "ema": "ema",
@@ -153,23 +57,16 @@ def phase_times(probe: TimingProbe, data_ms: float, step_ms: float) -> dict[str,
     return phases
 
 
-def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | None = None,
-            trace: bool = False) -> dict:
-    cfg.batch.accumulation = 1  # phases are per micro-batch
-    device, _, _ = start_process(cfg.run)
-    t = build_trainer(cfg, device)
-    pairs, _ = load_pairs(cfg, t.model.config.text_context_length)
-    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, trim_text=t.causal_text)
-    out = Path(out or Path(cfg.run.out_dir) / "profile")
-    out.mkdir(parents=True, exist_ok=True)
-
-    flops = count_flops(t, data[0].to(device), schedules(cfg, 0))
+def _timed_steps(t: Trainer, data: StepBatches, cfg: PretrainConfig, device: torch.device, steps: int, warmup: int,
+                 trace: Path | None) -> list[dict]:
+    """Per timed step (after `warmup` untimed ones): step_ms and the ms of each phase; a torch.profiler trace of the
+    timed steps written to `trace` when given."""
     probe = TimingProbe(device)
     t.student.probe = probe
     rows = []
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                        + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
-                if trace else None)
+                if trace is not None else None)
     for i in range(warmup + steps):
         if profiler is not None and i == warmup:
             profiler.start()
@@ -186,8 +83,12 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
             rows.append({"step_ms": step_ms, **phase_times(probe, got_data.ms_since(start), step_ms)})
     if profiler is not None:
         profiler.stop()
-        profiler.export_chrome_trace(str(out / "trace.json"))
+        profiler.export_chrome_trace(str(trace))
+    return rows
 
+
+def _phase_table(rows: list[dict]) -> tuple[list[dict], float, float]:
+    """(one row per phase: mean_ms, median_ms, share_pct of the mean step; the median step ms; the mean step ms)."""
     names = list(dict.fromkeys(k for r in rows for k in r if k != "step_ms"))  # the discriminator may start late
     step_ms = statistics.median(r["step_ms"] for r in rows)
     step_mean = statistics.fmean(r["step_ms"] for r in rows)
@@ -197,6 +98,24 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
               "median_ms": statistics.median(r.get(n, 0.0) for r in rows)} for n in names]
     for row in table:
         row["share_pct"] = 100 * row["mean_ms"] / step_mean
+    return table, step_ms, step_mean
+
+
+def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | None = None,
+            trace: bool = False) -> dict:
+    """`steps` steps of `cfg` timed phase by phase after `warmup`: the result (also written as profile.md,
+    profile.json and profile.png under `out`, default run.out_dir/profile, with trace.json when `trace`)."""
+    cfg.batch.accumulation = 1  # phases are per micro-batch
+    device, _, _ = start_process(cfg.run)
+    t = build_trainer(cfg, device)
+    pairs, _ = load_pairs(cfg, t.model.config.text_context_length)
+    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed, trim_text=t.causal_text)
+    out = Path(out or Path(cfg.run.out_dir) / "profile")
+    out.mkdir(parents=True, exist_ok=True)
+
+    flops = count_flops(t, data[0].to(device), schedules(cfg, 0))
+    rows = _timed_steps(t, data, cfg, device, steps, warmup, out / "trace.json" if trace else None)
+    table, step_ms, step_mean = _phase_table(rows)
     flops_per_image = flops / cfg.batch.size
     peak = peak_tflops(device)
     achieved = flops / (step_ms / 1e3) / 1e12
