@@ -28,7 +28,8 @@ def pixel_stats(device: torch.device | str | None = None, scale: float = 1.0) ->
 def normalize(images: Tensor, stats: Stats | None = None) -> Tensor:
     """(..., 3, H, W) RGB -> float32 in the normalised space, on the images' device: uint8 pixels in [0, 255]
     (converted once, then in place: a third of the time of fresh tensors per step) or floats in [0, 1] (a new
-    tensor). stats: `pixel_stats` on the images' device (a module's buffers); made here when None."""
+    tensor). stats, for floats: `pixel_stats` on the images' device (a module's buffers), made here when None; uint8
+    pixels always use the 255-scaled ones made here."""
     if images.dtype == torch.uint8:
         mean, std = pixel_stats(images.device, 255)
         return images.float().sub_(mean).div_(std)

@@ -81,7 +81,6 @@ def _check(args: argparse.Namespace) -> None:
             raise InputError(f"--size replaces --resize (shorter side to {args.size}, then a centre crop): give one")
         if args.max_side is not None and args.resize != "fit":
             raise InputError(f"--max-side {args.max_side}: applies to --resize fit only")
-        args.resize, args.max_side = args.resize or "pad", args.max_side or 1024
 
 
 def _one_line(message, category, filename, lineno, file=None, line=None) -> None:

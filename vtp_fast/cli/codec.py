@@ -59,10 +59,18 @@ def _skipped(skipped: list[Path], done: int) -> None:
         print(f"{len(skipped)} of {len(skipped) + done} images skipped (unreadable, named above)", file=sys.stderr)
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from vtp_fast.eval.codec import Fit, reconstruct
+def _fit(args: argparse.Namespace):
+    """--resize, --size, --max-side, --batch as given; Fit's defaults for those not given."""
+    from vtp_fast.eval.codec import Fit
 
-    fit = Fit(args.resize, args.size, args.max_side, args.batch)
+    given = {k: getattr(args, k) for k in ("resize", "size", "max_side", "batch")}
+    return Fit(**{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from vtp_fast.eval.codec import reconstruct
+
+    fit = _fit(args)
     done = reconstruct(load_codec(args), args.images, args.out, fit)
     out = Path(args.out)
     for path, name, value in done.rows:
@@ -76,11 +84,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from vtp_fast.eval.codec import Fit, encode, save_latents
+    from vtp_fast.eval.codec import encode, save_latents
 
-    fit = Fit(args.resize, args.size, args.max_side, args.batch)
+    fit = _fit(args)
     tensors, index, skipped = encode(load_codec(args), args.images, fit)
-    save_latents(args.out, tensors, index, str(args.checkpoint), str(args.size or args.resize))
+    save_latents(args.out, tensors, index, str(args.checkpoint), str(args.size or fit.resize))
     print(", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) + f" -> {Path(args.out)}"
           + (" (one tensor per latent size; metadata 'files' maps each image to its key and row)"
              if len(tensors) > 1 else ""))

@@ -90,20 +90,21 @@ def warn_large(model: VTP, sized: Sized, fit: Fit, patch: int, decode: bool = Tr
                   f"(--resize fit --max-side 1024 downscales them first)", stacklevel=2)
 
 
-def image_batches(model: VTP, images: Sequence[str | Path], fit: Fit, desc: str,
-            ) -> tuple[Iterator[tuple[list[tuple[Path, Fitted]], Tensor]], list[Path]]:
+def image_batches(model: VTP, images: Sequence[str | Path], fit: Fit, decode: bool
+                  ) -> tuple[Iterator[tuple[list[tuple[Path, Fitted]], Tensor]], list[Path]]:
     """The named images made fit for `model` (`vtp_fast.data.images.fitted_batches`), each batch stacked on its
-    device: (group, pixels (B, 3, H, W) in [0, 1]), with a progress bar named `desc`; and the list of the images
-    skipped (unreadable), filled as they are met. Every header is read, and large images announced (a reconstruction
-    when desc is "reconstruct"), before this returns."""
+    device: (group, pixels (B, 3, H, W) in [0, 1]), with a progress bar; and the list of the images skipped
+    (unreadable), filled as they are met. Every header is read, and large images announced (their cost with a decode
+    when `decode`: a reconstruction), before this returns."""
     patch = model.config.vision_patch_size
     skipped: list[Path] = []
     sized = sized_images(images, patch, fit.size, skipped)
-    warn_large(model, sized, fit, patch, decode=desc == "reconstruct")
+    warn_large(model, sized, fit, patch, decode=decode)
 
     def stacked():
         done = 0
-        with tqdm(total=len(sized), desc=desc, unit="img", disable=len(sized) < 2) as bar:
+        with tqdm(total=len(sized), desc="reconstruct" if decode else "encode", unit="img",
+                  disable=len(sized) < 2) as bar:
             for group in image_files.fitted_batches(sized, patch, fit.resize, fit.size, fit.max_side, fit.batch,
                                                     skipped):
                 yield group, torch.stack([f.pixels for _, f in group]).to(model.pixel_mean.device)
@@ -158,7 +159,7 @@ def reconstruct(model: VTP, images: Sequence[str | Path], out: str | Path, fit: 
     size and are at most GRID_MAX. Each file appears in `out` whole (staged in a temporary folder beside it)."""
     from vtp_fast.plots import image_grid
 
-    stacked, skipped = image_batches(model, images, fit, "reconstruct")
+    stacked, skipped = image_batches(model, images, fit, decode=True)
     out = Path(out)
     rows, shown = [], []
     with temp_dir(out, prefix=".reconstruct-", perms=0o700) as staging:
@@ -188,7 +189,7 @@ def encode(model: VTP, images: Sequence[str | Path], fit: Fit) -> tuple[dict[str
     (top, left, height, width) in the padded grid, or None}; and the images skipped (unreadable)."""
     groups: dict[str, list[Tensor]] = {}  # "hxw" of the latents -> their (C, h, w) tensors
     index = []
-    stacked, skipped = image_batches(model, images, fit, "encode")
+    stacked, skipped = image_batches(model, images, fit, decode=False)
     for group, x in stacked:
         z = forward(lambda x=x: model.encode(model.normalize(x)).float().cpu())  # (B, C, h, w)
         key = f"{z.shape[2]}x{z.shape[3]}"
