@@ -109,8 +109,8 @@ def apply_inference(model: Tokenizer, precision: str = "fp32", compile: bool = F
     """In place: `model` (a VTP) for inference only, eval mode and no gradients. "fp32" keeps the weights (the exact
     path, bit for bit that of the plain model when `compile` is off); "bf16" casts every parameter to bfloat16 once
     (buffers keep their dtype: the pixel mean/std stay fp32, the RoPE periods are bf16 already), and encode / decode
-    cast their input to it and return bf16. `compile`: torch.compile encode and decode with freezing, for runs of
-    many batches (a VTP-S graph takes about 25 s to build on 2 CPU cores; docs/performance.md)."""
+    cast their input to it and return bf16. `compile`: torch.compile encode and decode with freezing (a VTP-S graph
+    took 25 s to build on 2 CPU cores and ran no faster there in fp32: docs/performance.md)."""
     if precision not in INFERENCE_DTYPES:
         raise ValueError(f"inference precision {precision!r} (choices: {', '.join(INFERENCE_DTYPES)})")
     dtype = INFERENCE_DTYPES[precision]

@@ -75,7 +75,7 @@ def load_codec(args: argparse.Namespace):
 
 def codec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32: the exact path; bf16: weights cast once (about 2.7x faster on a CPU with AMX; error "
-                        "vs fp32 in docs/performance.md)")
-    p.add_argument("--compile", action="store_true", help="torch.compile encode/decode with frozen weights: pays "
-                                                          "off over many batches (a graph takes tens of seconds)")
+                   help="fp32: the exact path; bf16: weights cast once (2.8-3x the fp32 reference on a CPU with AMX; "
+                        "its error vs fp32 in docs/performance.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile encode/decode with frozen weights (a graph "
+                                                          "takes tens of seconds; no faster in fp32 on a 2-core CPU)")
