@@ -26,7 +26,7 @@ study: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/vtp-fast study --out runs/study
 
 # the ahead-of-time compile gate on the full matrix (every op, shape, dtype; sm_90 and sm_80; the CUDA sources):
-# minutes on 2 cores; CI runs a subset (tests/test_kernel_check.py). The table is committed.
+# minutes on 2 cores; CI runs a subset (tests/measure/test_gate.py). The table is committed.
 check-kernels: $(STAMP)
 	$(VENV)/bin/vtp-fast kernels check --cuda --markdown bench/results/static/kernels_check.md \
 	  --json bench/results/static/kernels_check.jsonl

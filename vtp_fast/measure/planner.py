@@ -16,7 +16,7 @@ Memory per GPU, for each option (DDP or FSDP2 x run.activation_checkpointing x m
                so this errs high where they are used
   CLIP gather  (with CLIP) the global batch's image and text features gathered on every rank, and their gradients
 Usable memory is USABLE of the GPU's (allocator fragmentation, the CUDA context, NCCL buffers). Checked against
-real peaks at tiny shapes on the CPU in tests/train/test_planner.py.
+real peaks at tiny shapes on the CPU in tests/measure/test_planner.py.
 
 Step time: the traced FLOPs of the micro-steps (recomputation included) at STEP_EFFICIENCY of the GPU's measured
 bf16 ceiling, against the collective traffic (DDP: all-reduce of the fp32 gradients; FSDP2: all-gather of the

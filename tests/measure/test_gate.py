@@ -17,7 +17,7 @@ from vtp_fast.measure.gate_cuda import parse_nvcc_log  # noqa: E402
 from vtp_fast.measure.gate_rows import mma_kind, parse_ptxas  # noqa: E402
 from vtp_fast.measure.gate_triton import _launch_rows, check  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 @triton.jit

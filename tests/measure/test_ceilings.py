@@ -84,7 +84,7 @@ def test_cpu_rows_with_flops_get_their_share(monkeypatch):
 
 
 def test_roofline_bench_rows(monkeypatch):
-    spec = importlib.util.spec_from_file_location("roofline", Path(__file__).parents[1] / "bench" / "roofline.py")
+    spec = importlib.util.spec_from_file_location("roofline", Path(__file__).parents[2] / "bench" / "roofline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "QUICK", (SMALL["size"], SMALL["copy_mib"]))

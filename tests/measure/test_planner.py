@@ -97,7 +97,7 @@ def test_emulated_autocast_matches_cpu_autocast():
 
 _MEASURE = """
 import json, sys, torch
-from tests.train.test_planner import tiny
+from tests.measure.test_planner import tiny
 from vtp_fast.data.pairs import synthetic_pairs
 from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.ops.registry import building_for
@@ -135,7 +135,7 @@ def test_traced_activations_match_the_resident_memory_of_a_real_step():
 
 _TRACE_PEAK = """
 import json, resource
-from tests.train.test_planner import tiny
+from tests.measure.test_planner import tiny
 from vtp_fast.measure import trace
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
 trace.trace_micro_step(tiny(), bf16=False)  # imports and every lazy allocation
@@ -280,7 +280,7 @@ def test_dit_trace_allocates_nothing_of_batch_size():
 
 _DIT_TRACE_PEAK = """
 import json, resource
-from tests.train.test_planner import tiny_dit
+from tests.measure.test_planner import tiny_dit
 from vtp_fast.measure import plan_dit
 from vtp_fast.train.dit import dit_model_config
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 - Linux: KiB
