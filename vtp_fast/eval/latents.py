@@ -29,8 +29,6 @@ from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_b
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 from vtp_fast.models.vtp import VTP
 
-STATS = 3  # per shard in the all-reduced table: count, max label + 1, and the two (C,) sums
-
 
 def _plan(model: VTP, data, flip: bool, per_shard: int, dtype: str) -> dict:
     plan = {"data": data.name, "images": len(data), "image_size": int(data.size), "per_shard": per_shard,
