@@ -65,10 +65,17 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = False  # torch's fused AdamW on the CPU too (one pass per tensor; last-bit differences from foreach)
 
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the cosine decay ends at."""
+        return self.min_lr
+
     def validate(self) -> None:
-        for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            if (getattr(self, key) or 0) < 0:
-                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
+        values = {"lr": self.lr, "min_lr": self.final_lr, "weight_decay": self.weight_decay,
+                  "grad_clip": self.grad_clip}
+        for key, value in values.items():
+            if value < 0:
+                raise ConfigError(f"optim.{key}: must be >= 0, got {value}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
@@ -271,6 +278,7 @@ class DiTOptimConfig(OptimConfig):
 
     @property
     def final_lr(self) -> float:
+        """optim.min_lr, or a tenth of the peak when it is null."""
         return self.lr * 0.1 if self.min_lr is None else self.min_lr
 
     def validate(self) -> None:

@@ -33,7 +33,7 @@ from vtp_fast.train.common import MetricsLog, autocast, ema_update
 from vtp_fast.train.config import DiTTrainConfig
 from vtp_fast.train.flow import flow_loss, sample
 from vtp_fast.train.loop import Job, StepOutput, skipped, start_process
-from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups
+from vtp_fast.train.optim import clip_grad_norm, cosine_schedule, make_adamw, param_groups, set_lr
 
 
 def ema_decay(decay: float, step: int) -> float:
@@ -152,8 +152,7 @@ class DiTJob(Job[tuple[torch.Tensor, torch.Tensor]]):
     def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
         cfg, o, gen, (x0, y) = self.cfg, self.cfg.optim, self.gen, batch
         lr = cosine_schedule(step, cfg.run.steps, o.warmup_steps, o.lr, o.final_lr)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         with self.amp:
             losses = dit_loss(cfg, self.wrapped, x0, y, gen)
         self.opt.zero_grad(set_to_none=True)
@@ -161,7 +160,7 @@ class DiTJob(Job[tuple[torch.Tensor, torch.Tensor]]):
         terms = {k: v.detach() for k, v in losses.items()}
         if (skip := skipped(terms)) is not None:
             return skip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(self.model.parameters(), o.grad_clip)
         self.opt.step()
         ema_update(list(self.ema.parameters()), list(self.model.parameters()), ema_decay(cfg.ema, step))
         return StepOutput(terms, {"grad_norm": grad_norm}, {"lr": lr})

@@ -48,6 +48,17 @@ def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: f
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of `params` to `max_norm` (0: no clipping); the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
 def cosine_schedule(step: int, total: int, warmup: int, peak: float, final: float) -> float:
     """Linear warm-up to `peak` over `warmup` steps, then cosine decay reaching `final` at the last step
     (total - 1)."""

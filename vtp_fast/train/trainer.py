@@ -26,7 +26,7 @@ from vtp_fast.ops import building_for
 from vtp_fast.train.common import autocast
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import StepOutput, skipped
-from vtp_fast.train.optim import cosine_schedule, make_adamw, param_groups, set_group
+from vtp_fast.train.optim import clip_grad_norm, cosine_schedule, make_adamw, param_groups, set_group, set_lr
 from vtp_fast.train.step import Student, Teacher
 
 
@@ -53,7 +53,7 @@ def schedules(cfg: PretrainConfig, step: int) -> Schedule:
     warm = s.teacher_temp_warmup_steps
     return Schedule(
         step=step,
-        lr=cosine_schedule(step, total, o.warmup_steps, o.lr, o.min_lr),
+        lr=cosine_schedule(step, total, o.warmup_steps, o.lr, o.final_lr),
         weight_decay=wd_end + 0.5 * (o.weight_decay - wd_end) * (1 + math.cos(math.pi * progress)),
         momentum=s.momentum_end - 0.5 * (s.momentum_end - s.momentum_start) * (1 + math.cos(math.pi * progress)),
         teacher_temp=(s.teacher_temp_warmup + (s.teacher_temp - s.teacher_temp_warmup) * step / warm
@@ -238,8 +238,7 @@ def discriminator_step(t: Trainer, fake: torch.Tensor, real: torch.Tensor) -> to
 def train_step(t: Trainer, micro_batches: list[Batch], sched: Schedule) -> StepOutput:
     """One optimizer step over `accumulation` micro-batches. A non-finite step changes nothing: gradients are
     dropped, the optimizer, EMA and loss centres are left as they were."""
-    for group in t.optimizer.param_groups:
-        group["lr"] = sched.lr
+    set_lr(t.optimizer, sched.lr)
     set_group(t.optimizer, "decay", weight_decay=sched.weight_decay)
     g = forward_backward(t, micro_batches, sched)
     scalars = sched.scalars()
@@ -249,8 +248,7 @@ def train_step(t: Trainer, micro_batches: list[Batch], sched: Schedule) -> StepO
         t.optimizer.zero_grad(set_to_none=True)
         return skip
     with t.student.probe.region("optimizer"):
-        clip = t.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.student.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm(t.student.parameters(), t.cfg.optim.grad_clip)
         t.optimizer.step()
         if t.model.config.train_clip:
             clamp_logit_scale_(t.model.logit_scale)  # open_clip's cap, outside the graph
