@@ -31,6 +31,8 @@ from torch.utils.checkpoint import (
     noop_context_fn,
 )
 
+from vtp_fast.constants import DTYPES
+
 
 class BlockModel(Protocol):
     """A model that names its transformer blocks (vtp_fast.models.vtp.VTP, vtp_fast.models.dit.DiT)."""
@@ -101,7 +103,6 @@ def transform_blocks(model: Model, activation_checkpointing: str = "none", compi
     return model
 
 
-INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Tokenizer = TypeVar("Tokenizer", bound=nn.Module)  # a vtp_fast.models.vtp.VTP: encode and decode
 
 
@@ -111,9 +112,9 @@ def apply_inference(model: Tokenizer, precision: str = "fp32", compile: bool = F
     (buffers keep their dtype: the pixel mean/std stay fp32, the RoPE periods are bf16 already), and encode / decode
     cast their input to it and return bf16. `compile`: torch.compile encode and decode with freezing (a VTP-S graph
     took 25 s to build on 2 CPU cores and ran no faster there in fp32: docs/performance.md)."""
-    if precision not in INFERENCE_DTYPES:
-        raise ValueError(f"inference precision {precision!r} (choices: {', '.join(INFERENCE_DTYPES)})")
-    dtype = INFERENCE_DTYPES[precision]
+    if precision not in DTYPES:
+        raise ValueError(f"inference precision {precision!r} (choices: {', '.join(DTYPES)})")
+    dtype = DTYPES[precision]
     model.eval().requires_grad_(False)
     for param in model.parameters():
         param.data = param.data.to(dtype)

@@ -14,6 +14,9 @@ from torch import Tensor
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# the precisions configs and the command line name ("fp32", "bf16"): RoPE, inference, stored latents
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 Stats = tuple[Tensor, Tensor]  # (mean, std), each (3, 1, 1) float32
 
 

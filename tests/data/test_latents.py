@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from vtp_fast.config import InputError
+from vtp_fast.constants import DTYPES
 from vtp_fast.data import latents as store
 from vtp_fast.data.latents import LatentBatches, load_latents
 from vtp_fast.data.views import sample_seed
@@ -28,7 +29,7 @@ def write_set(path: Path, counts: list[int], channels: int = 8, grid: int = 4, d
     scale = torch.arange(channels, dtype=torch.float32).view(1, -1, 1, 1)
     stats, zs, ys = [], [], []
     for k, n in enumerate(counts):
-        z = (torch.randn(n, channels, grid, grid, generator=gen) * (1 + scale) + scale).to(store.DTYPES[dtype])
+        z = (torch.randn(n, channels, grid, grid, generator=gen) * (1 + scale) + scale).to(DTYPES[dtype])
         y = torch.randint(classes, (n,), generator=gen)
         stats.append(store.write_shard(path / store.shard_name(k), z, y))
         if sum(counts) <= 100_000:  # the large sets of the memory test are not kept
@@ -49,7 +50,7 @@ def test_batches_are_the_stored_rows_normalised_per_batch(tmp_path, dtype):
     assert lat.shape == (24, 8, 4, 4) and len(lat) == 24
     ids = torch.tensor([23, 0, 7, 7, 18, 6, 19, 2])  # across shards, repeated, unsorted
     raw, labels = lat.raw(ids)
-    assert raw.dtype == store.DTYPES[dtype] and torch.equal(raw.float(), z[ids]) and torch.equal(labels, y[ids])
+    assert raw.dtype == DTYPES[dtype] and torch.equal(raw.float(), z[ids]) and torch.equal(labels, y[ids])
     norm, _ = lat.batch(ids)
     assert norm.dtype == torch.float32 and torch.equal(norm, (z[ids] - lat.mean) / lat.std)
     whole, _ = lat.batch(torch.arange(len(lat)))

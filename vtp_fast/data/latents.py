@@ -43,13 +43,13 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from vtp_fast.config import InputError
+from vtp_fast.constants import DTYPES
 from vtp_fast.data.views import sample_seed
 from vtp_fast.io import atomic_path, atomic_write_text
 
 PLAN, META = "extract.json", "meta.json"
 RELEASE = 1 << 20  # bytes: the windows a gather's pages are dropped in (a multiple of the fault-around window)
 _NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64, "F64": np.float64}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def shard_name(k: int) -> str:

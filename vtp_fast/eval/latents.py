@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
+from vtp_fast.constants import DTYPES
 from vtp_fast.data import latents as store
 from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
@@ -99,8 +100,8 @@ def extract_latents(model: VTP, data, out: str | Path, *, flip: bool = True, bat
     launch (each encodes its shards). Resumes a killed run's set. Returns the meta."""
     if len(data) == 0:
         raise InputError(f"extract-latents: the data set {data.name} holds no images")
-    if dtype not in store.DTYPES:
-        raise InputError(f"extract-latents: dtype {dtype!r} (choices: {', '.join(store.DTYPES)})")
+    if dtype not in DTYPES:
+        raise InputError(f"extract-latents: dtype {dtype!r} (choices: {', '.join(DTYPES)})")
     model.eval()
     out = Path(out)
     plan = _plan(model, data, flip, per_shard, dtype)
@@ -110,7 +111,7 @@ def extract_latents(model: VTP, data, out: str | Path, *, flip: bool = True, bat
     mine = range(dist.rank(), n_shards, dist.world_size())
     stats = {k: store.read_shard_stats(out / store.shard_name(k)) for k in mine if k in finished}
     stats |= _encode_shards(model, data, out, [k for k in mine if k not in finished], flip=flip, batch=batch,
-                            per_shard=per_shard, dtype=store.DTYPES[dtype], workers=workers,
+                            per_shard=per_shard, dtype=DTYPES[dtype], workers=workers,
                             progress=progress and dist.rank() == 0)
     channels = model.config.vision_feature_bottleneck
     every = _gather(stats, n_shards, channels, next(model.parameters()).device)

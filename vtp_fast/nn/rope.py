@@ -16,11 +16,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from vtp_fast.constants import DTYPES
 from vtp_fast.ops.attention import apply_rope, rotate_half  # the rotation is the attention op's reference
 
-__all__ = ["ROPE_DTYPES", "Rope2D", "apply_rope", "rope_periods", "rotate_half"]
-
-ROPE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+__all__ = ["Rope2D", "apply_rope", "rope_periods", "rotate_half"]
 
 
 def rope_periods(head_dim: int, base: float, dtype: torch.dtype, device=None) -> Tensor:
@@ -33,9 +32,9 @@ class Rope2D(nn.Module):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
-        if dtype not in ROPE_DTYPES:
-            raise ValueError(f"rope dtype must be one of {list(ROPE_DTYPES)}, got {dtype!r}")
-        self.head_dim, self.base, self.dtype = head_dim, base, ROPE_DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"rope dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        self.head_dim, self.base, self.dtype = head_dim, base, DTYPES[dtype]
         # Stored in bf16, as in the published checkpoints (part of their state dict).
         self.register_buffer("periods", rope_periods(head_dim, base, torch.bfloat16), persistent=True)
 
