@@ -45,8 +45,7 @@ class Stage:
     kind: str  # stages of a kind share one measured / estimated ratio
     estimate: float  # seconds, from RATES
     result: Path  # the stage is done when this file exists
-    run: Callable[[], object]
-    everywhere: bool = True  # under torchrun: every rank runs it (the study's stages); False: rank 0, the others wait
+    run: Callable[[], object]  # under torchrun every rank runs it
 
 
 class Progress:
@@ -79,8 +78,7 @@ class Progress:
                   f"elapsed, about {self.left() / 60:.0f} min left", flush=True)
         t = time.perf_counter()
         try:
-            if stage.everywhere or dist.rank() == 0:
-                stage.run()
+            stage.run()
             dist.barrier()
         finally:  # an interrupted stage's time counts too: the next invocation continues its work
             elapsed = time.perf_counter() - t

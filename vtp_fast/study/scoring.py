@@ -31,6 +31,7 @@ import torch
 from vtp_fast import distributed as dist
 from vtp_fast.data.labelled import Fetched, LabelledImages, open_images, stream, warn_bad
 from vtp_fast.eval.adm import STAT_KEYS, SetFeatures, adm_metrics, extract_features, load_head, resolve_weights
+from vtp_fast.eval.evaluate import to_uint8_nchw
 from vtp_fast.io import atomic_file, atomic_write_text
 from vtp_fast.study.config import StudyConfig
 
@@ -126,11 +127,6 @@ def labels_of(source, ids: torch.Tensor, workers: int) -> torch.Tensor:
     return torch.cat([got.labels for got in fetched(source, ids, 0, len(ids), 256, workers)])
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) floats in [0, 1] -> uint8 (N, 3, H, W) on the CPU."""
-    return images.clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-
-
 def gaussian_decodes(tokenizer, meta: dict, n: int, seed: int = 0) -> ImageStream:
     """The tokenizer's decoder on n Gaussian latents with the latent set's per-channel mean and std (`meta`): image
     i from sample_noise(seed, i), the same on any number of ranks."""
@@ -143,7 +139,7 @@ def gaussian_decodes(tokenizer, meta: dict, n: int, seed: int = 0) -> ImageStrea
     def make(start: int, stop: int, size: int) -> Iterator[torch.Tensor]:
         for i in range(start, stop, size):
             z = sample_noise(seed, i, min(stop, i + size), (meta["channels"], *meta["grid"])).to(dev)  # (b, C, h, w)
-            yield to_uint8(tokenizer.denormalize(tokenizer.decode(z * std + mean)))
+            yield to_uint8_nchw(tokenizer.denormalize(tokenizer.decode(z * std + mean))).cpu()
 
     return ImageStream(f"ceiling of {meta.get('tokenizer', '')}", n, make)
 
@@ -268,7 +264,7 @@ def reconstruction_scores(model, cfg: StudyConfig, out: Path, sets: Sets) -> dic
             b = model.denormalize(model.decode(model.encode(x))).clamp(0, 1).float()
             sums.add_(torch.stack([psnr(b, a).sum(), ssim(b, a).sum(), torch.tensor(float(len(b)), device=dev)])
                       .double())
-            yield to_uint8(b)
+            yield to_uint8_nchw(b).cpu()
 
     recon = features(ImageStream(f"reconstructions of {held.name}", len(ids), make), cfg)
     dist.all_reduce_sum(sums)
