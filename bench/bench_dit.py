@@ -12,7 +12,6 @@ study's DiT (configs/dit/study_tiny.yaml).
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from vtp_fast.compile import apply_compile
 from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends
@@ -20,7 +19,7 @@ from vtp_fast.measure.timing import time_interleaved
 from vtp_fast.models.dit import DiT, dit_config
 from vtp_fast.ops import building_for
 from vtp_fast.train.common import autocast
-from vtp_fast.train.flops import peak_tflops
+from vtp_fast.train.flops import flops_of, peak_tflops
 from vtp_fast.train.flow import flow_loss
 from vtp_fast.train.optim import make_adamw, param_groups
 
@@ -64,9 +63,8 @@ def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> l
             loss.backward()
             opt.step()
         steps[mode], models[mode] = step, model
-    with FlopCounterMode(display=False) as counter:
-        flow_loss(models["eager"], x0, torch.zeros(batch, dtype=torch.long, device=device))["total"].backward()
-    flops = counter.get_total_flops()
+    y0 = torch.zeros(batch, dtype=torch.long, device=device)
+    flops = flops_of(lambda: flow_loss(models["eager"], x0, y0)["total"].backward())
     timed = dict(zip(modes, time_interleaved([steps[m] for m in modes], device, rounds=rounds, warmup=warmup),
                      strict=True))
     rows = RowLog(emit)

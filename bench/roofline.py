@@ -42,7 +42,7 @@ def main() -> None:
     def extra(p: argparse.ArgumentParser) -> None:
         p.add_argument("--threads", type=int, help="torch threads (default: the count torch uses now)")
 
-    bench_cli(run, TABLE_COLUMNS, __doc__, extra=extra, run_args=["threads"], ceilings=False)
+    bench_cli(run, TABLE_COLUMNS, __doc__, extra=extra, run_args=["threads"])
 
 
 if __name__ == "__main__":

@@ -162,10 +162,11 @@ def plot_scaling(rows: Sequence[dict], x: str, y: str, series: str, path: str | 
 
 def bench_cli(run: Callable[..., list[dict]], columns: Sequence[str], doc: str,
               extra: Callable[[argparse.ArgumentParser], None] | None = None,
-              run_args: Sequence[str] = (), ceilings: bool = True) -> tuple[list[dict], argparse.Namespace]:
+              run_args: Sequence[str] = ()) -> tuple[list[dict], argparse.Namespace]:
     """The command line of a bench/bench_<name>.py module: --device, --out (append JSONL rows, each as soon as it
     is measured), --quick, plus the module's own options (`extra`), of which `run_args` are passed to
-    run(device, quick, ..., emit=...). On the CPU (and `ceilings`) the CPU's measured ceilings come first."""
+    run(device, quick, ..., emit=...). On the CPU, for a table with `ceiling_share`, the CPU's measured ceilings
+    come first."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="append JSONL rows here")
@@ -173,7 +174,7 @@ def bench_cli(run: Callable[..., list[dict]], columns: Sequence[str], doc: str,
     if extra is not None:
         extra(p)
     args = p.parse_args()
-    if ceilings and torch.device(args.device).type == "cpu":  # the roofline of the rows' ceiling_share
+    if "ceiling_share" in columns and torch.device(args.device).type == "cpu":  # the roofline of the rows' shares
         print(cpu_ceilings().describe(), flush=True)
     rows = run(args.device, args.quick, *(getattr(args, a) or None for a in run_args),
                emit=row_writer(args.out, columns))

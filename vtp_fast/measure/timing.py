@@ -95,18 +95,26 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    return _summary(times, peak)
+
+
+def _summary(times: list[float], peak_mem_mb: float | None) -> dict:
+    """Median and quartiles of `times` (ms), the count, the peak memory."""
     # inclusive: quartiles within the measured range (the default extrapolates below the fastest repeat)
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "repeats": len(times),
-            "peak_mem_mb": peak}
+            "peak_mem_mb": peak_mem_mb}
 
 
 def time_interleaved(steps: Sequence[Callable[[], object]], device: str | torch.device, *, rounds: int,
                      warmup: int) -> list[dict]:
     """Side by side: warm every step up (`warmup` calls each), then time each once per round, A B C in even rounds
     and C B A in odd ones, so no step always runs first or last while the machine's load drifts. Per step: median
-    and quartiles (ms) over rounds, the rounds, and peak memory (CUDA) over rounds."""
+    and quartiles (ms) over rounds, the rounds, and peak memory (CUDA) over rounds. With VTP_FAST_BENCH_TINY=1
+    (as `measure`) one round, no warm-up."""
+    if os.environ.get("VTP_FAST_BENCH_TINY") == "1":
+        warmup, rounds = 0, 1
     for step in steps:
         for _ in range(warmup):
             step()
@@ -119,9 +127,4 @@ def time_interleaved(steps: Sequence[Callable[[], object]], device: str | torch.
             times[i].append(t["median_ms"])
             if t["peak_mem_mb"] is not None:
                 peaks[i].append(t["peak_mem_mb"])
-    out = []
-    for ts, ps in zip(times, peaks, strict=True):
-        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-        out.append({"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "repeats": len(ts),
-                    "peak_mem_mb": max(ps) if ps else None})
-    return out
+    return [_summary(ts, max(ps) if ps else None) for ts, ps in zip(times, peaks, strict=True)]
