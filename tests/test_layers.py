@@ -281,3 +281,12 @@ def test_find_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"x": {"x"}}) == ["x", "x"]
+
+
+def test_every_package_is_in_the_distribution():
+    """A regular (non-editable) install ships exactly the packages pyproject.toml lists: every package directory
+    has to be there, or `pip install .` leaves out its modules."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "vtp_fast").rglob("__init__.py")}
+    assert on_disk | {"vtp_fast.kernels"} == listed
