@@ -4,11 +4,13 @@
 
 Each job is `vtp-fast pretrain` of the tiny config on synthetic data (the step `make train` runs) with the thread
 budget's torch threads, fixed for the run (vtp_fast.threads: every CPU of the process), logging every 2 steps; the
-figure is the median logged seconds per step after the first 6 steps. The settings differ only in how an idle
-OpenMP thread waits, which changes no result:
-    the budget          what the command line sets (GOMP_SPINCOUNT=vtp_fast.threads.SPIN_COUNT)
+figure is the median logged seconds per step after the first 6 steps. The settings differ only in the OpenMP
+runtime and how its idle threads wait, which changes no result:
+    the budget          what the command line does: Intel's runtime, its wait following the load (OpenMPWait)
+    Intel's, fixed      the same runtime with its default wait held (KMP_BLOCKTIME=200)
+    libgomp, spin       torch's own libgomp with GOMP_SPINCOUNT=vtp_fast.threads.SPIN_COUNT (the budget before)
     libgomp's default   GOMP_SPINCOUNT=300000, libgomp's own value (about 3 ms of spinning), what a job did before
-    passive             OMP_WAIT_POLICY=PASSIVE: sleep at once
+    passive             libgomp with OMP_WAIT_POLICY=PASSIVE: sleep at once
 Alone and side by side are interleaved per setting (alone, pair, alone, pair, ...: `--rounds`), so a drift in the
 machine's speed touches every setting alike; the row keeps every measurement and reports medians. The load average
 at the start is recorded: run it on an otherwise idle machine.
@@ -28,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/tokenizer/tiny.yaml", "data.synthetic=true", "run.log_every=2", "run.eval_every=100000",
         "run.checkpoint_every=100000", "run.tensorboard=false"]
-WAIT_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+WAIT_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "VTP_FAST_OPENMP")
 
 
 def jobs(n: int, steps: int, env_extra: dict[str, str]) -> list[float]:
@@ -56,13 +58,19 @@ def main() -> None:
     parser.add_argument("--out", help="append the JSON row to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from vtp_fast.threads import prepare_openmp
+    prepare_openmp()  # so that the row's budget describes what the command line does
     from vtp_fast.measure.rows import write_rows
     from vtp_fast.measure.timing import env_info
-    from vtp_fast.threads import SPIN_COUNT, budget
+    from vtp_fast.threads import SPIN_COUNT, OpenMPWait, budget, intel_openmp_path
 
-    settings = {f"the budget (GOMP_SPINCOUNT={SPIN_COUNT})": {"GOMP_SPINCOUNT": str(SPIN_COUNT)},
-                "libgomp's default": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    gnu = {"VTP_FAST_OPENMP": "gnu"}
+    settings = {"the budget": {}, "Intel's, fixed": {"KMP_BLOCKTIME": str(OpenMPWait.ALONE_MS)},
+                f"libgomp, spin {SPIN_COUNT}": {**gnu, "GOMP_SPINCOUNT": str(SPIN_COUNT)},
+                "libgomp's default": {**gnu, "GOMP_SPINCOUNT": "300000"},
+                "passive": {**gnu, "OMP_WAIT_POLICY": "PASSIVE"}}
     row = {"bench": "contention", "config": " ".join(ARGS), "steps": args.steps, "budget": budget().describe(),
+           "intel_openmp": intel_openmp_path() is not None,
            "load_average_at_start": os.getloadavg()[0], **env_info("cpu")}
     runs = {name: {"alone_s": [], "side_by_side_s": []} for name in settings}
     for _ in range(args.rounds):
@@ -75,9 +83,10 @@ def main() -> None:
     for name, r in runs.items():
         alone, pair = statistics.median(r["alone_s"]), statistics.median(r["side_by_side_s"])
         row[name] = {**r, "alone_median_s": alone, "side_by_side_median_s": pair, "slowdown": pair / alone,
-                     "alone_vs_libgomp_default": alone / base}
+                     "alone_vs_libgomp_default": alone / base, "side_by_side_vs_libgomp_default_alone": pair / base}
         print(f"{name}: alone {alone:.3f} s/step ({alone / base:.2f}x libgomp's default alone); two at once "
-              f"{pair:.3f} s/step each ({pair / alone:.2f}x alone)", flush=True)
+              f"{pair:.3f} s/step each ({pair / alone:.2f}x alone, {pair / base:.2f}x libgomp's default alone)",
+              flush=True)
     write_rows([row], args.out)
 
 

@@ -25,8 +25,13 @@ Imports nothing from the rest of vtp_fast (every layer may ask for the budget).
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def local_ranks() -> int:
@@ -77,21 +82,97 @@ def budget(threads: int = 0, workers: int | None = None, dali_threads: int | Non
     return ThreadBudget(cpus, torch_threads, workers, dali_threads, source)
 
 
-# Iterations an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT; its default is 300,000).
+# Iterations an idle libgomp thread spins before it sleeps (GOMP_SPINCOUNT; libgomp's default is 300,000).
 SPIN_COUNT = 10_000
 
 
 def prepare_openmp() -> None:
-    """Set the OpenMP wait (SPIN_COUNT) for this process and its children unless the user chose one. Effective only
-    before torch is first imported (libgomp reads it when it loads): the command line calls it first thing."""
+    """Choose this process's OpenMP runtime and its wait; effective only before torch is first imported (the runtime
+    reads its settings when it loads): the command line calls it first thing.
+
+    Intel's runtime (libiomp5, the intel-openmp package on x86-64 Linux) is loaded ahead of torch, so torch's OpenMP
+    calls bind to it rather than to its own libgomp (glibc resolves a symbol in the libraries loaded globally
+    first): its wait can change while the process runs (`OpenMPWait`), libgomp's cannot. VTP_FAST_OPENMP=gnu
+    keeps libgomp. For libgomp (and the processes this one starts) the spin is SPIN_COUNT unless the user chose
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT. Neither runtime nor wait changes a result: they split work the same way."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    if "torch" in sys.modules or os.environ.get("VTP_FAST_OPENMP", "intel") == "gnu":
+        return
+    if (path := intel_openmp_path()) is not None:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+def intel_openmp_path() -> str | None:
+    """libiomp5.so of the installed intel-openmp package, if any."""
+    try:
+        files = importlib.metadata.files("intel-openmp") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [f.locate() for f in files if f.name == "libiomp5.so"]
+    return str(found[0]) if found and Path(found[0]).exists() else None
+
+
+def openmp_runtime() -> ctypes.CDLL | None:
+    """Intel's runtime when torch's OpenMP calls go to it in this process, else None (libgomp)."""
+    lib = ctypes.CDLL(None)  # the global scope: what torch's calls resolve to
+    return lib if hasattr(lib, "kmp_set_blocktime") else None
 
 
 def openmp_waiting() -> str:
-    """The OpenMP wait settings in this process's environment, for the logs."""
-    chosen = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
-    return ", ".join(chosen) or "libgomp's default"
+    """The OpenMP runtime and its wait settings, for the logs."""
+    chosen = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME") if k in os.environ]
+    if "torch" in sys.modules and openmp_runtime() is not None:
+        return "Intel's, " + (", ".join(chosen) or f"{OpenMPWait.ALONE_MS} ms alone, "
+                                                   f"{OpenMPWait.SHARING_MS} ms while other processes use the CPUs")
+    chosen += [f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"] if "GOMP_SPINCOUNT" in os.environ else []
+    return "libgomp, " + (", ".join(chosen) or "its default")
+
+
+class OpenMPWait:
+    """How long an idle OpenMP thread of this process waits before it sleeps, following the machine's load: Intel's
+    default (ALONE_MS) while the process has its CPUs to itself, so a lone job pays no wake-ups, and SHARING_MS
+    while other processes keep at least SHARING_CPUS of them busy beyond what the budget leaves them (its loader
+    workers, other local ranks), so a thread that has finished its share frees its core at once. `update()` is called
+    by the thread that runs the steps (the wait belongs to the teams that thread starts) at every step; it measures
+    every WINDOW_S from /proc/stat and this process's CPU time. Does nothing under libgomp or when the user chose a
+    wait (KMP_BLOCKTIME, OMP_WAIT_POLICY). The thread count, and with it every result, stays as it was."""
+
+    ALONE_MS, SHARING_MS = 200, 0
+    SHARING_CPUS = 0.5
+    WINDOW_S = 0.5
+
+    def __init__(self, torch_threads: int):
+        user_chose = "KMP_BLOCKTIME" in os.environ or "OMP_WAIT_POLICY" in os.environ
+        self._runtime = None if user_chose else openmp_runtime()
+        self.sharing = False
+        if self._runtime is not None:
+            self._cpus = sorted(os.sched_getaffinity(0))
+            self._spare = len(self._cpus) - torch_threads  # what the budget leaves to others
+            self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        """(wall seconds, seconds the process's CPUs were busy, this process's CPU seconds)."""
+        wanted = {f"cpu{c}" for c in self._cpus}
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name in wanted:  # user nice system idle iowait irq softirq steal ...
+                    busy += sum(int(t) for t in ticks[:8]) - int(ticks[3]) - int(ticks[4])
+        own = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def update(self) -> None:
+        if self._runtime is None or time.monotonic() - self._last[0] < self.WINDOW_S:
+            return
+        now = self._sample()
+        others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / (now[0] - self._last[0])
+        self._last = now
+        sharing = others - self._spare >= self.SHARING_CPUS
+        if sharing != self.sharing:
+            self._runtime.kmp_set_blocktime(self.SHARING_MS if sharing else self.ALONE_MS)
+            self.sharing = sharing
 
 
 _applied: ThreadBudget | None = None

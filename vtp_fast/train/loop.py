@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast import optional
 from vtp_fast.config import ConfigError, UserError, save_config, to_dict
-from vtp_fast.threads import ThreadBudget, apply_budget, budget, resume_threads
+from vtp_fast.threads import OpenMPWait, ThreadBudget, apply_budget, budget, resume_threads
 from vtp_fast.train.checkpoint import Checkpointer
 from vtp_fast.train.common import MetricsLog, pick_device, rng_state, seed_everything, set_rng_state
 from vtp_fast.train.config import RunConfig
@@ -188,7 +188,9 @@ def _steps(job: Job, ckpt: Checkpointer, log: _Log | None, bar, steps: range, ev
     the checkpoint schedule."""
     r, main, end = job.run, log is not None, steps.stop
     bad_streak, window, stalls = 0, Window(), Stalls(job, bar if main else None)
+    openmp_wait = OpenMPWait(torch.get_num_threads())
     for step in steps:
+        openmp_wait.update()
         t0 = time.perf_counter()
         batch = job.next_batch(step)
         t1 = time.perf_counter()
