@@ -21,9 +21,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check vtp_fast kernels bench tests
 
 # the scaling study on the CPU (docs/study/study.md); resumable: a second `make study` continues where it stopped.
-# Passive OpenMP waits: on 2 cores a spinning thread pool slows any job sharing them ten-fold or more.
 study: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/vtp-fast study --out runs/study
+	$(VENV)/bin/vtp-fast study --out runs/study
 
 # the ahead-of-time compile gate on the full matrix (every op, shape, dtype; sm_90 and sm_80; the CUDA sources):
 # minutes on 2 cores; CI runs a subset (tests/measure/test_gate.py). The table is committed.

@@ -9,15 +9,20 @@ place from the CPUs the process may use, so that jobs, loader workers and decode
                     else the cpus the workers leave (at least 1); fixed for the whole run and restored on resume
                     (`resume_threads`): how reductions are split follows the thread count, so a count that followed
                     the machine's load would make the numbers follow it too
-    OpenMP waiting  an idle OpenMP thread spins GOMP_SPINCOUNT times before it sleeps (`prepare_openmp`, called by
-                    the command line before torch loads; an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept)
-Why the last rule: an OpenMP team waits at every barrier for its slowest thread, and libgomp's default spin
-(300,000 iterations) keeps a waiting thread on its core long after its work is done, taking it from any other job
-on the same cores. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) frees the core but makes every parallel region of a
-lone job pay a wake-up. SPIN_COUNT keeps a lone job's speed (1.03x libgomp's default) and cuts two jobs sharing 2
-cores from 21x to 3.2x their lone step time; PASSIVE gets a pair to 1.26x at 1.44x for a lone job, so it is the
-user's choice when jobs will share cores (bench/contention.py, rows in bench/results/cpu/contention.jsonl). None of
-this changes a result: only the thread count does, and it is fixed.
+    OpenMP runtime  Intel's (the intel-openmp package) in place of torch's libgomp, loaded by the command line
+                    before torch (`prepare_openmp`; VTP_FAST_OPENMP=gnu keeps libgomp)
+    OpenMP waiting  how long an idle OpenMP thread waits before it sleeps follows the load (`OpenMPWait`): Intel's
+                    default 200 ms while the process has its CPUs, 0 while other processes use them; libgomp
+                    spins SPIN_COUNT times (its wait cannot change once loaded); explicit OMP_WAIT_POLICY,
+                    KMP_BLOCKTIME or GOMP_SPINCOUNT are kept
+Why the last two rules: an OpenMP team waits at every barrier for its slowest thread, and a thread that keeps
+waiting on its core long after its work is done takes it from any other job on the same cores; sleeping at once
+frees the core but makes every parallel region of a lone job pay a wake-up. No fixed wait serves both, so the wait
+follows the load, which only Intel's runtime allows. Tiny pretraining on 2 cores, per step against libgomp's
+default alone (bench/contention.py, rows in bench/results/cpu/contention.jsonl): this budget 0.99x alone, 1.88x
+for each of two jobs at once; Intel's fixed default 1.00x / 2.05x; libgomp with SPIN_COUNT 1.01x / 3.30x;
+libgomp's default 9.65x for a pair; PASSIVE 1.50x / 1.85x. None of this changes a result: only the thread count
+does, and it is fixed.
 `vtp-fast info` prints the budget.
 
 Imports nothing from the rest of vtp_fast (every layer may ask for the budget).
