@@ -77,14 +77,11 @@ TABLE_COLUMNS = ["case", "model", "impl", "variant", "median_ms", "gflop_per_s",
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """How one implementation runs: under bf16 autocast or not; compiled or eager (see the module docstring).
-    `compile_options` go to vtp_fast's apply_compile (a variant with options of its own gets its own copy of the
-    model, same weights)."""
+    """How one implementation runs: under bf16 autocast or not; compiled or eager (see the module docstring)."""
 
     name: str
     bf16: bool = False
     compiled: bool = False
-    compile_options: tuple[tuple[str, object], ...] = ()
     fast: bool = False  # vtp_fast's fast path: codec apply_inference(precision, compile=compiled); dit_step its own
     # compiled copy of the model (apply_compile when compiled) with fused AdamW
 
@@ -255,16 +252,13 @@ def run_case(rows: RowLog, device: str, meta: dict, flops: int, ours: list[Runne
         rows.add(row)
 
 
-def compiled_models(base: nn.Module, variants: list[Variant], compile_fn: Callable[..., nn.Module]
+def compiled_models(base: nn.Module, variants: list[Variant], compile_fn: Callable[[nn.Module], nn.Module]
                     ) -> dict[str, nn.Module]:
-    """variant name -> the model it runs: the base model, compiled in place for the first compile configuration
-    (the eager variants run it under force_eager); each further configuration gets a deep copy of the base taken
-    before anything is compiled (same weights)."""
-    keys = list(dict.fromkeys(v.compile_options for v in variants if v.compiled))
-    targets = {key: base if i == 0 else copy.deepcopy(base) for i, key in enumerate(keys)}
-    for key, model in targets.items():
-        compile_fn(model, **dict(key))
-    return {v.name: targets[v.compile_options] if v.compiled else base for v in variants}
+    """variant name -> the model it runs: the base model, compiled in place when a variant is compiled (the eager
+    variants run it under force_eager)."""
+    if any(v.compiled for v in variants):
+        compile_fn(base)
+    return {v.name: base for v in variants}
 
 
 # ----------------------------------------------------------------------------------------------- codec
