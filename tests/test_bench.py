@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vtp_fast.measure.rows import RowLog, row_writer, write_rows
 from vtp_fast.ops import REGISTRY
@@ -101,3 +102,21 @@ def test_pytest_benchmark_cases_run_once_and_match_the_reference():
                        cwd=BENCH.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout
+
+
+def test_matmul_bound_counts_the_gemms_and_only_them():
+    """bench/matmul_bound.py: a matmul's FLOPs are counted exactly (2 M N K), an elementwise op adds time but no
+    GEMM, and the bound is the whole time over the GEMMs' time."""
+    from bench.matmul_bound import measure
+
+    a, b = torch.randn(192, 256), torch.randn(256, 320)
+    x = torch.randn(1 << 20)
+
+    def call():
+        (a @ b).sum()
+        x.mul(2).add(1).exp()
+    row = measure("toy", call, repeats=3, warmup=1, ceiling=100.0)
+    assert row["gemm_gflop"] == pytest.approx(2 * 192 * 256 * 320 / 1e9)
+    assert 0 < row["gemm_ms"] < row["total_ms"]
+    assert row["max_speedup_if_rest_free"] == pytest.approx(row["total_ms"] / row["gemm_ms"])
+    assert row["gemm_ceiling_share"] == pytest.approx(row["gemm_gflop_per_s"] / 100.0)
