@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 
 from vtp_fast.compile import apply_compile
+from vtp_fast.constants import autocast
 from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends
 from vtp_fast.measure.timing import time_interleaved
 from vtp_fast.models.dit import DiT, dit_config
 from vtp_fast.ops import building_for
-from vtp_fast.train.common import autocast
 from vtp_fast.train.flops import flops_of, peak_tflops
 from vtp_fast.train.flow import flow_loss
 from vtp_fast.train.optim import make_adamw, param_groups

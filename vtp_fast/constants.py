@@ -1,4 +1,5 @@
-"""Numbers that are part of the published model's contract, shared by layers that must not import each other.
+"""Numbers that are part of the published model's contract, shared by layers that must not import each other, and
+the precisions configs name (`DTYPES`, `autocast`).
 
 The input normalisation is applied by data loading (decoders, views), by the model (`VTP.normalize`) and by the
 perceptual loss (LPIPS re-normalisation); its numbers and the one function that applies them (`normalize`, with its
@@ -6,6 +7,8 @@ inverse `denormalize`) live here, below all three, so none of them imports anoth
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -16,6 +19,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # the precisions configs and the command line name ("fp32", "bf16"): RoPE, inference, stored latents
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's mixed-precision context for a config's precision: "bf16", "fp32", or "auto" (bf16 on CUDA,
+    fp32 elsewhere)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 Stats = tuple[Tensor, Tensor]  # (mean, std), each (3, 1, 1) float32
 

@@ -32,11 +32,12 @@ This module imports nothing from the rest of vtp_fast: it sits below every layer
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -213,3 +214,23 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(old, dst)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def same_plan(out: str | Path, name: str, plan: dict, temporaries: Sequence[str], outputs: Sequence[str]) -> bool:
+    """Prepare folder `out` for a resumable extraction by `plan`, kept as JSON in file `name` (call on one process):
+    True when the same plan is there (its finished outputs stay); otherwise every file matching the `outputs` globs
+    of an earlier extraction is removed (other files are left), the plan written, and False. Files matching the
+    `temporaries` globs, left by a killed writer, are removed either way."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in temporaries:
+        for tmp in out.glob(pattern):
+            tmp.unlink(missing_ok=True)
+    path = out / name
+    if path.is_file() and json.loads(path.read_text()) == plan:
+        return True
+    for pattern in outputs:
+        for f in out.glob(pattern):
+            f.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(plan, indent=1))
+    return False

@@ -17,9 +17,10 @@ from vtp_fast import VTP, vtp_config
 from vtp_fast.config import InputError
 from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import LabelledImages
-from vtp_fast.eval import classify, evaluate, probe_dino
+from vtp_fast.eval import classify, probe_dino
 from vtp_fast.eval.features import extract_features, save_features
 from vtp_fast.eval.probe import TEMPLATES, linear_probe, stratified_split, zero_shot_accuracy, zero_shot_classifier
+from vtp_fast.eval.probe import extract_features as in_memory_features
 
 open_clip_meta = pytest.importorskip("open_clip.zero_shot_metadata")
 
@@ -143,8 +144,14 @@ def old_linear_probe(tx, ty, vx, vy, *, lrs, epochs, batch, seed=0, val_fraction
     return (head((vx - mean) / std).argmax(1) == vy).float().mean().item()
 
 
+def in_memory_probe(model, train: LabelledImages, test: LabelledImages, **kw) -> dict:
+    """The last-layer probe with every row in memory: the features of each whole set at once."""
+    a, b = (in_memory_features(model, normalize_u8(s.images)) for s in (train, test))
+    return {f"probe_{k}": linear_probe(a[k], train.labels, b[k], test.labels, **kw)["top1"] for k in a}
+
+
 def test_last_layer_probe_on_stored_features_equals_in_memory(tmp_path):
-    """The same accuracies as the in-memory probe (evaluate.linear_probe_scores: the rows in memory), exactly:
+    """The same accuracies as the in-memory probe (the rows of each set in memory at once), exactly:
     the stored rows are bitwise the in-memory ones and the probe gathers them in the same order. Against the
     pre-storage transcription the accuracy may differ by one test image at most: its float32 statistics differ
     from the float64 ones in the last bits (here they agree)."""
@@ -152,7 +159,7 @@ def test_last_layer_probe_on_stored_features_equals_in_memory(tmp_path):
     train, test = shapes_set(12, 0, "shapes-train"), shapes_set(6, 1, "shapes-test")
     kw = {"epochs": 15, "batch": 16}
     stored = classify.probe_eval(model, train, test, tmp_path, probe=kw, batch=8, chunk=20, progress=False)
-    in_memory = evaluate.linear_probe_scores(model, train, test, **kw)
+    in_memory = in_memory_probe(model, train, test, **kw)
     assert stored == in_memory and set(stored) == {"probe_cls_meanpatch", "probe_latent"}
     assert stored["probe_cls_meanpatch"] > 0.5  # 4 colours: learnt, not chance
     a = extract_features(model, train, tmp_path / "again", batch=8, chunk=20, progress=False)

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from vtp_fast.config import InputError
 from vtp_fast.constants import DTYPES
 from vtp_fast.data.views import sample_seed
-from vtp_fast.io import atomic_path, atomic_write_text
+from vtp_fast.io import atomic_path, atomic_write_text, same_plan
 
 PLAN, META = "extract.json", "meta.json"
 RELEASE = 1 << 20  # bytes: the windows a gather's pages are dropped in (a multiple of the fault-around window)
@@ -97,18 +97,10 @@ def merge_stats(stats: list[ShardStats], hw: int) -> tuple[torch.Tensor, torch.T
 
 
 def begin_set(out: Path, plan: dict) -> set[int]:
-    """Prepare `out` for extracting `plan` (call on one process): the same plan there -> the finished shards are
-    kept (their ids returned); otherwise every file of an earlier extraction is removed (other files are left) and
-    the plan written. Temporary files of a killed writer are removed either way."""
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".latents-*.tmp"):
-        tmp.unlink(missing_ok=True)
-    old = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
-    if old == plan:
+    """Prepare `out` for extracting `plan` (call on one process; `vtp_fast.io.same_plan`): the ids of the shards
+    already finished under the same plan."""
+    if same_plan(out, PLAN, plan, [".latents-*.tmp"], ["latents-*.safetensors", META]):
         return {int(p.name[8:13]) for p in out.glob("latents-*.safetensors")}
-    for f in [*out.glob("latents-*.safetensors"), out / META, out / PLAN]:
-        f.unlink(missing_ok=True)
-    atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
     return set()
 
 

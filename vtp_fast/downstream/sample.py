@@ -43,11 +43,11 @@ from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
+from vtp_fast.constants import autocast
 from vtp_fast.data.views import sample_seed
 from vtp_fast.io import atomic_file, atomic_path, atomic_write_text
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 from vtp_fast.plots import image_grid
-from vtp_fast.train.common import autocast
 from vtp_fast.train.dit import generate
 
 GRID_ROWS, GRID_COLS = 16, 8

@@ -34,7 +34,7 @@ from vtp_fast import optional
 from vtp_fast.config import InputError
 from vtp_fast.data.labelled import class_names_of
 from vtp_fast.eval.features import FeatureStore, extract_features
-from vtp_fast.eval.probe import CHUNK, TEMPLATES, linear_probe, zero_shot_classifier
+from vtp_fast.eval.probe import CHUNK, TEMPLATES, linear_probe, top_hits, zero_shot_classifier
 
 CLASSES = ("auto", "imagenet", "set")
 PROTOCOLS = ("last-layer", "dino")
@@ -86,10 +86,8 @@ def zero_shot_stored(model, store: FeatureStore, classes: str = "auto") -> dict:
     for i in range(0, len(store), CHUNK):
         idx = torch.arange(i, min(i + CHUNK, len(store)))
         scores = store.rows(idx, cols).to(device) @ classifier.T  # (b, C): the rows are normalised
-        top = scores.topk(min(5, scores.shape[1]), dim=1).indices.cpu()  # (b, k)
-        y = store.labels[idx]
-        top1 += int((top[:, 0] == y).sum())
-        top5 += int((top == y[:, None]).any(1).sum())
+        hits1, hits5 = top_hits(scores, store.labels[idx])
+        top1, top5 = top1 + hits1, top5 + hits5
     n = len(store)
     return {"top1": top1 / n, "top5": top5 / n, "chance": 1.0 / len(names), "n": n, "classes": which,
             "templates": len(templates)}

@@ -114,25 +114,3 @@ def generation_scores(samples: Tensor, data: LabelledImages, n: int | None = Non
                              kid_subsets=kid_subsets, real_cache_key=f"{data.name}-n{n}", progress=progress)
     return {"gfid": scores["fid"], "gkid": scores["kid_mean"], "gkid_std": scores["kid_std"], "n_fake": len(fake),
             "n_real": n}
-
-
-@torch.no_grad()
-def set_features(model: VTP, data: LabelledImages, workers: int = 0, chunk: int = 1024) -> tuple[dict, Tensor]:
-    """`vtp_fast.eval.probe.extract_features` of every usable image of the set ({name: (N, F)}), and their labels
-    (N,), read `chunk` images at a time."""
-    from vtp_fast.eval.probe import extract_features
-
-    feats, labels = [], []
-    for got in _read(data, torch.arange(len(data)), chunk, workers):
-        feats.append(extract_features(model, normalize_u8(got.images)))
-        labels.append(got.labels)
-    return {k: torch.cat([f[k] for f in feats]) for k in feats[0]}, torch.cat(labels)
-
-
-def linear_probe_scores(model: VTP, train: LabelledImages, test: LabelledImages, *, workers: int = 0,
-                        **probe) -> dict:
-    """Top-1 of linear classifiers on frozen features: CLS + mean patch token, and the 64-d latent."""
-    from vtp_fast.eval.probe import linear_probe
-
-    (a, ya), (b, yb) = set_features(model, train, workers), set_features(model, test, workers)
-    return {f"probe_{k}": linear_probe(a[k], ya, b[k], yb, **probe)["top1"] for k in a}

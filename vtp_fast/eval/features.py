@@ -32,7 +32,6 @@ chunk by chunk (np.load(mmap_mode="r")) and gathered on demand (`rows`, or a `Fe
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,10 @@ from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
+from vtp_fast.constants import autocast
 from vtp_fast.data.images import normalize_u8
 from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
-from vtp_fast.io import atomic_file, atomic_write_text
+from vtp_fast.io import atomic_file, atomic_write_text, same_plan
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 
 FORMAT = 1
@@ -97,31 +97,13 @@ def write_chunk(out: Path, k: int, rows: np.ndarray, ids: np.ndarray, labels: np
         np.save(f, np.ascontiguousarray(rows))
 
 
-def _chunk_files(out: Path) -> list[Path]:
-    return [*out.glob("features-*.npy"), *out.glob("index-*.npy")]
-
-
 def begin(out: Path, plan: dict) -> set[int]:
-    """Prepare `out` for extracting `plan` (one process): the same plan there -> the finished chunks are kept (their
-    ids returned); otherwise the files of an earlier extraction are removed (other files are left) and the plan
-    written. Temporaries of a killed writer are removed either way."""
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in [*out.glob(".features-*.tmp"), *out.glob(".index-*.tmp")]:
-        tmp.unlink(missing_ok=True)
-    old = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
-    if old == plan:
+    """Prepare `out` for extracting `plan` (one process; `vtp_fast.io.same_plan`): the ids of the chunks already
+    finished under the same plan."""
+    if same_plan(out, PLAN, plan, [".features-*.tmp", ".index-*.tmp"], ["features-*.npy", "index-*.npy", META]):
         done = {int(p.name[len("features-"):-len(".npy")]) for p in out.glob("features-*.npy")}
         return {k for k in done if (out / index_name(k)).is_file()}
-    for f in [*_chunk_files(out), out / META, out / PLAN]:
-        f.unlink(missing_ok=True)
-    atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
     return set()
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _embed_chunks(model, data, out: Path, todo: list[int], *, n_blocks: int, batch: int, chunk: int,
@@ -135,7 +117,7 @@ def _embed_chunks(model, data, out: Path, todo: list[int], *, n_blocks: int, bat
     rows, ids, labels, bad = [], [], [], []
     for (k, last, _), got in zip(plan, stream(data, [b[2] for b in plan], workers), strict=True):
         if len(got.ids):
-            with _autocast(device, precision):
+            with autocast(precision, device):
                 rows.append(embed(model, normalize_u8(got.images).to(device), n_blocks).cpu().numpy().astype(dtype))
             ids.append(got.ids.numpy())
             labels.append(got.labels.numpy())

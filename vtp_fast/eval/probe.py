@@ -74,6 +74,13 @@ def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[
     return F.normalize(text.mean(1), dim=-1)  # (C, E)
 
 
+def top_hits(scores: Tensor, labels: Tensor) -> tuple[int, int]:
+    """Scores (n, C), labels (n,) -> how many rows have their label first, and among the top min(5, C)."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (n, k)
+    labels = labels.to(top.device)
+    return int((top[:, 0] == labels).sum()), int((top == labels[:, None]).any(1).sum())
+
+
 @torch.no_grad()
 def zero_shot_accuracy(model, images: Tensor, labels: Tensor, classifier: Tensor, batch: int = 256) -> dict:
     """Normalised images (N, 3, H, W), labels (N,) in [0, C), classifier (C, E) -> {"top1", "top5", "chance"}:
@@ -85,11 +92,8 @@ def zero_shot_accuracy(model, images: Tensor, labels: Tensor, classifier: Tensor
     classifier = classifier.to(device).float()
     scores = torch.cat([F.normalize(model.clip_image_features(images[i:i + batch].to(device)).float(), dim=-1)
                         @ classifier.T for i in range(0, images.shape[0], batch)]).cpu()  # (N, C)
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (N, k)
-    labels = labels.cpu().long()
-    return {"top1": (top[:, 0] == labels).float().mean().item(),
-            "top5": (top == labels[:, None]).any(1).float().mean().item(),
-            "chance": 1.0 / classifier.shape[0]}
+    top1, top5 = top_hits(scores, labels.long())
+    return {"top1": top1 / len(labels), "top5": top5 / len(labels), "chance": 1.0 / classifier.shape[0]}
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ import os
 import random
 import time
 from collections.abc import Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,6 @@ def pick_device(name: str, option: str = "run.device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option}: {name} requested but no CUDA device is visible")
     return device
-
-
-def autocast(precision: str, device: torch.device):
-    """The forward's mixed-precision context: precision "bf16", "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere)."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from vtp_fast import distributed as dist
 from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError, InputError, from_dict
+from vtp_fast.constants import autocast
 from vtp_fast.data.latents import LatentBatches, LatentSet, load_latents
 from vtp_fast.data.views import sample_seed
 from vtp_fast.io import atomic_dir
@@ -29,7 +30,7 @@ from vtp_fast.models.pretrained import check_tokenizer, load_state_strict, read_
 from vtp_fast.ops import building_for
 from vtp_fast.plots import plot_curves
 from vtp_fast.train import loop
-from vtp_fast.train.common import MetricsLog, autocast, ema_update
+from vtp_fast.train.common import MetricsLog, ema_update
 from vtp_fast.train.config import DiTTrainConfig
 from vtp_fast.train.flow import flow_loss, sample
 from vtp_fast.train.loop import Job, StepOutput, skipped, start_process

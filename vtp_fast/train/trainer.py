@@ -14,6 +14,7 @@ import torch
 from vtp_fast import distributed as dist
 from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError
+from vtp_fast.constants import autocast
 from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.losses.clip import clamp_logit_scale_
 from vtp_fast.losses.gan import adaptive_weight, discriminator_hinge, generator_hinge
@@ -23,7 +24,6 @@ from vtp_fast.models.presets import vtp_config
 from vtp_fast.models.pretrained import load_pretrained, load_state_strict
 from vtp_fast.models.vtp import VTP
 from vtp_fast.ops import building_for
-from vtp_fast.train.common import autocast
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.loop import StepOutput, skipped
 from vtp_fast.train.optim import clip_grad_norm, cosine_schedule, make_adamw, param_groups, set_group, set_lr
