@@ -52,7 +52,7 @@ def direct_step_flops(cfg: StudyConfig, mix: str) -> int:
         v = p.ssl.views
         masks = torch.zeros_like(batch.masks)
         masks[:, :round(masks.shape[1] * v.mask_probability * (v.mask_ratio[0] + v.mask_ratio[1]) / 2)] = True
-        StepBatches._add_masks(batch, masks)
+        batch.set_masks(masks)
     batch = batch.to(meta)
     with FlopCounterMode(display=False) as counter:
         forward_backward(t, [batch], schedules(p, 0))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from vtp_fast.data.views import mask_to_index, mask_weights
+
 
 @dataclass
 class BatchShape:
@@ -42,6 +44,10 @@ class Batch:
     masks: Tensor | None = None  # (2 ssl, N) bool: iBOT's masked tokens of each global crop
     mask_index: Tensor | None = None  # (M,) the masked tokens' flat indices into (2 ssl * N)
     mask_weight: Tensor | None = None  # (M,) each masked token's weight: 1 / (masked tokens of its crop)
+
+    def set_masks(self, masks: Tensor) -> None:
+        """masks: (2 ssl, N) view-major iBOT masks -> masks, their packed index (M,) and per-token weights (M,)."""
+        self.masks, self.mask_index, self.mask_weight = masks, mask_to_index(masks), mask_weights(masks)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

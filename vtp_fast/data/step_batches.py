@@ -28,7 +28,7 @@ from vtp_fast.data.batch import Batch, BatchShape
 from vtp_fast.data.decoders import Decoder, PilDecoder, pick_decoder
 from vtp_fast.data.images import ImageError, open_rgb
 from vtp_fast.data.pairs import BAD_KINDS, BadSample, PairSource
-from vtp_fast.data.views import ViewConfig, mask_to_index, mask_weights, sample_seed, sample_views
+from vtp_fast.data.views import ViewConfig, sample_seed, sample_views
 
 
 def trim_tokens(tokens: Tensor, multiple: int = 8) -> Tensor:
@@ -182,7 +182,7 @@ class StepBatches(Dataset):
                                    torch.Generator().manual_seed(sample_seed(self.seed, int(e), used[k], 1)))
                       for k, e in enumerate(epochs[:n].tolist())]
             batch.global_crops, batch.local_crops = decoder.views([x.image for x in items[:n]], [p[0] for p in params])
-            self._add_masks(batch, torch.stack([p[1] for p in params]).transpose(0, 1).flatten(0, 1))  # (2n, N)
+            batch.set_masks(torch.stack([p[1] for p in params]).transpose(0, 1).flatten(0, 1))  # (2n, N)
         return batch
 
     def _find_undecodable(self, ids: Tensor, error: Exception) -> bool:
@@ -251,8 +251,3 @@ class StepBatches(Dataset):
         ids = sorted(bad)
         return {"bad_ids": torch.tensor(ids, dtype=torch.long),
                 "bad_kinds": torch.tensor([BAD_KINDS.index(bad[i]) for i in ids], dtype=torch.long)}
-
-    @staticmethod
-    def _add_masks(batch: Batch, masks: Tensor) -> None:
-        """masks: (2n, N) view-major iBOT masks -> masks, packed index (M,) and per-token weights (M,)."""
-        batch.masks, batch.mask_index, batch.mask_weight = masks, mask_to_index(masks), mask_weights(masks)

@@ -18,7 +18,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vtp_fast import distributed as dist
 from vtp_fast.data.batch import Batch, BatchShape
-from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.data.views import ViewConfig
 from vtp_fast.ops.registry import building_for
 from vtp_fast.train.config import PretrainConfig
@@ -50,7 +49,7 @@ def _deterministic_masks(batch: Batch, views) -> None:
     """Every global crop masked at the expected count: mask_probability x mean(mask_ratio) of its tokens."""
     fixed = torch.zeros_like(batch.masks)
     fixed[:, :_masked_tokens(batch.masks.shape[1], views)] = True
-    StepBatches._add_masks(batch, fixed)
+    batch.set_masks(fixed)
 
 
 def _masked_tokens(tokens: int, views: ViewConfig) -> int:
