@@ -27,15 +27,19 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from vtp_fast.config import InputError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -222,6 +226,23 @@ def stream(source, chunks: Sequence[Sequence[int] | torch.Tensor], workers: int 
         return
     yield from DataLoader(_Chunks(source, chunks), batch_size=None, shuffle=False, num_workers=workers,
                           collate_fn=_as_is, prefetch_factor=2)
+
+
+def per_chunk(data, chunks: Sequence[int], per_chunk: int, batch: int, workers: int, process: Callable[[Fetched], T],
+              *, desc: str, progress: bool) -> Iterator[tuple[int, list[T]]]:
+    """The batches of `chunks` (`chunk_batches`) streamed from `data` and each passed to `process` as it arrives;
+    yields (chunk, what `process` returned for each of its batches) once a chunk's last batch is done, with a
+    progress bar over the images."""
+    plan = chunk_batches(len(data), chunks, per_chunk, batch)
+    bar = tqdm(total=sum(len(b[2]) for b in plan), desc=desc, unit="img", disable=not progress)
+    parts: list[T] = []
+    for (k, last, _), got in zip(plan, stream(data, [b[2] for b in plan], workers), strict=True):
+        parts.append(process(got))
+        bar.update(len(got.ids) + len(got.bad))
+        if last:
+            yield k, parts
+            parts = []
+    bar.close()
 
 
 def warn_bad(bad: list[tuple[int, str]], name: str) -> None:

@@ -37,13 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
 from vtp_fast.constants import autocast
 from vtp_fast.data.images import normalize_u8
-from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
+from vtp_fast.data.labelled import class_names_of, per_chunk, warn_bad
 from vtp_fast.io import atomic_file, atomic_write_text, same_plan
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 
@@ -111,24 +110,20 @@ def _embed_chunks(model, data, out: Path, todo: list[int], *, n_blocks: int, bat
     """Embed and write chunks `todo` of `data`."""
     device = next(model.parameters()).device
     width = max(end for _, end in layout(model, n_blocks).values())
-    plan = chunk_batches(len(data), todo, chunk, batch)
-    bar = tqdm(total=sum(len(b[2]) for b in plan), desc=f"features (rank {dist.rank()})", unit="img",
-               disable=not progress)
-    rows, ids, labels, bad = [], [], [], []
-    for (k, last, _), got in zip(plan, stream(data, [b[2] for b in plan], workers), strict=True):
-        if len(got.ids):
-            with autocast(precision, device):
-                rows.append(embed(model, normalize_u8(got.images).to(device), n_blocks).cpu().numpy().astype(dtype))
-            ids.append(got.ids.numpy())
-            labels.append(got.labels.numpy())
-        bad += got.bad
-        bar.update(len(got.ids) + len(got.bad))
-        if last:
-            write_chunk(out, k, np.concatenate(rows) if rows else np.zeros((0, width), dtype),
-                        np.concatenate(ids) if ids else np.zeros(0, np.int64),
-                        np.concatenate(labels) if labels else np.zeros(0, np.int64))
-            rows, ids, labels = [], [], []
-    bar.close()
+
+    def embed_batch(got) -> tuple:
+        if not len(got.ids):
+            return np.zeros((0, width), dtype), got.ids.numpy(), got.labels.numpy(), got.bad
+        with autocast(precision, device):
+            rows = embed(model, normalize_u8(got.images).to(device), n_blocks).cpu().numpy().astype(dtype)
+        return rows, got.ids.numpy(), got.labels.numpy(), got.bad
+
+    bad = []
+    for k, parts in per_chunk(data, todo, chunk, batch, workers, embed_batch,
+                              desc=f"features (rank {dist.rank()})", progress=progress):
+        rows, ids, labels, chunk_bad = zip(*parts, strict=True)
+        write_chunk(out, k, np.concatenate(rows), np.concatenate(ids), np.concatenate(labels))
+        bad += [b for part in chunk_bad for b in part]
     warn_bad(bad, data.name)
 
 

@@ -15,18 +15,16 @@ arguments keeps its finished shards and encodes the rest.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
-from vtp_fast.constants import DTYPES
+from vtp_fast.constants import DTYPES, autocast
 from vtp_fast.data import latents as store
 from vtp_fast.data.images import normalize_u8
-from vtp_fast.data.labelled import chunk_batches, class_names_of, stream, warn_bad
+from vtp_fast.data.labelled import class_names_of, per_chunk, warn_bad
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 from vtp_fast.models.vtp import VTP
 
@@ -44,8 +42,7 @@ def _encode(model: VTP, images: torch.Tensor, device: torch.device, flip: bool,
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 (b, S, S, 3) -> latents (b, C, h, w) and those of the mirror images (or None), in the stored dtype."""
     x = normalize_u8(images).to(device)  # (b, 3, S, S)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with amp:
+    with autocast("auto", device):
         z = model.encode(x).float().to(dtype).cpu()
         zf = model.encode(x.flip(-1)).float().to(dtype).cpu() if flip else None
     return z, zf
@@ -55,26 +52,21 @@ def _encode_shards(model: VTP, data, out: Path, todo: list[int], *, flip: bool, 
                    dtype: torch.dtype, workers: int, progress: bool) -> dict[int, store.ShardStats]:
     """Encode and write shards `todo`; their statistics."""
     device = next(model.parameters()).device
-    chunks = chunk_batches(len(data), todo, per_shard, batch)
     shape = (model.config.vision_feature_bottleneck, *(2 * [data.size // model.config.vision_patch_size]))
-    bar = tqdm(total=sum(len(c[2]) for c in chunks), desc=f"extract-latents (rank {dist.rank()})", unit="img",
-               disable=not progress)
-    done: dict[int, store.ShardStats] = {}
-    parts: list = []
-    for (k, last, _), got in zip(chunks, stream(data, [c[2] for c in chunks], workers), strict=True):
+
+    def encode(got) -> tuple:
         if len(got.ids):
-            parts.append((*_encode(model, got.images, device, flip, dtype), got.labels, got.bad))
-        else:
-            parts.append((torch.zeros(0, *shape, dtype=dtype), None, got.labels, got.bad))
-        bar.update(len(got.ids) + len(got.bad))
-        if last:
-            z = torch.cat([p[0] for p in parts] + ([p[1] for p in parts if p[1] is not None] if flip else []))
-            labels = torch.cat([p[2] for p in parts] * (2 if flip else 1))
-            bad = [b for p in parts for b in p[3]]
-            warn_bad(bad, data.name)
-            done[k] = store.write_shard(out / store.shard_name(k), z, labels, bad)
-            parts = []
-    bar.close()
+            return *_encode(model, got.images, device, flip, dtype), got.labels, got.bad
+        return torch.zeros(0, *shape, dtype=dtype), None, got.labels, got.bad
+
+    done: dict[int, store.ShardStats] = {}
+    for k, parts in per_chunk(data, todo, per_shard, batch, workers, encode,
+                              desc=f"extract-latents (rank {dist.rank()})", progress=progress):
+        z = torch.cat([p[0] for p in parts] + ([p[1] for p in parts if p[1] is not None] if flip else []))
+        labels = torch.cat([p[2] for p in parts] * (2 if flip else 1))
+        bad = [b for p in parts for b in p[3]]
+        warn_bad(bad, data.name)
+        done[k] = store.write_shard(out / store.shard_name(k), z, labels, bad)
     return done
 
 
