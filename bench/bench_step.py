@@ -33,7 +33,8 @@ GPU = ["model.preset=vtp-b", "data.image_size=256", "batch.size=256", "batch.ssl
 
 
 MODES = {"eager": [], "compiled": ["run.compile=true"], "bf16": ["run.precision=bf16"],
-         "compiled_bf16": ["run.compile=true", "run.precision=bf16"]}  # mode -> its overrides
+         "compiled_bf16": ["run.compile=true", "run.precision=bf16"], "fused_adamw": ["optim.fused=true"],
+         "compiled_fused_adamw": ["run.compile=true", "optim.fused=true"]}  # mode -> its overrides
 BRIEF = ("eager", "compiled")  # --quick, and CUDA (where "auto" precision is bf16 already)
 
 
