@@ -228,8 +228,8 @@ def stream(source, chunks: Sequence[Sequence[int] | torch.Tensor], workers: int 
                           collate_fn=_as_is, prefetch_factor=2)
 
 
-def per_chunk(data, chunks: Sequence[int], per_chunk: int, batch: int, workers: int, process: Callable[[Fetched], T],
-              *, desc: str, progress: bool) -> Iterator[tuple[int, list[T]]]:
+def process_chunks(data, chunks: Sequence[int], per_chunk: int, batch: int, workers: int,
+                   process: Callable[[Fetched], T], *, desc: str, progress: bool) -> Iterator[tuple[int, list[T]]]:
     """The batches of `chunks` (`chunk_batches`) streamed from `data` and each passed to `process` as it arrives;
     yields (chunk, what `process` returned for each of its batches) once a chunk's last batch is done, with a
     progress bar over the images."""

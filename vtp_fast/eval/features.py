@@ -42,7 +42,7 @@ from vtp_fast import distributed as dist
 from vtp_fast.config import InputError
 from vtp_fast.constants import autocast
 from vtp_fast.data.images import normalize_u8
-from vtp_fast.data.labelled import class_names_of, per_chunk, warn_bad
+from vtp_fast.data.labelled import class_names_of, process_chunks, warn_bad
 from vtp_fast.io import atomic_file, atomic_write_text, same_plan
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 
@@ -119,8 +119,8 @@ def _embed_chunks(model, data, out: Path, todo: list[int], *, n_blocks: int, bat
         return rows, got.ids.numpy(), got.labels.numpy(), got.bad
 
     bad = []
-    for k, parts in per_chunk(data, todo, chunk, batch, workers, embed_batch,
-                              desc=f"features (rank {dist.rank()})", progress=progress):
+    for k, parts in process_chunks(data, todo, chunk, batch, workers, embed_batch,
+                                   desc=f"features (rank {dist.rank()})", progress=progress):
         rows, ids, labels, chunk_bad = zip(*parts, strict=True)
         write_chunk(out, k, np.concatenate(rows), np.concatenate(ids), np.concatenate(labels))
         bad += [b for part in chunk_bad for b in part]

@@ -24,7 +24,7 @@ from vtp_fast.config import InputError
 from vtp_fast.constants import DTYPES, autocast
 from vtp_fast.data import latents as store
 from vtp_fast.data.images import normalize_u8
-from vtp_fast.data.labelled import class_names_of, per_chunk, warn_bad
+from vtp_fast.data.labelled import class_names_of, process_chunks, warn_bad
 from vtp_fast.models.pretrained import tokenizer_fingerprint
 from vtp_fast.models.vtp import VTP
 
@@ -60,8 +60,8 @@ def _encode_shards(model: VTP, data, out: Path, todo: list[int], *, flip: bool, 
         return torch.zeros(0, *shape, dtype=dtype), None, got.labels, got.bad
 
     done: dict[int, store.ShardStats] = {}
-    for k, parts in per_chunk(data, todo, per_shard, batch, workers, encode,
-                              desc=f"extract-latents (rank {dist.rank()})", progress=progress):
+    for k, parts in process_chunks(data, todo, per_shard, batch, workers, encode,
+                                   desc=f"extract-latents (rank {dist.rank()})", progress=progress):
         z = torch.cat([p[0] for p in parts] + ([p[1] for p in parts if p[1] is not None] if flip else []))
         labels = torch.cat([p[2] for p in parts] * (2 if flip else 1))
         bad = [b for p in parts for b in p[3]]
