@@ -15,6 +15,7 @@ content is left as it was.
     with temp_dir(parent, prefix=".x-") as tmp: ...   # a scratch directory, always removed
     write_problem(path, folder=True)    # what would stop a write there (checked before any work), or None
     default_cache_dir()                 # where prepared and downloaded files are kept ($VTP_FAST_CACHE)
+    same_plan(out, "plan.json", plan, temporaries, outputs)  # resume an extraction folder, or clear it for a new plan
 
 Temporary names start with "." so that listings which skip hidden names (`vtp_fast.data.shards.expand`) never pick
 them up, and they are part of this API: callers sweep what a killed process left behind by globbing for them
