@@ -21,7 +21,6 @@ from torch import Tensor
 
 from vtp_fast import optional
 from vtp_fast.config import ConfigError
-from vtp_fast.constants import normalize
 from vtp_fast.data.images import normalize_u8, plain_image
 from vtp_fast.data.pairs import Pair, PairSource
 from vtp_fast.data.views import Crop, cut_views
@@ -61,10 +60,7 @@ class PilDecoder:
         return normalize_u8(torch.stack([plain_image(x, size).permute(1, 2, 0) for x in images]))  # (B, S, S, 3)
 
     def views(self, images: Sequence[Tensor], crops: Sequence[Sequence[Crop]]) -> tuple[Tensor, Tensor]:
-        cut = [cut_views(x.float() / 255, c) for x, c in zip(images, crops, strict=True)]  # from [0, 1] pixels
-        g, l = (torch.stack(t) for t in zip(*cut, strict=True))  # (n, 2, 3, G, G), (n, L, 3, l, l)
-        # view-major: all samples' view 0, then view 1, ...
-        return normalize(g.transpose(0, 1).flatten(0, 1)), normalize(l.transpose(0, 1).flatten(0, 1))
+        return cut_views(images, crops)
 
     def reset(self) -> None:
         """Nothing to drop."""

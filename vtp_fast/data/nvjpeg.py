@@ -13,7 +13,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from vtp_fast.constants import normalize, pixel_stats
 from vtp_fast.data.images import as_uint8, open_rgb, plain_image
 from vtp_fast.data.pairs import Pair, PairSource
-from vtp_fast.data.views import Crop, apply_crop, view_major
+from vtp_fast.data.views import Crop, cut_views
 
 
 class NvjpegDecoder:
@@ -47,6 +47,4 @@ class NvjpegDecoder:
 
     def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> tuple[torch.Tensor, torch.Tensor]:
         """crops[i][v]: view v of sample i -> normalised global and local crops, view-major (`view_major`)."""
-        imgs = [x.float() / 255 for x in self.decoded(encoded)]  # (3, H, W) in [0, 1]
-        return view_major([normalize(torch.stack([apply_crop(img, c[v]) for img, c in zip(imgs, crops, strict=True)]),
-                                     self.stats) for v in range(len(crops[0]))])  # per view (B, 3, s, s)
+        return cut_views(self.decoded(encoded), crops, self.stats)

@@ -7,6 +7,7 @@ RNG state, so views are identical whichever rank, worker or resumed run builds t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from vtp_fast.config import ConfigError
+from vtp_fast.constants import Stats, normalize
 
 _MASK64 = (1 << 64) - 1
 
@@ -177,16 +179,19 @@ def sample_views(h: int, w: int, cfg: ViewConfig, grid: tuple[int, int], gen: to
     return crops, torch.stack(masks)
 
 
-def cut_views(img: Tensor, crops: list[Crop]) -> tuple[Tensor, Tensor]:
-    """One sample's SSL views cut in PyTorch: img (3, H, W) in [0, 1], crops 2 global then L local (`sample_views`)
-    -> (2, 3, G, G) global crops, (L, 3, l, l) local crops ((0, 3, 1, 1) without local crops)."""
-    views = [apply_crop(img, c) for c in crops]
-    return torch.stack(views[:2]), torch.stack(views[2:]) if len(views) > 2 else img.new_zeros(0, 3, 1, 1)
-
-
 def view_major(views: list[Tensor]) -> tuple[Tensor, Tensor]:
     """One (n, 3, s, s) tensor per view (2 global, then L local) -> the global crops (2n, 3, G, G) and the local
     crops (L n, 3, l, l), view-major (every sample's view 0, then view 1, ...); (0, 3, 1, 1) without local crops."""
     global_crops = torch.cat(views[:2])
     local = views[2:]
     return global_crops, torch.cat(local) if local else global_crops.new_zeros(0, 3, 1, 1)
+
+
+def cut_views(images: Sequence[Tensor], crops: Sequence[Sequence[Crop]], stats: Stats | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """The SSL views cut in PyTorch (the PIL and nvJPEG decoders): (3, H, W) uint8 images, crops[i][v] view v of
+    sample i (2 global, then L local: `sample_views`) -> normalised (`normalize`, with `stats` on the images'
+    device) global crops (2n, 3, G, G) and local crops (L n, 3, l, l), view-major (`view_major`)."""
+    pixels = [x.float() / 255 for x in images]  # (3, H, W) in [0, 1]
+    return view_major([normalize(torch.stack([apply_crop(x, c[v]) for x, c in zip(pixels, crops, strict=True)]),
+                                 stats) for v in range(len(crops[0]))])  # per view (n, 3, s, s)
