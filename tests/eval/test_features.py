@@ -74,6 +74,8 @@ def test_stored_equal_in_memory(tmp_path):
     assert store._resident[1].shape == (11, 128) and torch.equal(store.rows(pick, cols), mapped)
     assert torch.equal(store.rows(pick, cols[:3]), mapped[:, :3])
     assert torch.equal(store.rows(pick, store.cols("clip")), store.rows(every, store.cols("clip"))[pick])  # mapped
+    assert torch.equal(store.rows(every, cols)[pick], mapped)
+    assert len(store._resident_at) == 3  # each column set located once (cols, cols[:3], clip: not held)
 
 
 def test_resume_keeps_finished_chunks_and_a_new_plan_starts_over(tmp_path, monkeypatch):

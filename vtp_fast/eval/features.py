@@ -210,6 +210,7 @@ class FeatureStore:
         self.class_names: list[str] = self.meta["class_names"]
         self._maps: dict[int, np.ndarray] = {}
         self._resident: tuple[np.ndarray, Tensor] | None = None
+        self._resident_at: dict[bytes, Tensor | None] = {}  # column set -> its places in the resident table
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -245,15 +246,26 @@ class FeatureStore:
         for k, start in enumerate(self.starts.tolist()):
             m = self._map(k)
             table[start:start + len(m)] = torch.from_numpy(np.asarray(m[:, cols], dtype=np.float32)).to(device)
-        self._resident = (cols, table)
+        self._resident, self._resident_at = (cols, table), {}
+
+    def _held_at(self, cols: np.ndarray | None) -> Tensor | None:
+        """Where columns `cols` sit in the resident table (on its device), or None when it does not hold them all;
+        worked out once per column set, not per batch."""
+        if self._resident is None or cols is None:
+            return None
+        key = np.asarray(cols, dtype=np.int64).tobytes()
+        if key not in self._resident_at:
+            held, table = self._resident
+            self._resident_at[key] = (torch.from_numpy(np.searchsorted(held, cols)).to(table.device)
+                                      if np.isin(cols, held).all() else None)
+        return self._resident_at[key]
 
     def rows(self, idx: Tensor | np.ndarray, cols: np.ndarray | None = None) -> Tensor:
         """Rows idx (b,) (positions 0 .. N-1), columns `cols` (all by default) -> (b, len(cols)) float32, on the CPU
         (on the resident tensor's device when `keep_resident` holds those columns)."""
-        if self._resident is not None and cols is not None and np.isin(cols, self._resident[0]).all():
-            held, table = self._resident
-            at = torch.from_numpy(np.searchsorted(held, cols)).to(table.device)
-            return table[torch.as_tensor(idx, dtype=torch.long).to(table.device)][:, at]
+        if (at := self._held_at(cols)) is not None:
+            table = self._resident[1]
+            return table[torch.as_tensor(idx, dtype=torch.long).to(table.device)[:, None], at]
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         width = int(self.meta["dim"]) if cols is None else len(cols)
         out = np.empty((len(idx), width), np.float32)
@@ -271,7 +283,7 @@ class FeatureStore:
         return FeatureView(self, cols)
 
     def __getstate__(self):  # maps and device tensors do not cross process boundaries
-        return {**self.__dict__, "_maps": {}, "_resident": None}
+        return {**self.__dict__, "_maps": {}, "_resident": None, "_resident_at": {}}
 
 
 class FeatureView:
