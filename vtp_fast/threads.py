@@ -152,18 +152,17 @@ class OpenMPWait:
         self._runtime = None if user_chose else openmp_runtime()
         self.sharing = False
         if self._runtime is not None:
-            self._cpus = sorted(os.sched_getaffinity(0))
-            self._spare = len(self._cpus) - torch_threads  # what the budget leaves to others
+            self._lines = {f"cpu{c}" for c in os.sched_getaffinity(0)}  # their lines in /proc/stat
+            self._spare = len(self._lines) - torch_threads  # what the budget leaves to others
             self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
         """(wall seconds, seconds the process's CPUs were busy, this process's CPU seconds)."""
-        wanted = {f"cpu{c}" for c in self._cpus}
         busy = 0
         with open("/proc/stat") as f:
             for line in f:
                 name, *ticks = line.split()
-                if name in wanted:  # user nice system idle iowait irq softirq steal ...
+                if name in self._lines:  # user nice system idle iowait irq softirq steal ...
                     busy += sum(int(t) for t in ticks[:8]) - int(ticks[3]) - int(ticks[4])
         own = os.times()
         return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
