@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import IO
 
 __all__ = ["atomic_dir", "atomic_file", "atomic_path", "atomic_write_bytes", "atomic_write_text", "default_cache_dir",
-           "file_mode", "fsync_tree", "replace_dir", "temp_dir", "write_problem"]
+           "file_mode", "fsync_tree", "replace_dir", "same_plan", "temp_dir", "write_problem"]
 
 _ATTEMPTS = 100
 

@@ -68,7 +68,7 @@ def single_process_reference(root, tmp_path):
     torch.manual_seed(0)
     t = build_trainer(cfg, torch.device("cpu"))
     pairs = emoji_pairs(root, cfg.data.emoji.train_styles, t.model.config.text_context_length)
-    assert t.shape.groups == 4 and t.student.n_rec == 4
+    assert t.shape.groups == 4 and t.student.parts.rec == 4
     return run_once(t, StepBatches(pairs, t.shape, cfg.ssl.views, seed=cfg.run.seed)[STEP], schedules(cfg, STEP))
 
 

@@ -270,10 +270,9 @@ def _named(kind: str, arg: str, size: int) -> LabelledImages:
     if kind == "emoji":
         from vtp_fast.data.emoji import STYLES, load_emoji
         from vtp_fast.data.emoji_prepare import prepare_emoji
-        from vtp_fast.io import default_cache_dir
 
         styles = tuple(arg.split(",")) if arg else STYLES
-        data = load_emoji(prepare_emoji(default_cache_dir(), size=size), styles)
+        data = load_emoji(prepare_emoji(size=size), styles)
         return LabelledImages(data.images, data.labels, data.category_names, data.captions,
                               f"emoji-{size}-{arg.replace(',', '+') or 'all'}")
     from vtp_fast.data.shards import FASHION_CLASSES, fashion_mnist

@@ -14,7 +14,6 @@ from vtp_fast.data.pairs import PairSource, emoji_pairs, synthetic_pairs
 from vtp_fast.data.shard_source import ShardSet, ShardSource
 from vtp_fast.data.shards import emoji_samples as write_emoji_samples
 from vtp_fast.data.shards import write_shards
-from vtp_fast.io import default_cache_dir
 from vtp_fast.train.config import PretrainConfig
 
 
@@ -34,7 +33,7 @@ def load_pairs(cfg: PretrainConfig, context_length: int) -> tuple[PairSource, Pa
     if cfg.data.shards and cfg.data.shards != "emoji":
         return ShardSource(ShardSet(cfg.data.shards), cfg.data.image_size, context_length), None
     emoji = cfg.data.emoji
-    root = Path(emoji.root) if emoji.root else prepare_emoji(default_cache_dir(), size=cfg.data.image_size)
+    root = Path(emoji.root) if emoji.root else prepare_emoji(size=cfg.data.image_size)
     if cfg.data.shards == "emoji":
         shards = ShardSet(str(emoji_shards(root, tuple(emoji.train_styles))))
         return ShardSource(shards, cfg.data.image_size, context_length), root

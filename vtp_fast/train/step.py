@@ -47,7 +47,7 @@ class Student(nn.Module):
         """n_rec: reconstruction uses the first n_rec images of each batch (None: all of them).
         freeze_encoder (stage 2): only the pixel decoder trains; the trunk runs without gradients."""
         super().__init__()
-        self.model, self.objective, self.n_rec = model, objective, n_rec
+        self.model, self.objective = model, objective
         self.uses_ssl = any(t in objective for t in ("dino", "ibot", "koleo"))
         self.uses_clip = "clip" in objective
         if self.uses_clip and not model.config.train_clip:
