@@ -10,16 +10,19 @@ shapes of `make train` (configs/tokenizer/tiny.yaml: vtp-tiny, 64 pairs, SSL 16,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vtp_fast.config import load_config
+from vtp_fast.data.batch import Batch
 from vtp_fast.data.pairs import synthetic_pairs
 from vtp_fast.data.step_batches import StepBatches
 from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends
 from vtp_fast.measure.timing import time_interleaved
 from vtp_fast.train.config import PretrainConfig
 from vtp_fast.train.flops import count_flops
-from vtp_fast.train.trainer import build_trainer, schedules, train_step
+from vtp_fast.train.trainer import Trainer, build_trainer, schedules, train_step
 
 TABLE_COLUMNS = ["mode", "preset", "batch", "median_ms", "images_per_s", "tflop_per_s", "ceiling_share",
                  "speedup_vs_eager"]
@@ -38,6 +41,23 @@ MODES = {"eager": [], "compiled": ["run.compile=true"], "bf16": ["run.precision=
 BRIEF = ("eager", "compiled")  # --quick, and CUDA (where "auto" precision is bf16 already)
 
 
+def step_setup(overrides: list[str], device: str) -> tuple[PretrainConfig, Trainer, list[Batch], Callable[[], None]]:
+    """The config of `overrides`, its trainer (seed 0), four synthetic batches on `device`, and a call that trains
+    one step on the next of them."""
+    cfg = load_config(PretrainConfig, [], [*overrides, f"run.device={device}"])
+    torch.manual_seed(0)
+    t = build_trainer(cfg, torch.device(device))
+    pairs = synthetic_pairs(max(64, cfg.batch.size * 4), cfg.data.image_size, t.model.config.text_context_length)
+    data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=t.causal_text)
+    batches = [data[i].to(device) for i in range(4)]
+    counter = iter(range(1 << 30))
+
+    def step() -> None:
+        i = next(counter)
+        train_step(t, [batches[i % len(batches)]], schedules(cfg, i))
+    return cfg, t, batches, step
+
+
 def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = None,
         emit: Emit | None = None) -> list[dict]:
     """The same step in every mode of MODES (BRIEF under --quick and on CUDA; each its own trainer, same seed),
@@ -47,25 +67,11 @@ def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = 
     base = overrides or (QUICK if quick else GPU if device == "cuda" else CPU)
     rounds, warmup = (2, 2) if quick else (9, 3)
     modes = {m: MODES[m] for m in (BRIEF if quick or device == "cuda" else MODES)}
-    runs = {}
-    for mode, extra in modes.items():
-        cfg = load_config(PretrainConfig, [], [*base, *extra, f"run.device={device}"])
-        torch.manual_seed(0)
-        t = build_trainer(cfg, torch.device(device))
-        pairs = synthetic_pairs(max(64, cfg.batch.size * 4), cfg.data.image_size, t.model.config.text_context_length)
-        data = StepBatches(pairs, t.shape, cfg.ssl.views, seed=0, trim_text=t.causal_text)
-        batches = [data[i].to(device) for i in range(4)]
-        runs[mode] = (cfg, t, batches, iter(range(1 << 30)))
+    runs = {mode: step_setup([*base, *extra], device) for mode, extra in modes.items()}
     cfg, t, batches, _ = runs["eager"]
     flops = count_flops(t, batches[0], schedules(cfg, 0))
-
-    def one_step(mode: str) -> None:
-        cfg, t, batches, step = runs[mode]
-        i = next(step)
-        train_step(t, [batches[i % len(batches)]], schedules(cfg, i))
-
-    timed = dict(zip(modes, time_interleaved([lambda mode=mode: one_step(mode) for mode in modes], device,
-                                             rounds=rounds, warmup=warmup), strict=True))
+    timed = dict(zip(modes, time_interleaved([runs[mode][3] for mode in modes], device, rounds=rounds,
+                                             warmup=warmup), strict=True))
     rows = RowLog(emit)
     for mode, timing in timed.items():
         cfg, t, _, _ = runs[mode]
@@ -73,7 +79,8 @@ def run(device: str = "cpu", quick: bool = False, overrides: list[str] | None = 
         rows.add({"bench": "step", "mode": mode, "device": device, "backend": resolved_backends(t.student),
                   "preset": cfg.model.preset, "batch": cfg.batch.size, "ssl": cfg.batch.ssl, "rec": cfg.batch.rec,
                   "image_size": cfg.data.image_size, "objective": t.objective.weights, **timing, "flops": flops,
-                  "dtype": "bfloat16" if "bf16" in mode or device == "cuda" else "float32",  # auto: bf16 on CUDA
+                  # run.precision "auto" is bf16 on CUDA
+                  "dtype": "bfloat16" if cfg.run.precision == "bf16" or device == "cuda" else "float32",
                   "tflop_per_s": flops / (ms / 1e3) / 1e12,
                   "steps_per_s": 1e3 / ms, "images_per_s": cfg.batch.size * 1e3 / ms,
                   "speedup_vs_eager": timed["eager"]["median_ms"] / ms})

@@ -65,24 +65,9 @@ def dit_step() -> Callable[[], object]:
 
 
 def tiny_step() -> Callable[[], object]:
-    from bench.bench_step import CPU
-    from vtp_fast.config import load_config
-    from vtp_fast.data.pairs import synthetic_pairs
-    from vtp_fast.data.step_batches import StepBatches
-    from vtp_fast.train.config import PretrainConfig
-    from vtp_fast.train.trainer import build_trainer, schedules, train_step
+    from bench.bench_step import CPU, step_setup
 
-    cfg = load_config(PretrainConfig, [], [*CPU, "run.device=cpu"])
-    torch.manual_seed(0)
-    trainer = build_trainer(cfg, torch.device("cpu"))
-    pairs = synthetic_pairs(256, cfg.data.image_size, trainer.model.config.text_context_length)
-    data = StepBatches(pairs, trainer.shape, cfg.ssl.views, seed=0, trim_text=trainer.causal_text)
-    batches, step = [data[i] for i in range(4)], iter(range(1 << 30))
-
-    def call():
-        i = next(step)
-        train_step(trainer, [batches[i % len(batches)]], schedules(cfg, i))
-    return call
+    return step_setup(CPU, "cpu")[3]
 
 
 WORKLOADS = {"codec-s": lambda: codec("vtp-s"), "codec-b": lambda: codec("vtp-b"), "dit-b": dit_step,
