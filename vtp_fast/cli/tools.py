@@ -77,12 +77,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise InputError(f"unknown benchmark(s) {unknown}; choices: {', '.join(names)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cpu":  # the roofline of the rows' ceiling_share, measured once
-        print(cpu_ceilings().describe(), flush=True)
+    modules = {}
     for name in chosen:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir() / f"bench_{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    if torch.device(device).type == "cpu" and any("ceiling_share" in m.TABLE_COLUMNS for m in modules.values()):
+        print(cpu_ceilings().describe(), flush=True)  # the roofline of the rows' ceiling_share, measured once
+    for name, module in modules.items():
         print(f"\n## {name} ({device})\n", flush=True)
         rows = module.run(device, args.quick, emit=row_writer(args.out, module.TABLE_COLUMNS))  # each row as measured
         print()
