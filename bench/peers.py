@@ -252,20 +252,20 @@ def run_case(rows: RowLog, device: str, meta: dict, flops: int, ours: list[Runne
         rows.add(row)
 
 
-def compiled_models(base: nn.Module, variants: list[Variant], compile_fn: Callable[[nn.Module], nn.Module]
-                    ) -> dict[str, nn.Module]:
-    """variant name -> the model it runs: the base model, compiled in place when a variant is compiled (the eager
-    variants run it under force_eager)."""
-    if any(v.compiled for v in variants):
-        compile_fn(base)
-    return {v.name: base for v in variants}
+def compile_shared(base: nn.Module, variants: list[Variant]) -> None:
+    """Compile `base` in place (vtp_fast's apply_compile) when a variant other than the fast ones runs it compiled;
+    those all run `base`, the eager ones under force_eager."""
+    from vtp_fast.compile import apply_compile
+
+    if any(v.compiled and not v.fast for v in variants):
+        apply_compile(base)
 
 
 # ----------------------------------------------------------------------------------------------- codec
 def codec_case(rows: RowLog, device: str, quick: bool, rounds: int, warmup: int, vtp_repo: Path | None,
                models: set[str] | None) -> None:
     from vtp_fast import load_pretrained, vtp_config
-    from vtp_fast.compile import apply_compile, apply_inference
+    from vtp_fast.compile import apply_inference
 
     if vtp_repo is None:
         raise Skip("no --vtp-repo given (a checkout of the reference VTP implementation)")
@@ -292,9 +292,9 @@ def codec_case(rows: RowLog, device: str, quick: bool, rounds: int, warmup: int,
             return model.get_latents_decoded_images(model.get_reconstruction_latents(x))
 
         variants = VARIANTS["codec"]
-        per_variant = compiled_models(ours, [v for v in variants["vtp_fast"] if not v.fast], apply_compile)
-        per_variant |= {v.name: apply_inference(copy.deepcopy(ours), v.precision, compile=v.compiled)
-                        for v in variants["vtp_fast"] if v.fast}
+        compile_shared(ours, variants["vtp_fast"])
+        per_variant = {v.name: apply_inference(copy.deepcopy(ours), v.precision, compile=v.compiled) if v.fast else ours
+                       for v in variants["vtp_fast"]}
         ours_runners = [Runner("vtp_fast", v, resolved_backends(per_variant[v.name]),
                                under(v, device, lambda m=per_variant[v.name]: ours_call(m)),
                                under(v, device, lambda m=per_variant[v.name]: ours_call(m)))
@@ -411,13 +411,15 @@ def dit_case(rows: RowLog, device: str, quick: bool, rounds: int, warmup: int, l
         backend = resolved_backends(ours)
         flops = flops_of(under(EAGER, device, make_step(ours)))  # fwd + bwd (AdamW adds no matmul)
         fast = {v.name: copy.deepcopy(ours) for v in variants["vtp_fast"] if v.fast}  # before ours is compiled
-        per_variant = compiled_models(ours, [v for v in variants["vtp_fast"] if not v.fast], apply_compile)
-        steps = {id(m): make_step(m) for m in {id(m): m for m in per_variant.values()}.values()}
+        compile_shared(ours, variants["vtp_fast"])
+        per_variant, steps, ours_step = {}, {}, make_step(ours)  # the variants that share `ours` share its step
         for v in variants["vtp_fast"]:
             if v.fast:
-                per_variant[v.name] = apply_compile(fast[v.name]) if v.compiled else fast[v.name]
-                steps[id(per_variant[v.name])] = make_step(per_variant[v.name], fused=True)
-        ours_runners = [Runner("vtp_fast", v, backend, under(v, device, steps[id(per_variant[v.name])]),
+                model = apply_compile(fast[v.name]) if v.compiled else fast[v.name]
+                per_variant[v.name], steps[v.name] = model, make_step(model, fused=True)
+            else:
+                per_variant[v.name], steps[v.name] = ours, ours_step
+        ours_runners = [Runner("vtp_fast", v, backend, under(v, device, steps[v.name]),
                                under(v, device, make_output(per_variant[v.name]))) for v in variants["vtp_fast"]]
         peer_step, peer_output = make_step(peer), make_output(peer)
         peer_runners = [Runner("peer", v, peer_name, under(v, device, peer_step), under(v, device, peer_output))
