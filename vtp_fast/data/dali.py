@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from vtp_fast import optional
-from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD, normalize
-from vtp_fast.data.images import plain_image
-from vtp_fast.data.pairs import Pair, PairSource
+from vtp_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from vtp_fast.data.decoders import EncodedDecoder
 from vtp_fast.data.views import Crop, view_major
 
 MEAN_255 = [m * 255 for m in IMAGENET_MEAN]  # DALI's normalisation takes the statistics as numbers
@@ -36,7 +35,7 @@ def _to_torch(out) -> torch.Tensor:
     return torch.from_dlpack(out.as_tensor())
 
 
-class DaliDecoder:
+class DaliDecoder(EncodedDecoder):
     """decoded(encoded) -> list of (3, H, W) uint8; decode(encoded, image_size) -> (B, 3, S, S); views(encoded,
     crops) -> view-major global and local crops. Pipelines are built on first use, per process."""
 
@@ -48,9 +47,6 @@ class DaliDecoder:
         self.on_gpu = self.device == "gpu"
         self.max_batch, self.threads, self.seed = max_batch, threads, seed
         self.reset()
-
-    def read(self, source: PairSource, i: int) -> Pair:
-        return source.encoded(i)
 
     def reset(self) -> None:
         """Drop the pipelines (after a failure: rebuilt on the next batch)."""
@@ -82,10 +78,6 @@ class DaliDecoder:
         self._decode.feed_input("enc", [np.frombuffer(e, dtype=np.uint8) for e in encoded])
         (out,) = self._decode.run()
         return [torch.from_dlpack(out[i]).permute(2, 0, 1) for i in range(len(encoded))]  # (H, W, 3) -> (3, H, W)
-
-    def decode(self, encoded: Sequence[bytes], size: int) -> torch.Tensor:
-        """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
-        return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
     def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> tuple[torch.Tensor, torch.Tensor]:
         """crops[i][v]: view v of sample i (same count and sizes for every sample) -> normalised global crops

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from vtp_fast import optional
 from vtp_fast.config import ConfigError
+from vtp_fast.constants import normalize
 from vtp_fast.data.images import normalize_u8, plain_image
 from vtp_fast.data.pairs import Pair, PairSource
 from vtp_fast.data.views import Crop, cut_views
@@ -64,6 +65,21 @@ class PilDecoder:
 
     def reset(self) -> None:
         """Nothing to drop."""
+
+
+class EncodedDecoder:
+    """What DALI and nvJPEG share: samples are read encoded (`PairSource.encoded`) and decoded a batch at a time by
+    the subclass's `decoded` (encoded images -> list of (3, H, W) uint8 on its device)."""
+
+    def read(self, source: PairSource, i: int) -> Pair:
+        return source.encoded(i)
+
+    def decoded(self, encoded: Sequence[bytes]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def decode(self, encoded: Sequence[bytes], size: int) -> Tensor:
+        """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
+        return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
 
 def decoder_name(name: str = "auto", *, in_memory: bool = False) -> str:

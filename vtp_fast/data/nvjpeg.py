@@ -10,22 +10,19 @@ from collections.abc import Sequence
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from vtp_fast.constants import normalize, pixel_stats
-from vtp_fast.data.images import as_uint8, open_rgb, plain_image
-from vtp_fast.data.pairs import Pair, PairSource
+from vtp_fast.constants import pixel_stats
+from vtp_fast.data.decoders import EncodedDecoder
+from vtp_fast.data.images import as_uint8, open_rgb
 from vtp_fast.data.views import Crop, cut_views
 
 
-class NvjpegDecoder:
+class NvjpegDecoder(EncodedDecoder):
     name = "nvjpeg"
 
     def __init__(self, device: str = "cuda"):
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.stats = pixel_stats(self.device)
-
-    def read(self, source: PairSource, i: int) -> Pair:
-        return source.encoded(i)
 
     def reset(self) -> None:
         """Nothing to drop: every batch is decoded afresh."""
@@ -40,10 +37,6 @@ class NvjpegDecoder:
             for i, img in zip(jpeg, decode_jpeg(data, device=self.device, mode=ImageReadMode.RGB), strict=True):
                 out[i] = img
         return [as_uint8(open_rgb(e)).to(self.device) if x is None else x for x, e in zip(out, encoded, strict=True)]
-
-    def decode(self, encoded: Sequence[bytes], size: int) -> torch.Tensor:
-        """Encoded images -> (B, 3, size, size) normalised plain images (`vtp_fast.data.images.plain_image`)."""
-        return normalize(torch.stack([plain_image(x, size) for x in self.decoded(encoded)]))
 
     def views(self, encoded: Sequence[bytes], crops: Sequence[Sequence[Crop]]) -> tuple[torch.Tensor, torch.Tensor]:
         """crops[i][v]: view v of sample i -> normalised global and local crops, view-major (`view_major`)."""
