@@ -108,22 +108,52 @@ def test_dino_loss_cross_view_pairing():
     assert loss.item() == pytest.approx(expect / len(pairs), rel=1e-6)
 
 
-def test_teacher_centring_and_center_ema():
+def test_dino_loss_same_with_materialised_and_streamed_targets():
+    """The reference backend's path (teacher probabilities made once, each student view's log-softmax once) and the
+    fused op's (head embeddings to the prototype cross-entropy, pair by pair): the same loss and gradients."""
+    g = gen(12)
+    n, d, k = 3, 5, 9
+    emb, w = head_inputs(g, n, d, k)
+    views, tg = [emb(n) for _ in range(2 + 3)], torch.cat([emb(n), emb(n)])
+    results = []
+    for streams in (False, True):
+        loss_fn = DINOLoss(k)
+        loss_fn.streams = streams
+        loss_fn.center.copy_(0.3 * torch.randn(1, k, generator=gen(13)))
+        leaves = [v.clone().requires_grad_() for v in [*views, w]]
+        loss = loss_fn(leaves[:2], leaves[2:5], loss_fn.teacher_targets(tg, w, 0.04).chunk(2), leaves[5])
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("streams", [False, True])
+def test_teacher_centring_and_center_ema(streams):
     g = gen(3)
     n, d, k, temp = 4, 6, 5, 0.04
     emb, w = head_inputs(g, n, d, k)
     loss = DINOLoss(k, center_momentum=0.9)
+    loss.streams = streams  # as with a backend that streams the logits (Triton) or one that materialises them
     loss.center.copy_(torch.randn(1, k, generator=g))
     c0 = loss.center.clone()
     t = emb(n).float()
-    targets = loss.teacher_targets(t, w.float(), temp)
-    assert torch.equal(targets.center, c0[0]) and targets.probs is None  # the centre in force for this batch
-    assert torch.equal(loss.center, c0)  # moved only by the caller, once the step is taken
     logits = t @ w.float().T
+
+    def made_with(targets, center):  # the centre in force for this batch
+        assert torch.equal(targets.center, center)
+        if streams:  # what the fused cross-entropy needs to make the targets
+            assert targets.probs is None and torch.equal(targets.emb, t)
+        else:  # the targets themselves
+            assert targets.emb is None
+            torch.testing.assert_close(targets.probs, torch.softmax((logits - center) / temp, -1))
+
+    targets = loss.teacher_targets(t, w.float(), temp)
+    made_with(targets, c0[0])
+    assert torch.equal(loss.center, c0)  # moved only by the caller, once the step is taken
     c1 = 0.9 * c0[0] + 0.1 * logits.mean(0)  # the EMA of the mean teacher logits
     torch.testing.assert_close(targets.next_center, c1)
     again = loss.teacher_targets(t, w.float(), temp, center=c1)  # the next micro-batch, with the moved centre
-    assert torch.equal(again.center, c1)
+    made_with(again, c1)
     torch.testing.assert_close(again.next_center, 0.9 * c1 + 0.1 * logits.mean(0))
     empty = loss.teacher_targets(t[:0], w.float(), temp, center=c1)  # no rows (iBOT, nothing masked): it stays
     assert torch.equal(empty.next_center, c1)

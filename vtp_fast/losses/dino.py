@@ -2,10 +2,12 @@
 
 The DINO head ends in a weight-normalised prototype layer (K up to 65,536). Teacher targets are probabilities
 over the prototypes, from the teacher's logits either centred (softmax of (logits - centre) / teacher
-temperature, with an EMA centre) or balanced by Sinkhorn-Knopp. In centring mode the losses work on head
-embeddings and prototype weights and call the fused prototype cross-entropy (`vtp_fast.ops.prototype_ce`), so
-the (rows, K) logits of student and teacher are never both materialised. Centres and Sinkhorn sums are
-all-reduced over ranks, so a multi-process run computes what one process would on the global batch.
+temperature, with an EMA centre) or balanced by Sinkhorn-Knopp. In centring mode, where the prototype
+cross-entropy's backend streams the logits (`vtp_fast.ops.prototype_ce`, Triton), the losses hand it head
+embeddings and prototype weights, so the (rows, K) logits of student and teacher are never materialised; with a
+backend that materialises them anyway (the reference) the teacher's probabilities are made once per batch and
+each student view's log-softmax once, from one matmul over all views, as DINOv2 does. Centres and Sinkhorn sums
+are all-reduced over ranks, so a multi-process run computes what one process would on the global batch.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from torch import Tensor, nn
 
 from vtp_fast.distributed import all_gather_with_grad, all_reduce_max, all_reduce_sum, rank
 from vtp_fast.ops import prototype_ce as prototype_ce_op
+from vtp_fast.ops.prototype_ce import STREAMS_LOGITS, student_log_probs, teacher_probs
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 
 
-def cross_entropy_to_targets(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> Tensor:
-    """(n, K), (n, K) -> (n,): -sum_k t_k log softmax(s / student_temp)_k, in fp32 (or wider)."""
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    return -(teacher_probs.to(dtype) * F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)).sum(-1)
+def cross_entropy_to_targets(log_q: Tensor, probs: Tensor) -> Tensor:
+    """Student log-probabilities (n, K) (`student_log_probs`), target probabilities (n, K) -> (n,):
+    -sum_k probs_k log_q_k, in log_q's dtype."""
+    return -(probs.to(log_q.dtype) * log_q).sum(-1)
 
 
 def _global_row_logsumexp(x: Tensor) -> Tensor:
@@ -64,10 +67,11 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
 class Targets:
     """What the teacher hands the student for one set of rows.
 
-    Centring mode: the teacher's head embeddings (n, d), its prototype weights (K, d) and the centre (K,) in force
-    when the targets were made; the target softmax((emb @ weight.T - centre) / temp) is computed inside the
-    prototype cross-entropy, fused with the student's logits (never materialised by the Triton backend).
-    Sinkhorn-Knopp mode: the target probabilities (n, K) themselves.
+    Centring mode with a backend that streams the logits: the teacher's head embeddings (n, d), its prototype
+    weights (K, d) and the centre (K,) in force when the targets were made; the target
+    softmax((emb @ weight.T - centre) / temp) is computed inside the prototype cross-entropy, fused with the
+    student's logits. Otherwise (Sinkhorn-Knopp, or centring with the reference backend): the target
+    probabilities (n, K) themselves.
     """
 
     temp: float
@@ -95,6 +99,7 @@ class _TeacherTargets(nn.Module):
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.ce = prototype_ce_op.OP.resolve()
+        self.streams = STREAMS_LOGITS in self.ce.capabilities  # else the targets are made as probabilities
 
     @torch.no_grad()
     def teacher_targets(self, emb: Tensor, weight: Tensor, temp: float, center: Tensor | None = None) -> Targets:
@@ -109,12 +114,15 @@ class _TeacherTargets(nn.Module):
         mean_emb = all_reduce_sum(emb.float().sum(0)) / count.clamp_min(1)  # (d,)
         keep = torch.where(count > 0, self.center_momentum, 1.0)  # no rows on any rank: the centre stays
         next_center = center * keep + (weight.float() @ mean_emb) * (1 - keep)
+        if not self.streams:
+            return Targets(temp, probs=teacher_probs(emb, weight, center, temp), center=center.clone(),
+                           next_center=next_center)
         return Targets(temp, emb, weight, center.clone(), next_center=next_center)
 
     def cross_entropy(self, student: Tensor, weight: Tensor, target: Targets) -> Tensor:
         """Student head embeddings (n, d) through the student's prototypes (K, d) against `target` -> (n,)."""
         if target.probs is not None:
-            return cross_entropy_to_targets(student @ weight.T, target.probs, self.student_temp)
+            return cross_entropy_to_targets(student_log_probs(student @ weight.T, self.student_temp), target.probs)
         return self.ce.impl.prototype_ce(student, target.emb, weight, target.center, self.student_temp, target.temp,
                                          teacher_weight=target.weight)
 
@@ -133,14 +141,14 @@ class DINOLoss(_TeacherTargets):
                 weight: Tensor) -> Tensor:
         if len(student_global) != len(teacher):
             raise ValueError(f"{len(student_global)} student global views but {len(teacher)} teacher views")
-        total, terms = 0.0, 0
-        for i, s in enumerate(student_global + student_local):
-            for j, t in enumerate(teacher):
-                if i == j:  # a global view is never matched with itself
-                    continue
-                total = total + self.cross_entropy(s, weight, t).mean()
-                terms += 1
-        return total / max(terms, 1)
+        views = student_global + student_local
+        pairs = [(i, j) for i in range(len(views)) for j in range(len(teacher)) if i != j]  # never a view itself
+        if all(t.probs is not None for t in teacher):  # each view's log-softmax once, one matmul for all views
+            log_q = student_log_probs(torch.cat(views) @ weight.T, self.student_temp).split([len(v) for v in views])
+            per_pair = [cross_entropy_to_targets(log_q[i], teacher[j].probs) for i, j in pairs]
+        else:
+            per_pair = [self.cross_entropy(views[i], weight, teacher[j]) for i, j in pairs]
+        return sum(ce.mean() for ce in per_pair) / max(len(pairs), 1)
 
 
 class IBOTPatchLoss(_TeacherTargets):

@@ -28,6 +28,7 @@ from vtp_fast import optional
 from vtp_fast.ops.registry import new_op
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+STREAMS_LOGITS = "streams_logits"  # a backend's capability: it never materialises the (n, K) logits
 
 
 def _check(student: Tensor, teacher: Tensor, weight: Tensor, center: Tensor, student_temp: float,
@@ -65,12 +66,24 @@ def prototype_ce_ref(student: Tensor, teacher: Tensor, weight: Tensor, center: T
     softmaxes in fp32. No gradient reaches teacher or center, even when they require grad.
     """
     _check(student, teacher, weight, center, student_temp, teacher_temp, teacher_weight)
-    acc = torch.promote_types(student.dtype, torch.float32)
-    log_q = torch.log_softmax((student @ weight.T).to(acc) / student_temp, dim=-1)  # (n, K)
-    v = weight if teacher_weight is None else teacher_weight
-    teacher_logits = (teacher.detach() @ v.detach().T).to(acc) - center.detach().to(acc)  # (n, K)
-    p = torch.softmax(teacher_logits / teacher_temp, dim=-1)  # (n, K)
+    log_q = student_log_probs(student @ weight.T, student_temp)  # (n, K)
+    p = teacher_probs(teacher, weight if teacher_weight is None else teacher_weight, center, teacher_temp)
     return -(p * log_q).sum(-1)
+
+
+def student_log_probs(logits: Tensor, student_temp: float) -> Tensor:
+    """(n, K) student logits -> log softmax(logits / student_temp) in fp32 (float64 for float64 logits)."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits.to(acc) / student_temp, dim=-1)
+
+
+@torch.no_grad()
+def teacher_probs(teacher: Tensor, teacher_weight: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """The centred target: teacher (n, d), teacher_weight (K, d), center (K,) -> softmax((teacher @ teacher_weight.T
+    - center) / teacher_temp) (n, K), in fp32 (float64 for float64 inputs), with the logits from a matmul in the
+    inputs' dtype."""
+    acc = torch.promote_types(teacher.dtype, torch.float32)
+    return torch.softmax(((teacher @ teacher_weight.T).to(acc) - center.to(acc)) / teacher_temp, dim=-1)
 
 
 OP = new_op("prototype_ce", SimpleNamespace(prototype_ce=prototype_ce_ref))
@@ -139,6 +152,6 @@ if optional.available("triton"):
                               float(teacher_temp))
         return loss
 
-    OP.register_triton(SimpleNamespace(prototype_ce=_prototype_ce_triton))
+    OP.register_triton(SimpleNamespace(prototype_ce=_prototype_ce_triton), capabilities=(STREAMS_LOGITS,))
 else:
     OP.register_triton(None)
