@@ -21,15 +21,41 @@ from torch import Tensor, nn
 
 from vtp_fast.distributed import all_gather_with_grad, all_reduce_max, all_reduce_sum, rank
 from vtp_fast.ops import prototype_ce as prototype_ce_op
-from vtp_fast.ops.prototype_ce import STREAMS_LOGITS, student_log_probs, teacher_probs
+from vtp_fast.ops.prototype_ce import STREAMS_LOGITS, teacher_probs
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 
 
-def cross_entropy_to_targets(log_q: Tensor, probs: Tensor) -> Tensor:
-    """Student log-probabilities (n, K) (`student_log_probs`), target probabilities (n, K) -> (n,):
-    -sum_k probs_k log_q_k, in log_q's dtype."""
-    return -(probs.to(log_q.dtype) * log_q).sum(-1)
+class _SoftTargetCE(torch.autograd.Function):
+    """-sum_k targets_k log_q_k per row, log_q = log_softmax(student @ weight.T / temp); backward
+    dz = (mass * exp(log_q) - targets) * grad / temp with mass = sum_k targets_k. Autograd through these ops would
+    keep four (n, K) intermediates and make as many more in the backward; this keeps log_q alone and writes dz
+    in place."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, weight: Tensor, targets: Tensor, temp: float) -> Tensor:
+        acc = torch.promote_types(student.dtype, torch.float32)
+        log_q = torch.log_softmax((student @ weight.T).to(acc).div_(temp), dim=-1)  # (n, K)
+        targets = targets.to(acc)
+        ctx.save_for_backward(student, weight, targets, log_q)
+        ctx.temp = temp
+        return -torch.linalg.vecdot(targets, log_q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        student, weight, targets, log_q = ctx.saved_tensors
+        mass = targets.sum(-1, keepdim=True)
+        dz = torch.exp(log_q).mul_(mass).sub_(targets).mul_((grad / ctx.temp)[:, None]).to(student.dtype)
+        return (dz @ weight if ctx.needs_input_grad[0] else None,
+                dz.T @ student if ctx.needs_input_grad[1] else None, None, None)
+
+
+def soft_target_ce(student: Tensor, weight: Tensor, targets: Tensor, student_temp: float) -> Tensor:
+    """Student head embeddings (n, d) through the prototypes (K, d) against target mass (n, K) (probabilities, or
+    sums of them) -> (n,): -sum_k targets_k log softmax(student @ weight.T / student_temp)_k, in fp32 (float64 for
+    float64 inputs). Linear in the targets: against the sum of several targets it is the sum of the
+    cross-entropies. No gradient reaches the targets."""
+    return _SoftTargetCE.apply(student, weight, targets.detach(), student_temp)
 
 
 def _global_row_logsumexp(x: Tensor) -> Tensor:
@@ -122,7 +148,7 @@ class _TeacherTargets(nn.Module):
     def cross_entropy(self, student: Tensor, weight: Tensor, target: Targets) -> Tensor:
         """Student head embeddings (n, d) through the student's prototypes (K, d) against `target` -> (n,)."""
         if target.probs is not None:
-            return cross_entropy_to_targets(student_log_probs(student @ weight.T, self.student_temp), target.probs)
+            return soft_target_ce(student, weight, target.probs, self.student_temp)
         return self.ce.impl.prototype_ce(student, target.emb, weight, target.center, self.student_temp, target.temp,
                                          teacher_weight=target.weight)
 
@@ -141,14 +167,19 @@ class DINOLoss(_TeacherTargets):
                 weight: Tensor) -> Tensor:
         if len(student_global) != len(teacher):
             raise ValueError(f"{len(student_global)} student global views but {len(teacher)} teacher views")
-        views = student_global + student_local
-        pairs = [(i, j) for i in range(len(views)) for j in range(len(teacher)) if i != j]  # never a view itself
-        if all(t.probs is not None for t in teacher):  # each view's log-softmax once, one matmul for all views
-            log_q = student_log_probs(torch.cat(views) @ weight.T, self.student_temp).split([len(v) for v in views])
-            per_pair = [cross_entropy_to_targets(log_q[i], teacher[j].probs) for i, j in pairs]
+        views = [(s, [t for j, t in enumerate(teacher) if j != i])  # a global view is never matched with itself
+                 for i, s in enumerate(student_global + student_local)]
+        views = [(s, ts) for s, ts in views if ts]
+        pairs = sum(len(ts) for _, ts in views)
+        if views and all(t.probs is not None for t in teacher):
+            # each view against the sum of its teacher views' probabilities: the sum of those cross-entropies;
+            # one matmul and one pass over the logits for all views
+            mass = torch.cat([sum(t.probs for t in ts) for _, ts in views])
+            rows = soft_target_ce(torch.cat([s for s, _ in views]), weight, mass, self.student_temp)
+            total = sum(r.mean() for r in rows.split([len(s) for s, _ in views]))
         else:
-            per_pair = [self.cross_entropy(views[i], weight, teacher[j]) for i, j in pairs]
-        return sum(ce.mean() for ce in per_pair) / max(len(pairs), 1)
+            total = sum(self.cross_entropy(s, weight, t).mean() for s, ts in views for t in ts)
+        return total / max(pairs, 1)
 
 
 class IBOTPatchLoss(_TeacherTargets):

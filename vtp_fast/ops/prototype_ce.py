@@ -66,15 +66,10 @@ def prototype_ce_ref(student: Tensor, teacher: Tensor, weight: Tensor, center: T
     softmaxes in fp32. No gradient reaches teacher or center, even when they require grad.
     """
     _check(student, teacher, weight, center, student_temp, teacher_temp, teacher_weight)
-    log_q = student_log_probs(student @ weight.T, student_temp)  # (n, K)
+    acc = torch.promote_types(student.dtype, torch.float32)
+    log_q = torch.log_softmax((student @ weight.T).to(acc) / student_temp, dim=-1)  # (n, K)
     p = teacher_probs(teacher, weight if teacher_weight is None else teacher_weight, center, teacher_temp)
     return -(p * log_q).sum(-1)
-
-
-def student_log_probs(logits: Tensor, student_temp: float) -> Tensor:
-    """(n, K) student logits -> log softmax(logits / student_temp) in fp32 (float64 for float64 logits)."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits.to(acc) / student_temp, dim=-1)
 
 
 @torch.no_grad()
@@ -83,7 +78,7 @@ def teacher_probs(teacher: Tensor, teacher_weight: Tensor, center: Tensor, teach
     - center) / teacher_temp) (n, K), in fp32 (float64 for float64 inputs), with the logits from a matmul in the
     inputs' dtype."""
     acc = torch.promote_types(teacher.dtype, torch.float32)
-    return torch.softmax(((teacher @ teacher_weight.T).to(acc) - center.to(acc)) / teacher_temp, dim=-1)
+    return torch.softmax((teacher @ teacher_weight.T).to(acc).sub_(center.to(acc)).div_(teacher_temp), dim=-1)
 
 
 OP = new_op("prototype_ce", SimpleNamespace(prototype_ce=prototype_ce_ref))
