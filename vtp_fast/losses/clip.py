@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vtp_fast.distributed import all_gather_with_grad, rank, world_size
+from vtp_fast.distributed import all_gather_with_grad, rank
 from vtp_fast.ops import clip_loss as clip_loss_op
-from vtp_fast.ops.registry import STREAMS_LOGITS
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -25,10 +24,8 @@ def clamp_logit_scale_(logit_scale: Tensor) -> Tensor:
 
 def clip_loss_global(image_features: Tensor, text_features: Tensor, scale: Tensor) -> Tensor:
     """Plain softmax CLIP loss over one (N, E) x (N, E) batch of L2-normalised pairs; `scale` is exp(logit
-    scale): one (N, N) logits matrix in the features' dtype for both directions, the cross-entropy in fp32 (or
-    wider). The reference the distributed and fused versions must equal."""
+    scale). The reference the distributed and fused versions must equal."""
     logits = scale * image_features @ text_features.T  # (N, N)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -41,19 +38,15 @@ class ClipLoss(nn.Module):
     [0, log 100] by `clamp_logit_scale_` after each optimizer step. Each rank gathers every rank's features (the
     gather's backward sums the gradient slices across ranks) and builds only its local x global logits
     (n, world * n); the mean of the local losses, with DDP's gradient averaging, has the value and gradients of
-    `clip_loss_global` on the global batch. On one process with a backend that materialises the logits (the
-    reference), it is `clip_loss_global` itself: one matrix serves both directions, half the matmuls.
+    `clip_loss_global` on the global batch.
     """
 
     def __init__(self):
         super().__init__()
-        self.backend = clip_loss_op.OP.resolve()
-        self.streams = STREAMS_LOGITS in self.backend.capabilities  # the fused Triton kernel never builds them
+        self.backend = clip_loss_op.OP.resolve()  # the fused Triton kernel never builds the logits matrix
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
         scale = logit_scale.exp()  # ()
-        if world_size() == 1 and not self.streams:
-            return clip_loss_global(image_features, text_features, scale)
         all_image, all_text = all_gather_with_grad(image_features), all_gather_with_grad(text_features)
         n = image_features.shape[0]  # local x global logits: (n, world * n), this rank's labels at n * rank
         return self.backend.impl.clip_loss(image_features, text_features, all_image, all_text, scale, n * rank())

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from vtp_fast.distributed import all_gather_with_grad, all_reduce_max, all_reduce_sum, rank
 from vtp_fast.ops import prototype_ce as prototype_ce_op
-from vtp_fast.ops.prototype_ce import teacher_probs
-from vtp_fast.ops.registry import STREAMS_LOGITS
+from vtp_fast.ops.prototype_ce import STREAMS_LOGITS, teacher_probs
 
 Centering = Literal["centering", "sinkhorn_knopp"]
 

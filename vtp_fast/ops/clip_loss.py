@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtp_fast import optional
-from vtp_fast.ops.registry import STREAMS_LOGITS, new_op
+from vtp_fast.ops.registry import new_op
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -130,6 +130,6 @@ if optional.available("triton"):
                                  all_text.contiguous(), scale.contiguous(), offset)
         return loss
 
-    OP.register_triton(SimpleNamespace(clip_loss=clip_loss_triton), capabilities=(STREAMS_LOGITS,))
+    OP.register_triton(SimpleNamespace(clip_loss=clip_loss_triton))
 else:
     OP.register_triton(None)

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from vtp_fast import optional
-from vtp_fast.ops.registry import STREAMS_LOGITS, new_op
+from vtp_fast.ops.registry import new_op
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+STREAMS_LOGITS = "streams_logits"  # a backend's capability: it never materialises the (n, K) logits
 
 
 def _check(student: Tensor, teacher: Tensor, weight: Tensor, center: Tensor, student_temp: float,

@@ -22,9 +22,6 @@ from vtp_fast.config import UserError
 DEVICES = ("cpu", "cuda")
 
 
-STREAMS_LOGITS = "streams_logits"  # a loss backend's capability: it never materialises the logits matrix
-
-
 class BackendUnavailable(UserError, RuntimeError):
     """An explicitly requested backend cannot run here."""
 
@@ -40,7 +37,6 @@ class Backend:
     available: bool = True
     reason: str = ""  # why it is unavailable
     capabilities: frozenset[str] = frozenset()  # what it can do beyond the reference's signatures ("packs_views")
-    # or how it works (STREAMS_LOGITS)
 
 
 @dataclass
