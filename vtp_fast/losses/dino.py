@@ -28,9 +28,9 @@ Centering = Literal["centering", "sinkhorn_knopp"]
 
 class _SoftTargetCE(torch.autograd.Function):
     """-sum_k targets_k log_q_k per row, log_q = log_softmax(student @ weight.T / temp); backward
-    dz = (mass * exp(log_q) - targets) * grad / temp with mass = sum_k targets_k. Autograd through these ops would
-    keep four (n, K) intermediates and make as many more in the backward; this keeps log_q alone and writes dz
-    in place."""
+    dz = (mass * exp(log_q) - targets) * grad / temp with mass = sum_k targets_k. Autograd through the same ops
+    makes a new (n, K) tensor at each of them (four forward, three backward); here the logits are scaled in place
+    and the backward makes one, dz, and works on it in place."""
 
     @staticmethod
     def forward(ctx, student: Tensor, weight: Tensor, targets: Tensor, temp: float) -> Tensor:
