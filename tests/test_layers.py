@@ -29,6 +29,7 @@ LAYER_OF = {
     "vtp_fast.constants": "base",  # the published input normalisation: data, models and losses all apply it
     "vtp_fast.text": "base",  # the CLIP BPE tokenizer: the text tower's input format, used by data and the model
     "vtp_fast.threads": "base",  # the thread budget (torch threads, loader workers, DALI threads): stdlib and torch
+    "vtp_fast.allocator": "base",  # how malloc keeps freed memory (page faults): stdlib only, set by the command line
     # kernels/ is installed as vtp_fast.kernels; vtp_fast._C is csrc/ built by CMake: the same layer.
     "vtp_fast.kernels": "kernels",
     "vtp_fast._C": "kernels",

@@ -20,11 +20,13 @@ from vtp_fast.cli import codec, data, evaluate, judge, tools, train
 from vtp_fast.cli.common import Commands, Help
 from vtp_fast.config import InputError
 from vtp_fast.io import write_problem
+from vtp_fast.allocator import prepare_allocator
 from vtp_fast.threads import prepare_openmp
 
 # before anything loads torch (libgomp reads its wait settings when it loads): the imports above do not
 # (tests/test_threads.py checks)
 prepare_openmp()
+prepare_allocator()
 
 # One module per command group, thin over the importable functions of the layers below (common: what they share),
 # in the order --help lists them

@@ -25,6 +25,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from vtp_fast.threads import budget
 
     print(f"thread budget: {budget().describe()}")
+    from vtp_fast.allocator import allocator_setting
+
+    print(f"malloc: {allocator_setting()}")
     if optional.available("native"):
         native = optional.module("native")
         cuda_note = (f"CUDA sources compiled for {native.cuda_archs()}" if native.cuda_compiled()

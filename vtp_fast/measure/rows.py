@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vtp_fast.allocator import prepare_allocator
 from vtp_fast.measure.ceilings import cpu_ceilings, share_of_ceiling
 from vtp_fast.measure.timing import env_info
 
@@ -167,6 +168,7 @@ def bench_cli(run: Callable[..., list[dict]], columns: Sequence[str], doc: str,
     is measured), --quick, plus the module's own options (`extra`), of which `run_args` are passed to
     run(device, quick, ..., emit=...). On the CPU, for a table with `ceiling_share`, the CPU's measured ceilings
     come first."""
+    prepare_allocator()  # what the command line does: rows measure the engine as its commands run it
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="append JSONL rows here")

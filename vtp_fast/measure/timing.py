@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vtp_fast import optional
+from vtp_fast.allocator import allocator_setting
 
 
 @cache
@@ -44,8 +45,9 @@ def cpu_name() -> str:
 
 def env_info(device: str | None = None) -> dict:
     """Where a row was measured: the device it ran on ("cpu" / "cuda"; default: cuda when one is visible) and its
-    name, the CPU threads torch uses now, versions, git revision, date."""
-    return {**_static_env(device), "cpu_threads": torch.get_num_threads()}
+    name, the CPU threads torch uses now and how malloc was set (`vtp_fast.allocator`), versions, git revision,
+    date."""
+    return {**_static_env(device), "cpu_threads": torch.get_num_threads(), "malloc": allocator_setting()}
 
 
 @cache
