@@ -4,7 +4,8 @@ PyTorch's CPU tensors come from malloc. By default glibc maps every block of 128
 kernel and unmaps it when freed (the threshold rises to the largest block freed, at most 32 MiB), and gives the
 top of its heap back once 128 KiB of it are free. Then every step of a model takes its activations from fresh
 pages, and the kernel zeroes each page on first touch: a fault per 4 KiB that the process pays in system time.
-On this project's 2-core machine that was a fifth of VTP-S's encode + decode (`bench/allocator.py`).
+On this project's 2-core machine that was up to a fifth of VTP-S's encode + decode, as much as where glibc's
+drifting threshold settled in the process allowed (`bench/allocator.py`).
 
 `prepare_allocator` sets the mmap threshold to glibc's ceiling (MMAP_THRESHOLD, 32 MiB on 64-bit; blocks under it
 come from the heap) and the trim threshold to TRIM_THRESHOLD (1 GiB: free memory at the top of the heap is kept up
@@ -45,8 +46,7 @@ def prepare_allocator() -> str:
         elif mallopt is None:
             _setting = "the C library's own (no mallopt)"
         elif mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
-            _setting = f"glibc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold " \
-                                f"{TRIM_THRESHOLD >> 20} MiB"
+            _setting = f"glibc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
         else:
             _setting = "glibc default (mallopt refused)"
     return _setting

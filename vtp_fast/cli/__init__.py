@@ -16,11 +16,11 @@ import threading
 import warnings
 from collections.abc import Sequence
 
+from vtp_fast.allocator import prepare_allocator
 from vtp_fast.cli import codec, data, evaluate, judge, tools, train
 from vtp_fast.cli.common import Commands, Help
 from vtp_fast.config import InputError
 from vtp_fast.io import write_problem
-from vtp_fast.allocator import prepare_allocator
 from vtp_fast.threads import prepare_openmp
 
 # before anything loads torch (libgomp reads its wait settings when it loads): the imports above do not
