@@ -19,7 +19,6 @@ as its own scripts run (glibc's default). Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -39,19 +38,11 @@ CODECS = {"codec-s": "vtp-s", "codec-b": "vtp-b"}
 
 def reference_codec(preset: str, vtp_repo: str) -> Callable[[], object]:
     """The reference implementation's encode + decode at bench/peers.py's codec shape (batch 4, 256 px)."""
-    from bench.peers import import_peer
-    from vtp_fast import vtp_config
+    from bench import peers
 
-    hf = import_peer(Path(vtp_repo), "vtp.models.vtp_hf", "--vtp-repo")
-    torch.manual_seed(0)
-    model = hf.VTPModel(hf.VTPConfig(**dataclasses.asdict(vtp_config(preset, image_size=256, train_clip=False))))
-    model = model.eval()
+    model = peers.reference_vtp(peers.import_peer(Path(vtp_repo), "vtp.models.vtp_hf", "--vtp-repo"), preset, 256)
     x = torch.randn(4, 3, 256, 256)
-
-    @torch.no_grad()
-    def call():
-        return model.get_latents_decoded_images(model.get_reconstruction_latents(x))
-    return call
+    return lambda: peers.reference_codec(model, x)
 
 
 def child(workload: str, impl: str, vtp_repo: str | None, warmup: int, repeats: int) -> None:

@@ -262,9 +262,25 @@ def compile_shared(base: nn.Module, variants: list[Variant]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- codec
+def reference_vtp(hf, preset: str, size: int) -> nn.Module:
+    """The reference implementation's VTPModel (module `hf`: vtp.models.vtp_hf) of `preset` at `size` px without
+    the text tower, its own init seeded with 0, in eval mode."""
+    from vtp_fast import vtp_config
+
+    fields = dataclasses.asdict(vtp_config(preset, image_size=size, train_clip=False))
+    torch.manual_seed(0)
+    return hf.VTPModel(hf.VTPConfig(**fields)).eval()
+
+
+@torch.no_grad()
+def reference_codec(model: nn.Module, x: Tensor) -> Tensor:
+    """The reference's encode + decode, as its own scripts call it."""
+    return model.get_latents_decoded_images(model.get_reconstruction_latents(x))
+
+
 def codec_case(rows: RowLog, device: str, quick: bool, rounds: int, warmup: int, vtp_repo: Path | None,
                models: set[str] | None) -> None:
-    from vtp_fast import load_pretrained, vtp_config
+    from vtp_fast import load_pretrained
     from vtp_fast.compile import apply_inference
 
     if vtp_repo is None:
@@ -274,9 +290,7 @@ def codec_case(rows: RowLog, device: str, quick: bool, rounds: int, warmup: int,
     for preset, batch, size in SHAPES["codec"]["quick" if quick else "full"]:
         if models and preset not in models:
             continue
-        fields = dataclasses.asdict(vtp_config(preset, image_size=size, train_clip=False))
-        torch.manual_seed(0)
-        peer = hf.VTPModel(hf.VTPConfig(**fields)).eval()
+        peer = reference_vtp(hf, preset, size)
         with tempfile.TemporaryDirectory() as tmp:
             peer.save_pretrained(tmp)  # the published layout: config.json + model.safetensors
             ours = load_pretrained(tmp, device=device)
@@ -287,9 +301,8 @@ def codec_case(rows: RowLog, device: str, quick: bool, rounds: int, warmup: int,
         def ours_call(model=ours):
             return model.decode(model.encode(x))
 
-        @torch.no_grad()
         def peer_call(model=peer):
-            return model.get_latents_decoded_images(model.get_reconstruction_latents(x))
+            return reference_codec(model, x)
 
         variants = VARIANTS["codec"]
         compile_shared(ours, variants["vtp_fast"])
