@@ -120,3 +120,18 @@ def test_matmul_bound_counts_the_gemms_and_only_them():
     assert 0 < row["gemm_ms"] < row["total_ms"]
     assert row["max_speedup_if_rest_free"] == pytest.approx(row["total_ms"] / row["gemm_ms"])
     assert row["gemm_ceiling_share"] == pytest.approx(row["gemm_gflop_per_s"] / 100.0)
+
+
+def test_study_time_exports_a_revision_and_groups_stage_times(tmp_path):
+    """bench/study_time.py: a revision's tree is exported at its commit, and the study's stage seconds are summed
+    by what each stage does."""
+    from bench.study_time import ROOT, export, stage_kinds
+
+    commit = export("HEAD", tmp_path / "tree")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert commit == head and (tmp_path / "tree" / "vtp_fast" / "study" / "run.py").is_file()
+    assert stage_kinds({"rec-100-c64: pretrain 100 steps": 30.0, "clip+ssl+ae-100-c64: pretrain 100 steps": 60.0,
+                        "floor: real vs the reference": 5.0, "rec-100-c64: rFID, PSNR, zero-shot, probe": 7.0,
+                        "rec-100-c64: DiT seed 0 to 600 steps, 500 samples": 9.0,
+                        "rec-100-c64: DiT seed 1 to 600 steps, 500 samples": 8.0}) == {
+        "pretrain": 90.0, "floor": 5.0, "rFID": 7.0, "DiT": 17.0}
