@@ -1,5 +1,5 @@
 """Benchmark: one DiT training step (rectified-flow loss, backward, AdamW), eager, per-block torch.compile, bf16
-autocast, and all three with fused AdamW, side by side, with images/s and MFU on a GPU of known
+autocast, compiled with fused AdamW in fp32 and in bf16, side by side, with images/s and MFU on a GPU of known
 peak (on the CPU: ceiling_share, the fraction of the machine's measured matmul ceiling of the mode's dtype,
 vtp_fast.measure.ceilings.cpu_ceilings).
 
@@ -30,8 +30,8 @@ QUICK = {"cpu": ("dit-nano", 8, 4), "cuda": ("dit-b/1", 64, 16)}
 
 
 # mode -> (per-block compile, precision, fused AdamW)
-MODES = {"eager": (False, "fp32", False), "compiled": (True, "fp32", False), "bf16": (False, "bf16", False),
-         "compiled_bf16_fused": (True, "bf16", True)}
+MODES = {"eager": (False, "fp32", False), "compiled": (True, "fp32", False), "compiled_fused": (True, "fp32", True),
+         "bf16": (False, "bf16", False), "compiled_bf16_fused": (True, "bf16", True)}
 BRIEF = ("eager", "compiled")  # --quick, and CUDA (where every mode runs bf16 autocast)
 
 
