@@ -79,6 +79,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="study-time-"))
     revs = {"before": args.before, "after": args.after}
     commits = {side: export(rev, work / side) for side, rev in revs.items()}
+    print(f"before {commits['before'][:8]}, after {commits['after'][:8]}: trees, results and each invocation's log "
+          f"in {work}", flush=True)
     load = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {side: [] for side in revs}
     for r in range(args.rounds):
