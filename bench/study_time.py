@@ -32,6 +32,8 @@ def export(rev: str, into: Path) -> str:
     """The revision's tree in `into`; returns its full commit hash."""
     commit = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, check=True, capture_output=True,
                             text=True).stdout.strip()
+    if into.exists():
+        raise SystemExit(f"{into} exists: give --work a new folder (a study there would resume, not run)")
     into.mkdir(parents=True)
     archive = subprocess.Popen(["git", "archive", commit], cwd=ROOT, stdout=subprocess.PIPE)
     subprocess.run(["tar", "-x", "-C", str(into)], stdin=archive.stdout, check=True)
