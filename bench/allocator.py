@@ -94,16 +94,15 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from bench.peers import peer_info
     from vtp_fast.measure.rows import write_rows
-    from vtp_fast.measure.timing import env_info
+    from vtp_fast.measure.timing import alternating, env_info
 
     load = os.getloadavg()[0]
     for workload in args.workloads.split(","):
         impls = ["vtp_fast"] + (["reference"] if args.vtp_repo and workload in CODECS else [])
         runs = [(impl, s) for impl in impls for s in SETTINGS]
         measured = {run: [] for run in runs}
-        for r in range(args.rounds):
-            for run in (runs if r % 2 == 0 else runs[::-1]):
-                measured[run].append(measure(workload, *run, args))
+        for _, run in alternating(runs, args.rounds):
+            measured[run].append(measure(workload, *run, args))
         row = {"bench": "allocator", "workload": workload, "rounds": args.rounds, "repeats": args.repeats,
                "load_average_at_start": load, **env_info("cpu")}
         del row["malloc"]  # this process's setting, not the runs'

@@ -53,7 +53,8 @@ def stage_kinds(stage_seconds: dict[str, float]) -> dict[str, float]:
     return kinds
 
 
-def run_study(tree: Path, out: Path, overrides: list[str], log: Path) -> dict:
+def timed_study(tree: Path, out: Path, overrides: list[str], log: Path) -> dict:
+    """`vtp-fast study` of the exported tree into `out`, its output in `log`: wall seconds and stage seconds by kind."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -76,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from vtp_fast.measure.rows import write_rows
-    from vtp_fast.measure.timing import env_info
+    from vtp_fast.measure.timing import alternating, env_info
 
     work = Path(args.work or tempfile.mkdtemp(prefix="study-time-"))
     revs = {"before": args.before, "after": args.after}
@@ -85,12 +86,11 @@ def main() -> None:
           f"in {work}", flush=True)
     load = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {side: [] for side in revs}
-    for r in range(args.rounds):
-        for side in (list(revs) if r % 2 == 0 else list(revs)[::-1]):
-            tag = f"{side}-{r}"
-            m = run_study(work / side, work / f"study-{tag}", args.overrides, work / f"{tag}.log")
-            runs[side].append(m)
-            print(f"round {r}, {side} ({commits[side][:8]}): {m['seconds'] / 60:.1f} min", flush=True)
+    for r, side in alternating(list(revs), args.rounds):
+        tag = f"{side}-{r}"
+        m = timed_study(work / side, work / f"study-{tag}", args.overrides, work / f"{tag}.log")
+        runs[side].append(m)
+        print(f"round {r}, {side} ({commits[side][:8]}): {m['seconds'] / 60:.1f} min", flush=True)
     row = {"bench": "study_time", "overrides": args.overrides, "rounds": args.rounds,
            "load_average_at_start": load, **env_info("cpu")}
     for side in revs:

@@ -9,9 +9,10 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -109,6 +110,18 @@ def _summary(times: list[float], peak_mem_mb: float | None) -> dict:
             "peak_mem_mb": peak_mem_mb}
 
 
+T = TypeVar("T")
+
+
+def alternating(items: Sequence[T], rounds: int) -> Iterator[tuple[int, T]]:
+    """(round, item) over `rounds` rounds: A B C in even rounds and C B A in odd ones, so no item always runs first
+    or last while the machine's load drifts (time_interleaved's order; the benchmarks that run each item in its
+    own process use it too)."""
+    for k in range(rounds):
+        for item in (items if k % 2 == 0 else items[::-1]):
+            yield k, item
+
+
 def time_interleaved(steps: Sequence[Callable[[], object]], device: str | torch.device, *, rounds: int,
                      warmup: int) -> list[dict]:
     """Side by side: warm every step up (`warmup` calls each), then time each once per round, A B C in even rounds
@@ -122,11 +135,9 @@ def time_interleaved(steps: Sequence[Callable[[], object]], device: str | torch.
             step()
     times: list[list[float]] = [[] for _ in steps]
     peaks: list[list[float]] = [[] for _ in steps]
-    order = list(range(len(steps)))
-    for k in range(rounds):
-        for i in (order if k % 2 == 0 else order[::-1]):
-            t = measure(steps[i], device, warmup=0, repeat=1)
-            times[i].append(t["median_ms"])
-            if t["peak_mem_mb"] is not None:
-                peaks[i].append(t["peak_mem_mb"])
+    for _, i in alternating(range(len(steps)), rounds):
+        t = measure(steps[i], device, warmup=0, repeat=1)
+        times[i].append(t["median_ms"])
+        if t["peak_mem_mb"] is not None:
+            peaks[i].append(t["peak_mem_mb"])
     return [_summary(ts, max(ps) if ps else None) for ts, ps in zip(times, peaks, strict=True)]
