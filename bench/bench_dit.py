@@ -1,7 +1,7 @@
 """Benchmark: one DiT training step (rectified-flow loss, backward, AdamW), eager, per-block torch.compile, bf16
-autocast, compiled with fused AdamW in fp32 and in bf16, side by side, with images/s and MFU on a GPU of known
-peak (on the CPU: ceiling_share, the fraction of the machine's measured matmul ceiling of the mode's dtype,
-vtp_fast.measure.ceilings.cpu_ceilings).
+autocast, compiled with fused AdamW (per block and the whole model in fp32, per block in bf16), side by side, with
+images/s and MFU on a GPU of known peak (on the CPU: ceiling_share, the fraction of the machine's measured matmul
+ceiling of the mode's dtype, vtp_fast.measure.ceilings.cpu_ceilings).
 
     python bench/bench_dit.py [--device cuda] [--out rows.jsonl] [--quick]
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vtp_fast.compile import apply_compile
+from vtp_fast.compile import apply_compile, compile_whole
 from vtp_fast.constants import autocast
 from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends
 from vtp_fast.measure.timing import time_interleaved
@@ -29,29 +29,32 @@ SETUP = {"cpu": ("dit-tiny", 64, 4), "cuda": ("dit-xl/1", 256, 16)}
 QUICK = {"cpu": ("dit-nano", 8, 4), "cuda": ("dit-b/1", 64, 16)}
 
 
-# mode -> (per-block compile, precision, fused AdamW)
-MODES = {"eager": (False, "fp32", False), "compiled": (True, "fp32", False), "compiled_fused": (True, "fp32", True),
-         "bf16": (False, "bf16", False), "compiled_bf16_fused": (True, "bf16", True)}
+# mode -> (run.compile_scope, or None: eager; precision; fused AdamW)
+MODES = {"eager": (None, "fp32", False), "compiled": ("blocks", "fp32", False),
+         "compiled_fused": ("blocks", "fp32", True), "compiled_whole_fused": ("whole", "fp32", True),
+         "bf16": (None, "bf16", False), "compiled_bf16_fused": ("blocks", "bf16", True)}
+COMPILE = {"blocks": apply_compile, "whole": compile_whole}
 BRIEF = ("eager", "compiled")  # --quick, and CUDA (where every mode runs bf16 autocast)
 
 
 def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> list[dict]:
     """Every mode of MODES (BRIEF under --quick and on CUDA) on its own DiT (same seed) through the DiT job's pieces
-    (apply_compile, autocast, make_adamw), warmed up, then one step per mode per round, rounds interleaved (A B C D,
-    then D C B A); one row per mode: median over rounds, FLOPs (forward + backward, counted once in eager fp32),
-    "speedup_vs_eager". On CUDA every mode runs bf16 autocast, as the job's precision "auto" does there."""
+    (apply_compile / compile_whole, autocast, make_adamw), warmed up, then one step per mode per round, rounds
+    interleaved (A B C D, then D C B A); one row per mode: median over rounds, FLOPs (forward + backward, counted
+    once in eager fp32), "speedup_vs_eager". On CUDA every mode runs bf16 autocast, as the job's precision "auto"
+    does there."""
     preset, batch, grid = (QUICK if quick else SETUP)[device]
     rounds, warmup = (2, 1) if quick else (9, 3)
     modes = BRIEF if quick or device == "cuda" else tuple(MODES)
     x0 = torch.randn(batch, 64, grid, grid, device=device)
     steps, models = {}, {}
     for mode in modes:
-        compiled, precision, fused = MODES[mode]
+        scope, precision, fused = MODES[mode]
         torch.manual_seed(0)
         with building_for(device):
             model = DiT(dit_config(preset, in_channels=64, input_size=grid)).to(device)
-        if compiled:
-            apply_compile(model)
+        if scope:
+            COMPILE[scope](model)
         opt = make_adamw(param_groups({"dit": model}, 0.0), 1e-4, (0.9, 0.95), fused=fused)
         amp = autocast("bf16" if device == "cuda" else precision, torch.device(device))
         y = torch.randint(0, model.config.num_classes, (batch,), device=device)
@@ -70,11 +73,12 @@ def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> l
     rows = RowLog(emit)
     peak = peak_tflops(torch.device(device))
     for mode, timing in timed.items():
-        compiled, precision, fused = MODES[mode]
+        scope, precision, fused = MODES[mode]
         ms = timing["median_ms"]
         achieved = flops / (ms / 1e3) / 1e12
         rows.add({"bench": "dit", "mode": mode, "device": device, "backend": resolved_backends(models[mode]),
-                  "preset": preset, "batch": batch, "grid": grid, "compiled": compiled, "fused_adamw": fused,
+                  "preset": preset, "batch": batch, "grid": grid, "compiled": scope is not None, "compile_scope": scope,
+                  "fused_adamw": fused,
                   "dtype": "bfloat16" if device == "cuda" or precision == "bf16" else "float32",
                   **timing, "flops": flops,
                   "images_per_s": batch * 1e3 / ms, "tflop_per_s": achieved, "mfu": achieved / peak if peak else None,

@@ -1,5 +1,6 @@
 """Benchmark: the whole multi-objective pretraining step, eager, per-block torch.compile, bf16 autocast and both,
-side by side (interleaved rounds), with its FLOPs and, on the CPU, its share of the measured matmul ceiling.
+fused AdamW, and fused AdamW compiled per block or as one graph (run.compile_scope), side by side (interleaved
+rounds), with its FLOPs and, on the CPU, its share of the measured matmul ceiling.
 
     python bench/bench_step.py [--device cuda] [--preset vtp-b] [--out rows.jsonl] [--quick]
 
@@ -35,9 +36,11 @@ GPU = ["model.preset=vtp-b", "data.image_size=256", "batch.size=256", "batch.ssl
        "ssl.hidden=2048", "ssl.bottleneck=256", "objective.perceptual=0"]
 
 
-MODES = {"eager": [], "compiled": ["run.compile=true"], "bf16": ["run.precision=bf16"],
-         "compiled_bf16": ["run.compile=true", "run.precision=bf16"], "fused_adamw": ["optim.fused=true"],
-         "compiled_fused_adamw": ["run.compile=true", "optim.fused=true"]}  # mode -> its overrides
+MODES = {  # mode -> its overrides
+    "eager": [], "compiled": ["run.compile=true"], "bf16": ["run.precision=bf16"],
+    "compiled_bf16": ["run.compile=true", "run.precision=bf16"], "fused_adamw": ["optim.fused=true"],
+    "compiled_fused_adamw": ["run.compile=true", "optim.fused=true"],
+    "compiled_whole_fused_adamw": ["run.compile=true", "run.compile_scope=whole", "optim.fused=true"]}
 BRIEF = ("eager", "compiled")  # --quick, and CUDA (where "auto" precision is bf16 already)
 
 

@@ -3,6 +3,7 @@ place, state-dict keys unchanged.
 
 `apply_compile`: torch.compile every block. Per-block compilation keeps compile times short and graphs reusable
 across blocks of one shape, and, done with `nn.Module.compile` (in place), keeps keys free of `_orig_mod.`.
+`compile_whole` (run.compile_scope=whole) compiles a job's whole training forward the same way.
 
 `apply_inference`: a tokenizer for encode / decode only (the CPU fast path): weights cast once to bf16 ("bf16"; the
 input cast at the call, the pixel statistics kept in fp32) and, with `compile`, encode and decode each one
@@ -47,6 +48,15 @@ def apply_compile(model: Model, **options) -> Model:
     for block in model.transformer_blocks():
         block.compile(**options)
     return model
+
+
+def compile_whole(*modules: nn.Module | None) -> None:
+    """run.compile_scope=whole: each module's forward (those not None) as one torch.compile'd graph, in place. Its
+    graph spans what the blocks' leave out (norms, heads, losses), so it fuses across them; it costs one long
+    compile, and a second, with dynamic shapes, when a size varies between steps (the iBOT mask count)."""
+    for module in modules:
+        if module is not None:
+            module.compile()
 
 
 _aten = torch.ops.aten

@@ -107,3 +107,11 @@ def test_an_export_made_before_learn_sigma_went_still_loads(latents, tmp_path):
     loaded, _ = dit_train.load_dit(path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                  strict=True))
+
+
+def test_run_compile_scope_compiles_the_blocks_or_the_whole_model(latents, tmp_path):
+    for scope in ("blocks", "whole"):
+        model = dit_train.DiTJob(config(latents, tmp_path / scope, compile=True, compile_scope=scope)).model
+        blocks = [b._compiled_call_impl is not None for b in model.transformer_blocks()]
+        assert (model._compiled_call_impl is not None, all(blocks), any(blocks)) == (
+            (True, False, False) if scope == "whole" else (False, True, True))

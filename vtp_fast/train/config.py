@@ -33,7 +33,10 @@ class RunConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0: from the thread budget (vtp_fast.threads)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    compile: bool = False  # torch.compile every transformer block
+    compile: bool = False  # torch.compile the training forward, as run.compile_scope says
+    # blocks: every transformer block (short compiles, one graph per block shape); whole: the job's training forward
+    # as one graph (pretraining: the student with its heads and losses, and the teacher; the DiT: the model)
+    compile_scope: Literal["blocks", "whole"] = "blocks"
     activation_checkpointing: Literal["none", "per_block", "selective"] = "none"  # vtp_fast.compile
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
@@ -47,6 +50,13 @@ class RunConfig:
             raise ConfigError(f"run.stop_at: must be >= 0, got {self.stop_at}")
         if self.async_checkpoint and self.checkpoint_format != "sharded":
             raise ConfigError("run.async_checkpoint: needs run.checkpoint_format=sharded")
+        if self.compiles("whole") and self.distributed == "fsdp":
+            raise ConfigError("run.compile_scope=whole: not with run.distributed=fsdp (FSDP2 gathers each block's "
+                              "shards around its forward); compile per block (run.compile_scope=blocks)")
+
+    def compiles(self, scope: str) -> bool:
+        """Whether the job compiles at `scope` ("blocks" / "whole")."""
+        return self.compile and self.compile_scope == scope
 
     @property
     def end(self) -> int:
