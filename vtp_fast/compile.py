@@ -51,9 +51,10 @@ def apply_compile(model: Model, **options) -> Model:
 
 
 def compile_whole(*modules: nn.Module | None) -> None:
-    """run.compile_scope=whole: each module's forward (those not None) as one torch.compile'd graph, in place. Its
-    graph spans what the blocks' leave out (norms, heads, losses), so it fuses across them; it costs one long
-    compile, and a second, with dynamic shapes, when a size varies between steps (the iBOT mask count)."""
+    """run.compile_scope=whole: each module's forward (those not None) as one torch.compile'd graph, in place. The
+    graph also spans what lies between and after the blocks (embeddings, norms, heads, losses) and fuses across
+    them; it costs one long compile, and a second, with dynamic shapes, once a size changes between steps (the
+    iBOT mask count)."""
     for module in modules:
         if module is not None:
             module.compile()
