@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vtp_fast.compile import apply_compile, compile_whole
+from vtp_fast.compile import transform_blocks
 from vtp_fast.constants import autocast
 from vtp_fast.measure.rows import Emit, RowLog, bench_cli, resolved_backends
 from vtp_fast.measure.timing import time_interleaved
@@ -33,13 +33,12 @@ QUICK = {"cpu": ("dit-nano", 8, 4), "cuda": ("dit-b/1", 64, 16)}
 MODES = {"eager": (None, "fp32", False), "compiled": ("blocks", "fp32", False),
          "compiled_fused": ("blocks", "fp32", True), "compiled_whole_fused": ("whole", "fp32", True),
          "bf16": (None, "bf16", False), "compiled_bf16_fused": ("blocks", "bf16", True)}
-COMPILE = {"blocks": apply_compile, "whole": compile_whole}
 BRIEF = ("eager", "compiled")  # --quick, and CUDA (where every mode runs bf16 autocast)
 
 
 def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> list[dict]:
     """Every mode of MODES (BRIEF under --quick and on CUDA) on its own DiT (same seed) through the DiT job's pieces
-    (apply_compile / compile_whole, autocast, make_adamw), warmed up, then one step per mode per round, rounds
+    (transform_blocks, autocast, make_adamw), warmed up, then one step per mode per round, rounds
     interleaved (A B C D, then D C B A); one row per mode: median over rounds, FLOPs (forward + backward, counted
     once in eager fp32), "speedup_vs_eager". On CUDA every mode runs bf16 autocast, as the job's precision "auto"
     does there."""
@@ -53,8 +52,7 @@ def run(device: str = "cpu", quick: bool = False, emit: Emit | None = None) -> l
         torch.manual_seed(0)
         with building_for(device):
             model = DiT(dit_config(preset, in_channels=64, input_size=grid)).to(device)
-        if scope:
-            COMPILE[scope](model)
+        transform_blocks(model, compile=scope)
         opt = make_adamw(param_groups({"dit": model}, 0.0), 1e-4, (0.9, 0.95), fused=fused)
         amp = autocast("bf16" if device == "cuda" else precision, torch.device(device))
         y = torch.randint(0, model.config.num_classes, (batch,), device=device)

@@ -105,12 +105,19 @@ def apply_activation_checkpointing(model: Model, mode: str) -> Model:
     return model
 
 
-def transform_blocks(model: Model, activation_checkpointing: str = "none", compile: bool = False) -> Model:
-    """A training job's block transforms (run.activation_checkpointing, run.compile) in the order they need:
-    checkpointing first, so the compiled forward is the checkpointed one; before DDP / FSDP2 wrap the model."""
+def transform_blocks(model: Model, activation_checkpointing: str = "none", compile: str | None = None,
+                     whole: tuple[nn.Module | None, ...] | None = None) -> Model:
+    """A training job's transforms (run.activation_checkpointing, run.compile at run.compile_scope: `compile` is
+    RunConfig.compile_as) in the order they need: checkpointing first, so the compiled forward is the checkpointed
+    one; before DDP / FSDP2 wrap the model. "blocks" compiles every block, "whole" each of `whole` (default: the
+    model) as one graph, None nothing."""
     apply_activation_checkpointing(model, activation_checkpointing)
-    if compile:
+    if compile == "blocks":
         apply_compile(model)
+    elif compile == "whole":
+        compile_whole(*(whole or (model,)))
+    elif compile is not None:
+        raise ValueError(f"compile scope {compile!r} (choices: blocks, whole)")
     return model
 
 

@@ -124,7 +124,7 @@ def profile(cfg: PretrainConfig, steps: int = 10, warmup: int = 3, out: Path | N
     ceiling_dtype = "bf16" if cfg.run.precision == "bf16" else "fp32"  # "auto" is fp32 on the CPU
     result = {
         "config": {"preset": cfg.model.preset, "batch": cfg.batch.size, "ssl": cfg.batch.ssl, "rec": cfg.batch.rec,
-                   "objective": t.objective.weights, "compile": cfg.run.compile_scope if cfg.run.compile else None,
+                   "objective": t.objective.weights, "compile": cfg.run.compile_as,
                    "precision": cfg.run.precision},
         "steps": steps, "step_ms": step_ms, "step_mean_ms": step_mean, "images_per_s": cfg.batch.size / (step_ms / 1e3),
         "gflop_per_image": flops_per_image / 1e9, "achieved_tflop_per_s": achieved,

@@ -50,13 +50,14 @@ class RunConfig:
             raise ConfigError(f"run.stop_at: must be >= 0, got {self.stop_at}")
         if self.async_checkpoint and self.checkpoint_format != "sharded":
             raise ConfigError("run.async_checkpoint: needs run.checkpoint_format=sharded")
-        if self.compiles("whole") and self.distributed == "fsdp":
+        if self.compile_as == "whole" and self.distributed == "fsdp":
             raise ConfigError("run.compile_scope=whole: not with run.distributed=fsdp (FSDP2 gathers each block's "
                               "shards around its forward); compile per block (run.compile_scope=blocks)")
 
-    def compiles(self, scope: str) -> bool:
-        """Whether the job compiles at `scope` ("blocks" / "whole")."""
-        return self.compile and self.compile_scope == scope
+    @property
+    def compile_as(self) -> str | None:
+        """What the job compiles: run.compile_scope when run.compile is on, else None."""
+        return self.compile_scope if self.compile else None
 
     @property
     def end(self) -> int:

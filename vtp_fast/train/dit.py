@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vtp_fast import distributed as dist
-from vtp_fast.compile import compile_whole, transform_blocks
+from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError, InputError, from_dict
 from vtp_fast.constants import autocast
 from vtp_fast.data.latents import LatentBatches, LatentSet, load_latents
@@ -112,9 +112,7 @@ class DiTJob(Job[tuple[torch.Tensor, torch.Tensor]]):
             self.model = build_dit(cfg, self.latents).to(self.device)
             self.ema = build_dit(cfg, self.latents).to(self.device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
-        transform_blocks(self.model, cfg.run.activation_checkpointing, cfg.run.compiles("blocks"))
-        if cfg.run.compiles("whole"):
-            compile_whole(self.model)
+        transform_blocks(self.model, cfg.run.activation_checkpointing, cfg.run.compile_as)
         self.wrapped = dist.apply_ddp(self.model, self.device)
         o = cfg.optim
         self.opt = make_adamw(param_groups({"dit": self.model}, o.weight_decay), o.lr, o.betas,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from vtp_fast import distributed as dist
-from vtp_fast.compile import compile_whole, transform_blocks
+from vtp_fast.compile import transform_blocks
 from vtp_fast.config import ConfigError
 from vtp_fast.constants import autocast
 from vtp_fast.data.batch import Batch, BatchShape
@@ -144,10 +144,9 @@ def _build_trainer(cfg: PretrainConfig, device: torch.device, local: bool = Fals
     student.to(device)
     teacher = Teacher(student).to(device) if student.uses_ssl else None
     # fixed order: activation checkpointing, compile, then shard/wrap, then the optimizer (FSDP replaces the
-    # parameters); the teacher, copied above, runs without gradients and keeps plain blocks
-    transform_blocks(model, cfg.run.activation_checkpointing, cfg.run.compiles("blocks"))
-    if cfg.run.compiles("whole"):
-        compile_whole(student, teacher)
+    # parameters); the teacher, copied above, runs without gradients: its blocks stay plain, and it is compiled
+    # only as a whole, beside the student
+    transform_blocks(model, cfg.run.activation_checkpointing, cfg.run.compile_as, whole=(student, teacher))
     if world > 1 and cfg.run.distributed == "fsdp":
         wrapped = dist.apply_fsdp(student, model.transformer_blocks(), mixed_precision=device.type == "cuda")
         if teacher is not None:
